@@ -1,0 +1,2 @@
+"""netdsl: a declarative network-definition compiler for Caffe-style nets."""
+__version__ = "0.1.0"

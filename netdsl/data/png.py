@@ -1,0 +1,181 @@
+"""Data stage: a minimal PNG reader and writer (8-bit, non-interlaced) on zlib and struct."""
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from netdsl.errors import NetdslError
+
+# Error codes of this module:
+#   E0913 cannot read the file, or it is not a PNG    E0915 the PNG is corrupt
+#   E0914 the PNG uses a feature this reader lacks     E0916 cannot write the PNG
+
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# colour type -> samples per pixel (3, palette, is expanded to RGB or RGBA after decoding)
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_COLOUR_NAMES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
+_CONVERT_HELP = ("convert it to an 8-bit, non-interlaced grayscale, RGB or RGBA PNG, e.g. "
+                 "`convert in.png -depth 8 -interlace none out.png` (ImageMagick)")
+
+
+def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write a uint8 image, (H, W) grayscale or (H, W, 1|3|4), as a PNG (filter 0 on every row),
+    atomically: through a temp file in the same directory."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"write_png needs a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    colour = {1: 0, 3: 2, 4: 6}.get(image.shape[-1]) if image.ndim == 3 else None
+    if colour is None or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"write_png needs shape (H, W) or (H, W, 1|3|4), got {image.shape}")
+    h, w, _ = image.shape
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, -1)], axis=1)
+    png = (_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
+           + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _chunk(b"IEND", b""))
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(png)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise NetdslError("E0916", f"cannot write PNG {path}: {e.strerror or e}",
+                          help="check that the directory exists and is writable") from None
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """Decode an 8-bit, non-interlaced PNG (grayscale, grayscale+alpha, RGB, RGBA or palette)
+    into uint8 (H, W, C): C = 1, 2, 3 or 4; palette images come back as RGB (RGBA with tRNS)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise NetdslError("E0913", f"cannot read image {path}: {e.strerror or e}",
+                          help="check the path and the file's permissions") from None
+    if not data.startswith(_SIGNATURE):
+        raise NetdslError("E0913", f"{path} is not a PNG file (no PNG signature)",
+                          notes=[f"it starts with {data[:8]!r}"],
+                          help="give a PNG image, or convert the file to PNG first")
+    chunks = _chunks(data, path)
+    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
+        raise _corrupt(path, "the first chunk is not a 13-byte IHDR")
+    w, h, depth, colour, compression, filter_method, interlace = struct.unpack(
+        ">IIBBBBB", chunks[0][1])
+    if colour not in _CHANNELS or depth != 8:
+        kind = _COLOUR_NAMES.get(colour, f"colour type {colour}")
+        raise NetdslError("E0914", f"{path}: {depth}-bit {kind} PNGs are not supported",
+                          notes=["supported: 8-bit grayscale, grayscale+alpha, RGB, RGBA, palette"],
+                          help=_CONVERT_HELP)
+    if interlace != 0:
+        raise NetdslError("E0914", f"{path}: interlaced (Adam7) PNGs are not supported",
+                          help=_CONVERT_HELP)
+    if compression != 0 or filter_method != 0 or w == 0 or h == 0:
+        raise _corrupt(path, f"invalid IHDR (size {w}x{h}, compression {compression}, "
+                             f"filter method {filter_method})")
+    try:
+        raw = zlib.decompress(b"".join(d for kind, d in chunks if kind == b"IDAT"))
+    except zlib.error as e:
+        raise _corrupt(path, f"the image data does not decompress ({e})") from None
+    bpp = _CHANNELS[colour]
+    if len(raw) != h * (1 + w * bpp):
+        raise _corrupt(path, f"the image data is {len(raw)} bytes, expected {h * (1 + w * bpp)}")
+    pixels = _unfilter(np.frombuffer(raw, np.uint8).reshape(h, 1 + w * bpp), bpp, path)
+    pixels = pixels.reshape(h, w, bpp)
+    return _expand_palette(pixels[:, :, 0], chunks, path) if colour == 3 else pixels
+
+
+def _chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk up to IEND, checking lengths and CRCs."""
+    out, at = [], len(_SIGNATURE)
+    while at < len(data):
+        if at + 12 > len(data):
+            raise _corrupt(path, f"truncated chunk header at byte {at}")
+        (length,) = struct.unpack(">I", data[at:at + 4])
+        kind, body = data[at + 4:at + 8], data[at + 8:at + 8 + length]
+        if at + 12 + length > len(data):
+            raise _corrupt(path, f"chunk {kind!r} at byte {at} is truncated")
+        (crc,) = struct.unpack(">I", data[at + 8 + length:at + 12 + length])
+        if zlib.crc32(kind + body) != crc:
+            raise _corrupt(path, f"CRC mismatch in chunk {kind!r} at byte {at}")
+        if kind == b"IEND":
+            break
+        out.append((kind, body))
+        at += 12 + length
+    return out
+
+
+def _unfilter(rows: np.ndarray, bpp: int, path: Path) -> np.ndarray:
+    """Undo the per-row filters (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth) of PNG spec §9."""
+    h, n = rows.shape[0], rows.shape[1] - 1
+    out = np.zeros((h, n), np.uint8)
+    prev = np.zeros(n, np.uint8)
+    for y in range(h):
+        kind, line = rows[y, 0], rows[y, 1:]
+        if kind == 0:
+            cur = line
+        elif kind == 1:
+            # Sub is a running sum per channel: cumsum over pixels, modulo 256.
+            cur = (np.cumsum(line.reshape(-1, bpp), axis=0, dtype=np.uint32) % 256)
+            cur = cur.astype(np.uint8).reshape(-1)
+        elif kind == 2:
+            cur = line + prev       # uint8 arithmetic wraps modulo 256, as the spec wants
+        elif kind in (3, 4):
+            cur = _unfilter_sequential(kind, line, prev, bpp)
+        else:
+            raise _corrupt(path, f"row {y} has filter type {kind}; PNG defines 0..4")
+        out[y] = cur
+        prev = out[y]
+    return out
+
+
+def _unfilter_sequential(kind: int, line: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
+    """Average and Paeth depend on the previous reconstructed byte, so go byte by byte."""
+    line, up, cur = line.tolist(), prev.tolist(), bytearray(len(line))
+    for i, x in enumerate(line):
+        a = cur[i - bpp] if i >= bpp else 0
+        b = up[i]
+        if kind == 3:
+            cur[i] = (x + ((a + b) >> 1)) & 0xFF
+            continue
+        c = up[i - bpp] if i >= bpp else 0
+        p = a + b - c
+        pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+        pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+        cur[i] = (x + pred) & 0xFF
+    return np.frombuffer(bytes(cur), np.uint8)
+
+
+def _expand_palette(index: np.ndarray, chunks, path: Path) -> np.ndarray:
+    plte = next((d for kind, d in chunks if kind == b"PLTE"), None)
+    if plte is None or len(plte) % 3 or not plte:
+        raise _corrupt(path, "a palette image without a valid PLTE chunk")
+    palette = np.frombuffer(plte, np.uint8).reshape(-1, 3)
+    trns = next((d for kind, d in chunks if kind == b"tRNS"), None)
+    if trns is not None:
+        # Entries beyond tRNS's length are opaque (PNG spec §11.3.2.1).
+        alpha = np.full(len(palette), 255, np.uint8)
+        alpha[:min(len(trns), len(palette))] = np.frombuffer(trns, np.uint8)[:len(palette)]
+        palette = np.concatenate([palette, alpha[:, None]], axis=1)
+    if index.max() >= len(palette):
+        raise _corrupt(path, f"pixel index {int(index.max())} is past the "
+                             f"{len(palette)}-entry palette")
+    return palette[index]
+
+
+def _corrupt(path: Path, what: str) -> NetdslError:
+    return NetdslError("E0915", f"{path} is a corrupt PNG: {what}",
+                       help="re-export or re-download the image; the file is damaged or truncated")

@@ -1,0 +1,256 @@
+"""Layers: Convolution, Deconvolution and Pooling (shape rules, forward, backward)."""
+from __future__ import annotations
+
+import math
+
+from .. import kernels
+from ..registry import FILLER, F, Layer, Msg, ShapeError, fmt, register, spatial
+
+CONV = Msg("ConvolutionParameter", {
+    "num_output": F(int, None, required=True, doc="the number of filters = the output depth"),
+    "bias_term": F(bool, True),
+    "pad": F(int, repeated=True), "kernel_size": F(int, repeated=True), "stride": F(int, repeated=True),
+    "dilation": F(int, repeated=True),
+    "pad_h": F(int, None), "pad_w": F(int, None), "kernel_h": F(int, None), "kernel_w": F(int, None),
+    "stride_h": F(int, None), "stride_w": F(int, None),
+    "group": F(int, 1), "weight_filler": F(FILLER), "bias_filler": F(FILLER), "axis": F(int, 1),
+    "force_nd_im2col": F(bool, False),
+    "engine": F("enum", "DEFAULT", choices=("DEFAULT", "CAFFE", "CUDNN")),
+    # netdsl extension: pin each filter's depth (= input depth / group) so the checker verifies it
+    "filter_depth": F(int, None),
+})
+
+
+class _ConvBase(Layer):
+    messages = {"convolution_param": CONV}
+
+    def geometry(self):
+        p = self.p
+        kh, kw = spatial(p, "kernel_size", None, "kernel_h", "kernel_w")
+        return (kh, kw), spatial(p, "stride", 1), spatial(p, "pad", 0), spatial(p, "dilation", 1)
+
+    def validate(self):
+        p, errs = self.p, []
+        (kh, kw), st, pad, dil = self.geometry()
+        if kh is None or kw is None:
+            errs.append(ShapeError("E0106", f"{self.type} '{self.name}' has no kernel size", field=None,
+                                   help="add `kernel_size: 3` (or kernel_h and kernel_w) to convolution_param"))
+        for name, v in (("num_output", p.num_output), ("kernel_size", kh), ("kernel_size", kw),
+                        ("stride", st[0]), ("stride", st[1]), ("dilation", dil[0]), ("dilation", dil[1]),
+                        ("group", p.group)):
+            if v is not None and v <= 0:
+                errs.append(ShapeError("E0107", f"{self.type} '{self.name}': `{name}` must be positive, got {v}",
+                                       field=name, help=f"set `{name}` to 1 or more"))
+        for name, v in (("pad", pad[0]), ("pad", pad[1])):
+            if v < 0:
+                errs.append(ShapeError("E0107", f"{self.type} '{self.name}': `pad` must be >= 0, got {v}",
+                                       field="pad", help="set `pad: 0` or more"))
+        for name in ("kernel_size", "stride", "pad", "dilation"):
+            if len(getattr(p, name)) > 2:
+                errs.append(ShapeError("E0108", f"{self.type} '{self.name}': `{name}` is given "
+                                       f"{len(getattr(p, name))} times; netdsl convolves 2-D maps",
+                                       field=name, help=f"give `{name}` once (square) or twice (h, w)"))
+        if p.axis != 1:
+            errs.append(ShapeError("E0108", f"{self.type} '{self.name}': only axis 1 (NCHW) is supported",
+                                   field="axis", help="remove `axis`"))
+        if p.num_output and p.group > 0 and p.num_output % p.group:
+            errs.append(ShapeError("E0303", f"{self.type} '{self.name}': num_output {p.num_output} is not "
+                                   f"divisible by group {p.group}", field="num_output",
+                                   help=f"make num_output a multiple of {p.group}, e.g. "
+                                        f"{math.ceil(p.num_output / p.group) * p.group}"))
+        return errs
+
+    def fillers(self):
+        return [self.p.weight_filler] + ([self.p.bias_filler] if self.p.bias_term else [])
+
+    def _check_input(self, x):
+        if len(x) != 4:
+            raise ShapeError("E0210", f"{self.type} '{self.name}' needs a 4-D N x C x H x W input, "
+                             f"got {len(x)}-D {fmt(x)}", involves=(0,),
+                             help="reshape the input to 4-D, or use InnerProduct for flat vectors")
+        c, g = x[1], self.p.group
+        if c is not None and c % g:
+            raise ShapeError("E0302", f"{self.type} '{self.name}': input depth {c} is not divisible by "
+                             f"group {g}", field="group", involves=(0,),
+                             help=f"use a group that divides {c} (e.g. "
+                                  f"{max(d for d in range(1, g + 1) if c % d == 0)}), or change the input depth")
+        fd = self.p.filter_depth
+        if fd is not None and c is not None and fd != c // g:
+            raise ShapeError("E0301", f"{self.type} '{self.name}' filter depth {fd} does not match input "
+                             f"depth {c}" + (f" / group {g} = {c // g}" if g > 1 else ""), field="filter_depth",
+                             involves=(0,),
+                             help=f"a filter spans the full depth of its input{' group' if g > 1 else ''}; "
+                                  f"remove filter_depth or set it to {c // g}")
+
+
+@register
+class Convolution(_ConvBase):
+    type = "Convolution"
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        self._check_input(x)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.geometry()
+        out = []
+        for axis, n, k, s, p, d in (("height", x[2], kh, sh, ph, dh), ("width", x[3], kw, sw, pw, dw)):
+            if n is None:
+                out.append(None)
+                continue
+            o = kernels.conv_out_size(n, k, s, p, d)
+            if o <= 0:
+                ext = d * (k - 1) + 1
+                raise ShapeError("E0401", f"Convolution '{self.name}' output {axis} is {o}: the "
+                                 f"{'dilated ' if d > 1 else ''}kernel ({ext}) is larger than the padded input "
+                                 f"({n} + 2*{p} = {n + 2 * p})", field="kernel_size", involves=(0,),
+                                 notes=[f"out = floor((in + 2*pad - (dilation*(k-1)+1)) / stride) + 1 "
+                                        f"= floor(({n} + 2*{p} - {ext}) / {s}) + 1 = {o}"],
+                                 help=f"use a kernel of at most {n + 2 * p}, add padding "
+                                      f"(pad: {math.ceil((ext - n) / 2)}), or remove a downsampling layer before it")
+            out.append(o)
+        m, g = self.p.num_output, self.p.group
+        c = x[1]
+        self.param_shapes = [(m, None if c is None else c // g, kh, kw)] + ([(m,)] if self.p.bias_term else [])
+        return [(x[0], m, out[0], out[1])]
+
+    def macs(self):
+        (n, _, _, _), (_, m, oh, ow) = self.bottom_shapes[0], self.top_shapes[0]
+        _, cg, kh, kw = self.param_shapes[0]
+        return n * m * oh * ow * cg * kh * kw
+
+    def forward(self, xp, bottoms, params):
+        (kh, kw), st, pad, dil = self.geometry()
+        y, cache = kernels.conv2d_forward(xp, bottoms[0], params[0], params[1] if self.p.bias_term else None,
+                                          st, pad, dil, self.p.group)
+        return [y], cache
+
+    def backward(self, xp, cache, dtops, params, need):
+        dx, dw, db = kernels.conv2d_backward(xp, dtops[0], cache, params[0], need[0])
+        return [dx], [dw] + ([db] if self.p.bias_term else [])
+
+
+@register
+class Deconvolution(_ConvBase):
+    type = "Deconvolution"
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        self._check_input(x)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.geometry()
+        out = []
+        for axis, n, k, s, p, d in (("height", x[2], kh, sh, ph, dh), ("width", x[3], kw, sw, pw, dw)):
+            o = None if n is None else kernels.deconv_out_size(n, k, s, p, d)
+            if o is not None and o <= 0:
+                raise ShapeError("E0401", f"Deconvolution '{self.name}' output {axis} is {o}", field="pad",
+                                 involves=(0,), notes=[f"out = stride*(in-1) + dilation*(k-1)+1 - 2*pad = "
+                                                       f"{s}*({n}-1) + {d * (k - 1) + 1} - 2*{p} = {o}"],
+                                 help="reduce `pad`")
+            out.append(o)
+        m, g, c = self.p.num_output, self.p.group, x[1]
+        self.param_shapes = [(c, m // g, kh, kw)] + ([(m,)] if self.p.bias_term else [])
+        return [(x[0], m, out[0], out[1])]
+
+    def macs(self):
+        (n, c, h, w) = self.bottom_shapes[0]
+        _, mg, kh, kw = self.param_shapes[0]
+        return n * c * h * w * mg * kh * kw
+
+    def forward(self, xp, bottoms, params):
+        (kh, kw), st, pad, dil = self.geometry()
+        y, cache = kernels.deconv2d_forward(xp, bottoms[0], params[0], params[1] if self.p.bias_term else None,
+                                            st, pad, dil, self.p.group)
+        return [y], cache
+
+    def backward(self, xp, cache, dtops, params, need):
+        dx, dw, db = kernels.deconv2d_backward(xp, dtops[0], cache, params[0], need[0])
+        return [dx], [dw] + ([db] if self.p.bias_term else [])
+
+
+POOL = Msg("PoolingParameter", {
+    "pool": F("enum", "MAX", choices=("MAX", "AVE", "STOCHASTIC")),
+    "pad": F(int, 0), "pad_h": F(int, None), "pad_w": F(int, None),
+    "kernel_size": F(int, None), "kernel_h": F(int, None), "kernel_w": F(int, None),
+    "stride": F(int, 1), "stride_h": F(int, None), "stride_w": F(int, None),
+    "engine": F("enum", "DEFAULT", choices=("DEFAULT", "CAFFE", "CUDNN")),
+    "global_pooling": F(bool, False),
+    "round_mode": F("enum", "CEIL", choices=("CEIL", "FLOOR")),
+})
+
+
+@register
+class Pooling(Layer):
+    type = "Pooling"
+    messages = {"pooling_param": POOL}
+    n_tops = (1, 2)
+
+    def geometry(self, x=None):
+        p = self.p
+        if p.global_pooling:
+            return (x[2], x[3]) if x else (None, None), (1, 1), (0, 0)
+        return (spatial(p, "kernel_size", None, "kernel_h", "kernel_w"), spatial(p, "stride", 1), spatial(p, "pad", 0))
+
+    def validate(self):
+        p, errs = self.p, []
+        if p.pool == "STOCHASTIC":
+            errs.append(ShapeError("E0109", f"Pooling '{self.name}': STOCHASTIC pooling is not supported",
+                                   field="pool", help="use `pool: MAX` or `pool: AVE`"))
+        if p.global_pooling:
+            if p.has("kernel_size") or p.has("kernel_h"):
+                errs.append(ShapeError("E0108", f"Pooling '{self.name}': global_pooling takes the whole map; "
+                                       "kernel_size must not be set", field="kernel_size", help="remove kernel_size"))
+            return errs
+        (kh, kw), (sh, sw), (ph, pw) = self.geometry()
+        if kh is None or kw is None:
+            errs.append(ShapeError("E0106", f"Pooling '{self.name}' has no kernel size",
+                                   help="add `kernel_size: 2` to pooling_param, or `global_pooling: true`"))
+            return errs
+        for name, v in (("kernel_size", kh), ("kernel_size", kw), ("stride", sh), ("stride", sw)):
+            if v <= 0:
+                errs.append(ShapeError("E0107", f"Pooling '{self.name}': `{name}` must be positive, got {v}",
+                                       field=name, help=f"set `{name}` to 1 or more"))
+        if ph >= kh or pw >= kw or ph < 0 or pw < 0:
+            errs.append(ShapeError("E0402", f"Pooling '{self.name}': pad {max(ph, pw)} >= kernel "
+                                   f"{min(kh, kw)}, so a window can lie entirely inside the padding",
+                                   field="pad", notes=["Caffe requires pad < kernel_size"],
+                                   help=f"use `pad: {max(min(kh, kw) - 1, 0)}` or less, or a larger kernel"))
+        return errs
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        if len(x) != 4:
+            raise ShapeError("E0210", f"Pooling '{self.name}' needs a 4-D N x C x H x W input, got "
+                             f"{len(x)}-D {fmt(x)}", involves=(0,), help="pool a convolution's output")
+        (kh, kw), (sh, sw), (ph, pw) = self.geometry(x)
+        ceil = self.p.round_mode == "CEIL"
+        out = []
+        for axis, n, k, s, p in (("height", x[2], kh, sh, ph), ("width", x[3], kw, sw, pw)):
+            if n is None:
+                out.append(None)
+                continue
+            o = kernels.pool_out_size(n, k, s, p, ceil)
+            if o <= 0 or n + 2 * p < k:
+                rnd = "ceil" if ceil else "floor"
+                raise ShapeError("E0401", f"Pooling '{self.name}' output {axis} is {max(o, 0) if n + 2 * p >= k else 0}:"
+                                 f" the {k}-wide window does not fit the padded input ({n} + 2*{p} = {n + 2 * p})",
+                                 field="kernel_size", involves=(0,),
+                                 notes=[f"out = {rnd}((in + 2*pad - k) / stride) + 1 = {rnd}(({n} + 2*{p} - {k}) / {s}) + 1"],
+                                 help=f"use `kernel_size: {n + 2 * p}` or less (or `global_pooling: true`), "
+                                      "or remove a downsampling layer before it")
+            out.append(o)
+        top = (x[0], x[1], out[0], out[1])
+        return [top, top][: len(self.spec.tops)]
+
+    def macs(self):
+        n, c, oh, ow = self.top_shapes[0]
+        (kh, kw), _, _ = self.geometry(self.bottom_shapes[0])
+        return n * c * oh * ow * kh * kw
+
+    def forward(self, xp, bottoms, params):
+        (kh, kw), (sh, sw), (ph, pw) = self.geometry(bottoms[0].shape)
+        y, cache = kernels.pool2d_forward(xp, bottoms[0], self.p.pool.lower(), kh, kw, sh, sw, ph, pw,
+                                          ceil=self.p.round_mode == "CEIL")
+        if len(self.spec.tops) == 2:      # Caffe's optional mask top: flat argmax index (MAX only)
+            return [y, kernels.pool2d_mask(xp, cache)], cache
+        return [y], cache
+
+    def backward(self, xp, cache, dtops, params, need):
+        return [kernels.pool2d_backward(xp, dtops[0], cache)], []

@@ -1,0 +1,241 @@
+"""Data layers: Input, DummyData, Caffe's Data (shape from --shape), MNIST and DigitScenes."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..registry import BLOB_SHAPE, FILLER, TRANSFORM, F, Layer, Msg, ShapeError, fmt, register
+
+
+class _DataLayer(Layer):
+    is_data = True
+    no_backward = True
+    n_bottoms = (0, 0)
+
+    def bind(self, ctx) -> None:
+        """Attach the run's data source (ctx: data_dir, seed); called before the first forward."""
+
+    def state(self) -> dict:
+        """The cursor to snapshot, so a resumed run reads the same batches."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    def backward(self, xp, saved, dtops, params, need):
+        return [], []
+
+
+@register
+class Input(_DataLayer):
+    type = "Input"
+    messages = {"input_param": Msg("InputParameter", {"shape": F(BLOB_SHAPE, repeated=True)})}
+    n_tops = (1, None)
+
+    def validate(self):
+        n, t = len(self.p.shape), len(self.spec.tops)
+        if n not in (0, 1, t):
+            return [ShapeError("E0501", f"Input '{self.name}' has {n} shapes for {t} tops", field="shape",
+                               help=f"give one shape for all tops, or {t} shapes, one per top")]
+        return []
+
+    def shape(self, bottoms):
+        shapes = [tuple(s.dim) for s in self.p.shape]
+        if not shapes:
+            return [None] * len(self.spec.tops)        # filled in from --shape by the checker
+        return shapes * len(self.spec.tops) if len(shapes) == 1 else shapes
+
+    def forward(self, xp, bottoms, params):
+        raise RuntimeError("Input blobs are fed by the caller")
+
+
+@register
+class DummyData(_DataLayer):
+    type = "DummyData"
+    messages = {"dummy_data_param": Msg("DummyDataParameter", {
+        "data_filler": F(FILLER, repeated=True), "shape": F(BLOB_SHAPE, repeated=True),
+        "num": F(int, repeated=True), "channels": F(int, repeated=True), "height": F(int, repeated=True),
+        "width": F(int, repeated=True)})}
+    n_tops = (1, None)
+
+    def shape(self, bottoms):
+        p, t = self.p, len(self.spec.tops)
+        if p.shape:
+            shapes = [tuple(s.dim) for s in p.shape]
+        else:
+            shapes = [tuple(x) for x in zip(p.num, p.channels, p.height, p.width)]
+        if len(shapes) not in (1, t):
+            raise ShapeError("E0501", f"DummyData '{self.name}' has {len(shapes)} shapes for {t} tops",
+                             field="shape", help=f"give one shape, or {t} shapes (one per top)")
+        return shapes * t if len(shapes) == 1 else shapes
+
+    def forward(self, xp, bottoms, params):
+        from ..fillers import fill
+        fillers = self.p.data_filler or [None]
+        fillers = fillers * len(self.top_shapes) if len(fillers) == 1 else fillers
+        return [xp.asarray(fill(f, s, self.rng)) for f, s in zip(fillers, self.top_shapes)], None
+
+
+@register
+class Data(_DataLayer):
+    """Caffe's LMDB/LevelDB reader: checked from --shape; netdsl does not read LMDB."""
+    type = "Data"
+    messages = {"data_param": Msg("DataParameter", {
+        "source": F(str, ""), "batch_size": F(int, 0), "rand_skip": F(int, 0),
+        "backend": F("enum", "LEVELDB", choices=("LEVELDB", "LMDB")), "scale": F(float, 1.0),
+        "mean_file": F(str, ""), "crop_size": F(int, 0), "mirror": F(bool, False),
+        "force_encoded_color": F(bool, False), "prefetch": F(int, 4)}), "transform_param": TRANSFORM}
+    n_tops = (1, 2)
+    needs_shape_hint = True
+
+    def shape(self, bottoms):
+        return [None] * len(self.spec.tops)
+
+    def complete(self, tops):
+        if len(tops) == 2 and tops[0] is not None and tops[1] is None:
+            tops[1] = (tops[0][0],)            # one label per image
+        return tops
+
+
+MNIST_PARAM = Msg("MNISTParameter", {
+    "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "batch_size": F(int, 64),
+    "shuffle": F(bool, True)})
+
+
+@register
+class MNIST(_DataLayer):
+    """MNIST digits from the standard idx files: tops data N x 1 x 28 x 28 (float) and label N."""
+    type = "MNIST"
+    messages = {"mnist_param": MNIST_PARAM, "transform_param": TRANSFORM}
+    n_tops = (1, 2)
+
+    def validate(self):
+        p, errs = self.p, []
+        if p.batch_size <= 0:
+            errs.append(ShapeError("E0107", f"MNIST '{self.name}': batch_size must be positive", field="batch_size",
+                                   help="use e.g. `batch_size: 64`"))
+        if p.crop_size and p.crop_size > 28:
+            errs.append(ShapeError("E0107", f"MNIST '{self.name}': crop_size {p.crop_size} exceeds the 28-pixel "
+                                   "digits", field="crop_size", help="use `crop_size: 28` or less"))
+        if len(p.mean_value) > 1:
+            errs.append(ShapeError("E0107", f"MNIST '{self.name}': MNIST has 1 channel but {len(p.mean_value)} "
+                                   "mean_value", field="mean_value", help="give one mean_value"))
+        if p.mean_file:
+            errs.append(ShapeError("E0109", f"MNIST '{self.name}': mean_file is not supported", field="mean_file",
+                                   help="use `mean_value: 33.3` instead"))
+        return errs
+
+    def shape(self, bottoms):
+        n, side = self.p.batch_size, self.p.crop_size or 28
+        return [(n, 1, side, side), (n,)][: len(self.spec.tops)]
+
+    def bind(self, ctx):
+        from ..data.mnist import load_mnist
+        images, labels = load_mnist(self.p.split.lower(), ctx.data_dir)
+        self.images, self.labels = images, labels
+        self.seed = ctx.seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch):
+        n = len(self.labels)
+        if not self.p.shuffle or self.phase == "TEST":
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def state(self):
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state(self, state):
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._permutation(self.epoch)
+
+    def next_indices(self) -> np.ndarray:
+        idx = np.empty(self.p.batch_size, dtype=np.int64)
+        for i in range(len(idx)):          # wraps over epochs like Caffe's cursor
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            idx[i] = self._order[self.cursor]
+            self.cursor += 1
+        return idx
+
+    def forward(self, xp, bottoms, params):
+        idx = self.next_indices()
+        x = transform(self.images[idx][:, None].astype(np.float32), self.p, self.phase, self.rng)
+        tops = [xp.asarray(x)]
+        if len(self.spec.tops) == 2:
+            tops.append(xp.asarray(self.labels[idx].astype(np.float32)))
+        return tops, None
+
+
+def transform(x: np.ndarray, p, phase: str, rng) -> np.ndarray:
+    """Caffe's DataTransformer: crop (random in TRAIN, centre in TEST), mirror, subtract the mean,
+    then scale."""
+    if p.crop_size:
+        c, h, w = p.crop_size, x.shape[2], x.shape[3]
+        if phase == "TRAIN":
+            oy, ox = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        else:
+            oy, ox = (h - c) // 2, (w - c) // 2
+        x = x[:, :, oy:oy + c, ox:ox + c]
+    if p.mirror and phase == "TRAIN":
+        flip = rng.random(x.shape[0]) < 0.5
+        x = np.where(flip[:, None, None, None], x[..., ::-1], x)
+    if p.mean_value:
+        x = x - np.asarray(p.mean_value, np.float32).reshape(1, -1, 1, 1)
+    if p.scale != 1.0:
+        x = x * np.float32(p.scale)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@register
+class DigitScenes(_DataLayer):
+    """Detection scenes of real MNIST digits (one image per batch, as py-faster-rcnn):
+    tops data 1 x C x H x W, im_info 1 x 3 (height, width, scale), gt_boxes G x 5."""
+    type = "DigitScenes"
+    messages = {"digit_scenes_param": Msg("DigitScenesParameter", {
+        "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "height": F(int, 224), "width": F(int, 224),
+        "channels": F(int, 1), "max_digits": F(int, 5), "min_size": F(int, 16), "max_size": F(int, 120),
+        "seed": F(int, 0)})}
+    n_tops = (3, 3)
+
+    def validate(self):
+        p = self.p
+        if not 0 < p.min_size <= p.max_size <= min(p.height, p.width):
+            return [ShapeError("E0107", f"DigitScenes '{self.name}': need 0 < min_size <= max_size <= canvas "
+                               f"side, got {p.min_size}, {p.max_size}, {p.height}x{p.width}", field="max_size",
+                               help="e.g. `min_size: 16 max_size: 120` on a 224x224 canvas")]
+        return []
+
+    def shape(self, bottoms):
+        p = self.p
+        return [(1, p.channels, p.height, p.width), (1, 3), (None, 5)]
+
+    def bind(self, ctx):
+        from ..data.scenes import DigitScenes as Scenes
+        p = self.p
+        self.scenes = Scenes(split=p.split.lower(), data_dir=ctx.data_dir, seed=p.seed + ctx.seed,
+                             height=p.height, width=p.width, channels=p.channels, max_digits=p.max_digits,
+                             min_size=p.min_size, max_size=p.max_size)
+        self.cursor = 0
+
+    def state(self):
+        return {"cursor": self.cursor}
+
+    def load_state(self, state):
+        self.cursor = int(state["cursor"])
+
+    def forward(self, xp, bottoms, params):
+        image, gt = self.scenes.scene(self.cursor)
+        self.cursor += 1
+        info = np.array([[self.p.height, self.p.width, 1.0]], np.float32)
+        return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
+
+
+def describe_hint(layer) -> str:
+    """The --shape flags a user should pass for a data layer whose shape needs its data."""
+    n = layer.p.batch_size if hasattr(layer.p, "batch_size") and layer.p.batch_size else "N"
+    crop = layer.p.crop_size if layer.messages.get("transform_param") and layer.p.crop_size else None
+    side = f"{crop},{crop}" if crop else "H,W"
+    flags = [f"--shape {layer.spec.tops[0]}={n},C,{side}"]
+    return " ".join(flags) + (f"  (the label '{layer.spec.tops[1]}' is then {n})" if len(layer.spec.tops) > 1 else "")

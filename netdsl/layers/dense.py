@@ -1,0 +1,63 @@
+"""Layer: InnerProduct (fully connected), flattening the axes from `axis` on into K."""
+from __future__ import annotations
+
+from ..registry import FILLER, F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
+
+IP = Msg("InnerProductParameter", {
+    "num_output": F(int, None, required=True, doc="the number of outputs"),
+    "bias_term": F(bool, True), "weight_filler": F(FILLER), "bias_filler": F(FILLER),
+    "axis": F(int, 1), "transpose": F(bool, False),
+    # netdsl extension: pin the input size K so the checker catches a resolution change upstream
+    "input_size": F(int, None),
+})
+
+
+@register
+class InnerProduct(Layer):
+    type = "InnerProduct"
+    messages = {"inner_product_param": IP}
+
+    def validate(self):
+        if self.p.num_output is not None and self.p.num_output <= 0:
+            return [ShapeError("E0107", f"InnerProduct '{self.name}': `num_output` must be positive, got "
+                               f"{self.p.num_output}", field="num_output", help="set `num_output` to 1 or more")]
+        return []
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        axis = canonical_axis(self.p.axis, len(x))
+        k = count(x, axis)
+        if self.p.input_size is not None and k is not None and k != self.p.input_size:
+            raise ShapeError("E0311", f"InnerProduct '{self.name}' expects {self.p.input_size} inputs per "
+                             f"sample but gets {k} ({fmt(x)} flattened from axis {axis})", field="input_size",
+                             involves=(0,), help=f"set `input_size: {k}` (the weights must then be retrained), "
+                                                 "or restore the upstream resolution")
+        m = self.p.num_output
+        self.param_shapes = [(k, m) if self.p.transpose else (m, k)] + ([(m,)] if self.p.bias_term else [])
+        return [tuple(x[:axis]) + (m,)]
+
+    def fillers(self):
+        return [self.p.weight_filler] + ([self.p.bias_filler] if self.p.bias_term else [])
+
+    def macs(self):
+        x = self.bottom_shapes[0]
+        axis = canonical_axis(self.p.axis, len(x))
+        return count(x, 0, axis) * count(x, axis) * self.p.num_output
+
+    def forward(self, xp, bottoms, params):
+        x = bottoms[0]
+        axis = self.p.axis % x.ndim
+        x2 = x.reshape(int(count(x.shape, 0, axis)), -1)
+        w = params[0]
+        y = x2 @ w if self.p.transpose else x2 @ w.T
+        if self.p.bias_term:
+            y += params[1]
+        return [y.reshape(x.shape[:axis] + (self.p.num_output,))], x2
+
+    def backward(self, xp, x2, dtops, params, need):
+        dy = dtops[0].reshape(x2.shape[0], -1)
+        w = params[0]
+        dw = x2.T @ dy if self.p.transpose else dy.T @ x2
+        grads = [dw] + ([dy.sum(axis=0)] if self.p.bias_term else [])
+        dx = (dy @ w.T if self.p.transpose else dy @ w) if need[0] else None
+        return [dx], grads

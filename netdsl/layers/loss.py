@@ -1,0 +1,255 @@
+"""Layers: Softmax, the losses (SoftmaxWithLoss, SigmoidCrossEntropyLoss, EuclideanLoss,
+SmoothL1Loss) and Accuracy."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from ..registry import LOSS, F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
+
+SOFTMAX = Msg("SoftmaxParameter", {"axis": F(int, 1),
+                                   "engine": F("enum", "DEFAULT", choices=("DEFAULT", "CAFFE", "CUDNN"))})
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
+def _label_count_error(layer, what: str, pred: tuple, axis: int, labels: tuple, need: int, have: int):
+    outer, inner = count(pred, 0, axis), count(pred, axis + 1)
+    return ShapeError("E0360", f"{layer.type} '{layer.name}': {have} labels for {need} predictions",
+                      involves=(0, 1),
+                      notes=[f"predictions '{layer.spec.bottoms[0]}' {fmt(pred)} with classes on axis {axis}: "
+                             f"{outer} (axes before {axis}) x {inner} (axes after) = {need} {what}",
+                             f"labels '{layer.spec.bottoms[1]}' {fmt(labels)} hold {have} values"],
+                      help=f"give one label per prediction: reshape the labels to {need} values, or check "
+                           "that both come from the same batch size (and `axis`)")
+
+
+def _normalizer(mode: str, outer: int, inner: int, valid: int) -> float:
+    n = {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer, "NONE": 1}[mode]
+    return max(1.0, float(n))        # Caffe clamps the normaliser at 1
+
+
+def _mode(p, default: str) -> str:
+    if p.normalization is not None:
+        return p.normalization
+    if p.normalize is not None:        # deprecated bool, honoured only when normalization is unset
+        return "VALID" if p.normalize else "BATCH_SIZE"
+    return default
+
+
+@register
+class Softmax(Layer):
+    type = "Softmax"
+    messages = {"softmax_param": SOFTMAX}
+    in_place = True
+
+    def shape(self, bottoms):
+        canonical_axis(self.p.axis, len(bottoms[0]))
+        return [bottoms[0]]
+
+    def forward(self, xp, bottoms, params):
+        y = kernels.softmax(xp, bottoms[0], self.p.axis % bottoms[0].ndim)
+        return [y], y
+
+    def backward(self, xp, y, dtops, params, need):
+        dy = dtops[0]
+        ax = self.p.axis % y.ndim
+        return [y * (dy - (dy * y).sum(axis=ax, keepdims=True))], []
+
+
+class _Loss(Layer):
+    is_loss = True
+    n_bottoms = (2, 2)
+    n_tops = (1, 1)
+
+
+@register
+class SoftmaxWithLoss(_Loss):
+    type = "SoftmaxWithLoss"
+    messages = {"softmax_param": SOFTMAX, "loss_param": LOSS}
+    n_tops = (1, 2)
+
+    def shape(self, bottoms):
+        x, labels = bottoms
+        ax = canonical_axis(self.p.axis, len(x))
+        outer, inner, have = count(x, 0, ax), count(x, ax + 1), count(labels)
+        need = None if outer is None or inner is None else outer * inner
+        if need is not None and have is not None and need != have:
+            raise _label_count_error(self, "predictions", x, ax, labels, need, have)
+        return [()] + ([x] if len(self.spec.tops) == 2 else [])
+
+    def forward(self, xp, bottoms, params):
+        x, labels = bottoms
+        ax = self.p.axis % x.ndim
+        outer, c = int(np.prod(x.shape[:ax])), x.shape[ax]
+        prob = kernels.softmax(xp, x, ax)
+        p2 = xp.moveaxis(prob, ax, -1).reshape(-1, c)       # (outer*inner, C)
+        lab = labels.reshape(-1).astype(xp.int64)
+        valid = lab != self.p.ignore_label if self.p.ignore_label is not None else xp.ones(lab.shape, bool)
+        safe = xp.where(valid, lab, 0)
+        picked = p2[xp.arange(p2.shape[0]), safe]
+        nll = -xp.log(xp.maximum(picked, FLT_MIN)) * valid
+        norm = _normalizer(_mode(self.p, "VALID"), outer, p2.shape[0] // outer, int(valid.sum()))
+        loss = nll.sum() / norm
+        tops = [loss.astype(x.dtype).reshape(())]
+        if len(self.spec.tops) == 2:
+            tops.append(prob)
+        return tops, (prob, safe, valid, norm, ax)
+
+    def backward(self, xp, saved, dtops, params, need):
+        prob, safe, valid, norm, ax = saved
+        c = prob.shape[ax]
+        g = xp.moveaxis(prob, ax, -1).reshape(-1, c).copy()
+        g[xp.arange(g.shape[0]), safe] -= 1
+        g *= (valid * (dtops[0] / norm)).astype(g.dtype)[:, None]
+        moved = xp.moveaxis(prob, ax, -1).shape
+        return [xp.ascontiguousarray(xp.moveaxis(g.reshape(moved), -1, ax)), None], []
+
+
+@register
+class SigmoidCrossEntropyLoss(_Loss):
+    type = "SigmoidCrossEntropyLoss"
+    messages = {"loss_param": LOSS}
+
+    def shape(self, bottoms):
+        x, t = bottoms
+        if count(x) is not None and count(t) is not None and count(x) != count(t):
+            raise ShapeError("E0360", f"SigmoidCrossEntropyLoss '{self.name}': {count(t)} targets for "
+                             f"{count(x)} inputs", involves=(0, 1),
+                             notes=[f"input '{self.spec.bottoms[0]}' is {fmt(x)}", f"targets '{self.spec.bottoms[1]}' "
+                                    f"is {fmt(t)}"], help="give one target per input value")
+        return [()]
+
+    def forward(self, xp, bottoms, params):
+        x, t = bottoms
+        t = t.reshape(x.shape).astype(x.dtype)
+        valid = (t != self.p.ignore_label) if self.p.ignore_label is not None else xp.ones(x.shape, bool)
+        pos = (x >= 0).astype(x.dtype)
+        # log(1 + e^-|x|) form: never overflows
+        loss_el = -(x * (t - pos) - xp.log1p(xp.exp(x - 2 * x * pos)))
+        outer = x.shape[0]
+        norm = _normalizer(_mode(self.p, "BATCH_SIZE"), outer, x.size // outer, int(valid.sum()))
+        loss = (loss_el * valid).sum() / norm
+        return [loss.astype(x.dtype).reshape(())], (x, t, valid, norm)
+
+    def backward(self, xp, saved, dtops, params, need):
+        x, t, valid, norm = saved
+        sig = 0.5 * xp.tanh(0.5 * x) + 0.5
+        return [(sig - t) * valid * (dtops[0] / norm), None], []
+
+
+@register
+class EuclideanLoss(_Loss):
+    type = "EuclideanLoss"
+
+    def shape(self, bottoms):
+        a, b = bottoms
+        if count(a, 1) is not None and count(b, 1) is not None and count(a, 1) != count(b, 1) or \
+                (a[0] is not None and b[0] is not None and a[0] != b[0]):
+            raise ShapeError("E0360", f"EuclideanLoss '{self.name}': operands {fmt(a)} and {fmt(b)} differ",
+                             involves=(0, 1), help="both bottoms need the same batch size and values per sample")
+        return [()]
+
+    def forward(self, xp, bottoms, params):
+        a, b = bottoms
+        diff = a - b.reshape(a.shape)
+        n = a.shape[0]
+        return [((diff * diff).sum() / (2 * n)).astype(a.dtype).reshape(())], (diff, n, b.shape)
+
+    def backward(self, xp, saved, dtops, params, need):
+        diff, n, bshape = saved
+        g = diff * (dtops[0] / n)
+        return [g, (-g).reshape(bshape)], []
+
+
+@register
+class SmoothL1Loss(_Loss):
+    """caffe-fast-rcnn's SmoothL1Loss: sum(w_out * f(w_in * (x - t))) / N, f the smooth L1 with sigma."""
+    type = "SmoothL1Loss"
+    messages = {"smooth_l1_loss_param": Msg("SmoothL1LossParameter", {"sigma": F(float, 1.0)})}
+    n_bottoms = (2, 4)
+
+    def validate(self):
+        if len(self.spec.bottoms) == 3:
+            return [ShapeError("E0201", f"SmoothL1Loss '{self.name}' has 3 bottoms; it takes 2 (prediction, "
+                               "target) or 4 (and inside and outside weights)",
+                               help="add the outside weights as a 4th bottom, or drop the inside weights")]
+        return []
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        for i, s in enumerate(bottoms[1:], 1):
+            if count(s) is not None and count(x) is not None and count(s) != count(x):
+                role = ("target", "inside weights", "outside weights")[i - 1]
+                raise ShapeError("E0360", f"SmoothL1Loss '{self.name}': {role} '{self.spec.bottoms[i]}' "
+                                 f"{fmt(s)} does not match prediction '{self.spec.bottoms[0]}' {fmt(x)}",
+                                 involves=(0, i), help=f"make the {role} {fmt(x)}: for an RPN, the box head "
+                                                       "needs 4 x anchors outputs")
+        return [()]
+
+    def forward(self, xp, bottoms, params):
+        x = bottoms[0]
+        t = bottoms[1].reshape(x.shape)
+        d = x - t
+        if len(bottoms) == 4:
+            d = d * bottoms[2].reshape(x.shape)
+        s2 = self.p.sigma ** 2
+        ad = xp.abs(d)
+        small = ad < 1.0 / s2
+        f = xp.where(small, 0.5 * s2 * d * d, ad - 0.5 / s2)
+        if len(bottoms) == 4:
+            f = f * bottoms[3].reshape(x.shape)
+        n = x.shape[0]
+        return [(f.sum() / n).astype(x.dtype).reshape(())], (d, small, n, bottoms)
+
+    def backward(self, xp, saved, dtops, params, need):
+        d, small, n, bottoms = saved
+        s2 = self.p.sigma ** 2
+        g = xp.where(small, s2 * d, xp.sign(d)) * (dtops[0] / n)
+        if len(bottoms) == 4:
+            g = g * bottoms[2].reshape(d.shape) * bottoms[3].reshape(d.shape)
+        return [g, (-g).reshape(bottoms[1].shape)] + [None] * (len(bottoms) - 2), []
+
+
+@register
+class Accuracy(Layer):
+    type = "Accuracy"
+    messages = {"accuracy_param": Msg("AccuracyParameter", {"top_k": F(int, 1), "axis": F(int, 1),
+                                                            "ignore_label": F(int, None)})}
+    n_bottoms, n_tops = (2, 2), (1, 2)
+    no_backward = True
+
+    def shape(self, bottoms):
+        x, labels = bottoms
+        ax = canonical_axis(self.p.axis, len(x))
+        outer, inner = count(x, 0, ax), count(x, ax + 1)
+        need = None if outer is None or inner is None else outer * inner
+        if need is not None and count(labels) is not None and need != count(labels):
+            raise _label_count_error(self, "predictions", x, ax, labels, need, count(labels))
+        if x[ax] is not None and self.p.top_k > x[ax]:
+            raise ShapeError("E0361", f"Accuracy '{self.name}': top_k {self.p.top_k} exceeds the {x[ax]} classes",
+                             field="top_k", involves=(0,), help=f"use `top_k: {x[ax]}` or less")
+        return [()] + ([(x[ax],)] if len(self.spec.tops) == 2 else [])
+
+    def forward(self, xp, bottoms, params):
+        x, labels = bottoms
+        ax = self.p.axis % x.ndim
+        c = x.shape[ax]
+        s = xp.moveaxis(x, ax, -1).reshape(-1, c)
+        lab = labels.reshape(-1).astype(xp.int64)
+        valid = lab != self.p.ignore_label if self.p.ignore_label is not None else xp.ones(lab.shape, bool)
+        safe = xp.where(valid, lab, 0)
+        true_score = s[xp.arange(s.shape[0]), safe][:, None]
+        # Caffe: correct iff fewer than top_k other classes score >= the true class (ties count against)
+        better = (s >= true_score).sum(axis=1) - 1
+        correct = (better < self.p.top_k) & valid
+        n = int(valid.sum())
+        acc = xp.asarray(float(correct.sum()) / n if n else 0.0, dtype=x.dtype)
+        tops = [acc.reshape(())]
+        if len(self.spec.tops) == 2:
+            per = xp.zeros(c, dtype=x.dtype)
+            for k in range(c):
+                sel = valid & (lab == k)
+                m = int(sel.sum())
+                per[k] = float((correct & sel).sum()) / m if m else 0.0
+            tops.append(per)
+        return tops, None

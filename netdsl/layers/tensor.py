@@ -1,0 +1,365 @@
+"""Layers that move data without arithmetic weights: Eltwise, Concat, Slice, Split, Flatten,
+Reshape, Permute, Crop, Silence."""
+from __future__ import annotations
+
+import math
+
+from ..registry import F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
+
+
+def _rounding_hint(layer, i: int, j: int, axis: int) -> tuple[list[str], str] | None:
+    """Operands i and j differ by one pixel in a spatial axis: explain floor vs ceil rounding."""
+    a, b = layer.bottom_shapes[i][axis], layer.bottom_shapes[j][axis]
+    if a is None or b is None or abs(a - b) != 1:
+        return None
+    ceil_pool = [k for k in (i, j) if (pl := layer.producers[k]) is not None
+                 and pl.type == "Pooling" and pl.p.round_mode == "CEIL" and not pl.p.global_pooling]
+    if not ceil_pool:
+        return None
+    pl = layer.producers[ceil_pool[0]]
+    note = ("off by one: Convolution rounds its output size down (floor) while Pooling rounds up (ceil) "
+            f"by default; Pooling '{pl.name}' rounded up")
+    return [note], f"add `round_mode: FLOOR` to Pooling '{pl.name}', or pad the other branch by 1"
+
+
+@register
+class Eltwise(Layer):
+    type = "Eltwise"
+    messages = {"eltwise_param": Msg("EltwiseParameter", {
+        "operation": F("enum", "SUM", choices=("PROD", "SUM", "MAX")),
+        "coeff": F(float, repeated=True), "stable_prod_grad": F(bool, True)})}
+    n_bottoms = (2, None)
+
+    def validate(self):
+        p, nb = self.p, len(self.spec.bottoms)
+        if p.coeff and p.operation != "SUM":
+            return [ShapeError("E0110", f"Eltwise '{self.name}': coeff applies only to SUM", field="coeff",
+                               help="remove coeff, or use `operation: SUM`")]
+        if p.coeff and len(p.coeff) != nb:
+            return [ShapeError("E0110", f"Eltwise '{self.name}' has {len(p.coeff)} coeff for {nb} bottoms",
+                               field="coeff", help=f"give exactly {nb} coeff values, one per bottom")]
+        return []
+
+    def shape(self, bottoms):
+        ref = bottoms[0]
+        for i, s in enumerate(bottoms[1:], 1):
+            if len(s) != len(ref) or any(a is not None and b is not None and a != b for a, b in zip(s, ref)):
+                notes, hint = [], (f"make every bottom {fmt(ref)}: check num_output and strides of the "
+                                   f"branch producing '{self.spec.bottoms[i]}'")
+                for ax in range(2, min(len(s), len(ref))):
+                    r = _rounding_hint(self, 0, i, ax)
+                    if r:
+                        notes, hint = r
+                        break
+                raise ShapeError("E0320", f"Eltwise '{self.name}' operands differ: "
+                                 f"'{self.spec.bottoms[0]}' is {fmt(ref)} but '{self.spec.bottoms[i]}' is {fmt(s)}",
+                                 involves=(0, i), notes=notes, help=hint)
+        return [ref]
+
+    def forward(self, xp, bottoms, params):
+        op = self.p.operation
+        if op == "SUM":
+            coeff = self.p.coeff or [1.0] * len(bottoms)
+            y = bottoms[0] * coeff[0] if coeff[0] != 1 else bottoms[0].copy()
+            for c, b in zip(coeff[1:], bottoms[1:]):
+                y += b * c if c != 1 else b
+            return [y], None
+        if op == "PROD":
+            y = bottoms[0].copy()
+            for b in bottoms[1:]:
+                y *= b
+            return [y], (bottoms, y)
+        y = bottoms[0].copy()
+        arg = xp.zeros(y.shape, dtype=xp.int32)
+        for i, b in enumerate(bottoms[1:], 1):
+            better = b > y                    # Caffe keeps the first maximum on ties
+            y = xp.where(better, b, y)
+            arg = xp.where(better, i, arg)
+        return [y], arg
+
+    def backward(self, xp, saved, dtops, params, need):
+        dy, op, n = dtops[0], self.p.operation, len(self.spec.bottoms)
+        if op == "SUM":
+            coeff = self.p.coeff or [1.0] * n
+            return [dy * c if c != 1 else dy for c in coeff], []
+        if op == "PROD":
+            bottoms, y = saved
+            out = []
+            for i in range(n):
+                others = None
+                for j, b in enumerate(bottoms):
+                    if j != i:
+                        others = b.copy() if others is None else others * b
+                out.append(dy * others)       # the stable form: no division by the bottom
+            return out, []
+        return [dy * (saved == i) for i in range(n)], []
+
+
+@register
+class Concat(Layer):
+    type = "Concat"
+    messages = {"concat_param": Msg("ConcatParameter", {"axis": F(int, 1), "concat_dim": F(int, None)})}
+    n_bottoms = (1, None)
+
+    def axis(self, ndim):
+        a = self.p.concat_dim if self.p.concat_dim is not None and not self.p.has("axis") else self.p.axis
+        return canonical_axis(a, ndim)
+
+    def shape(self, bottoms):
+        ref = bottoms[0]
+        ax = self.axis(len(ref))
+        total = 0
+        for i, s in enumerate(bottoms):
+            if len(s) != len(ref):
+                raise ShapeError("E0321", f"Concat '{self.name}': '{self.spec.bottoms[i]}' is {len(s)}-D "
+                                 f"({fmt(s)}) but '{self.spec.bottoms[0]}' is {len(ref)}-D ({fmt(ref)})",
+                                 involves=(0, i), help="flatten or reshape the operands to the same rank")
+            for d in range(len(ref)):
+                if d != ax and s[d] is not None and ref[d] is not None and s[d] != ref[d]:
+                    notes, hint = [], (f"every bottom must match on all axes but the concat axis {ax}; "
+                                       f"make '{self.spec.bottoms[i]}' {ref[d]} on axis {d}")
+                    r = _rounding_hint(self, 0, i, d) if d >= 2 else None
+                    if r:
+                        notes, hint = r
+                    raise ShapeError("E0321", f"Concat '{self.name}' along axis {ax}: '{self.spec.bottoms[0]}'"
+                                     f" is {fmt(ref)} but '{self.spec.bottoms[i]}' is {fmt(s)} (axis {d} differs)",
+                                     involves=(0, i), notes=notes, help=hint)
+            total = None if total is None or s[ax] is None else total + s[ax]
+        return [ref[:ax] + (total,) + ref[ax + 1:]]
+
+    def forward(self, xp, bottoms, params):
+        return [xp.concatenate(bottoms, axis=self.axis(bottoms[0].ndim))], [b.shape[self.axis(b.ndim)] for b in bottoms]
+
+    def backward(self, xp, sizes, dtops, params, need):
+        dy = dtops[0]
+        ax = self.axis(dy.ndim)
+        cuts = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+        return list(xp.split(dy, cuts, axis=ax)), []
+
+
+@register
+class Slice(Layer):
+    type = "Slice"
+    messages = {"slice_param": Msg("SliceParameter", {"axis": F(int, 1), "slice_point": F(int, repeated=True),
+                                                      "slice_dim": F(int, None)})}
+    n_tops = (1, None)
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        ax = canonical_axis(self.p.slice_dim if self.p.slice_dim is not None and not self.p.has("axis")
+                            else self.p.axis, len(x))
+        n, pts, ntop = x[ax], self.p.slice_point, len(self.spec.tops)
+        if pts:
+            if len(pts) != ntop - 1:
+                raise ShapeError("E0330", f"Slice '{self.name}' has {len(pts)} slice_point for {ntop} tops",
+                                 field="slice_point", help=f"give {ntop - 1} slice points for {ntop} tops")
+            if any(b <= a for a, b in zip(pts, pts[1:])) or pts[0] <= 0 or (n is not None and pts[-1] >= n):
+                raise ShapeError("E0331", f"Slice '{self.name}': slice points {pts} are out of range for "
+                                 f"axis {ax} of size {n} ({fmt(x)})", field="slice_point", involves=(0,),
+                                 help=f"use increasing points strictly between 0 and {n}")
+            sizes = [b - a for a, b in zip([0] + pts, pts + [n])] if n is not None else [None] * ntop
+        else:
+            if n is not None and n % ntop:
+                raise ShapeError("E0331", f"Slice '{self.name}': axis {ax} of size {n} does not split evenly "
+                                 f"into {ntop} tops", involves=(0,), help="give explicit `slice_point` values")
+            sizes = [None if n is None else n // ntop] * ntop
+        self.sizes, self.ax = sizes, ax
+        return [x[:ax] + (s,) + x[ax + 1:] for s in sizes]
+
+    def forward(self, xp, bottoms, params):
+        x = bottoms[0]
+        n = x.shape[self.ax]
+        pts = self.p.slice_point or [n // len(self.spec.tops) * i for i in range(1, len(self.spec.tops))]
+        return [y.copy() for y in xp.split(x, pts, axis=self.ax)], None
+
+    def backward(self, xp, saved, dtops, params, need):
+        return [xp.concatenate(dtops, axis=self.ax)], []
+
+
+@register
+class Split(Layer):
+    type = "Split"
+    n_tops = (1, None)
+
+    def shape(self, bottoms):
+        return [bottoms[0]] * len(self.spec.tops)
+
+    def forward(self, xp, bottoms, params):
+        return [bottoms[0]] * len(self.spec.tops), None
+
+    def backward(self, xp, saved, dtops, params, need):
+        g = dtops[0].copy()
+        for d in dtops[1:]:
+            g += d
+        return [g], []
+
+
+@register
+class Flatten(Layer):
+    type = "Flatten"
+    messages = {"flatten_param": Msg("FlattenParameter", {"axis": F(int, 1), "end_axis": F(int, -1)})}
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        a = canonical_axis(self.p.axis, len(x))
+        e = canonical_axis(self.p.end_axis, len(x), "end_axis", "end_axis")
+        return [x[:a] + (count(x, a, e + 1),) + x[e + 1:]]
+
+    def forward(self, xp, bottoms, params):
+        x = bottoms[0]
+        return [x.reshape(self.shape([tuple(x.shape)])[0])], x.shape
+
+    def backward(self, xp, shape, dtops, params, need):
+        return [dtops[0].reshape(shape)], []
+
+
+@register
+class Reshape(Layer):
+    type = "Reshape"
+    messages = {"reshape_param": Msg("ReshapeParameter", {
+        "shape": F(Msg("BlobShape", {"dim": F(int, repeated=True)})), "axis": F(int, 0), "num_axes": F(int, -1)})}
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        dims = list(self.p.shape.dim)
+        nd = len(x)
+        axis = self.p.axis if self.p.axis >= 0 else nd + 1 + self.p.axis
+        if not 0 <= axis <= nd:
+            raise ShapeError("E0220", f"Reshape '{self.name}': axis {self.p.axis} is out of range for a "
+                             f"{nd}-D input", field="axis", involves=(0,), help=f"use an axis in [{-nd - 1}, {nd}]")
+        end = nd if self.p.num_axes == -1 else axis + self.p.num_axes
+        if end > nd or self.p.num_axes < -1:
+            raise ShapeError("E0220", f"Reshape '{self.name}': axis + num_axes = {end} exceeds the input's {nd} "
+                             "axes", field="num_axes", involves=(0,), help="reduce num_axes")
+        if dims.count(-1) > 1:
+            raise ShapeError("E0340", f"Reshape '{self.name}' has more than one -1 dim", field="shape",
+                             help="only one dim can be inferred (-1); give the others explicitly or as 0 (copy)")
+        out = []
+        for i, d in enumerate(dims):
+            if d == 0:
+                if axis + i >= nd:
+                    raise ShapeError("E0340", f"Reshape '{self.name}': dim {i} is 0 (copy the input's axis "
+                                     f"{axis + i}) but the input {fmt(x)} has only {nd} axes", field="shape",
+                                     involves=(0,), help="give an explicit size instead of 0")
+                out.append(x[axis + i])
+            elif d < -1:
+                raise ShapeError("E0340", f"Reshape '{self.name}': dim {d} is invalid", field="shape",
+                                 help="dims are positive, 0 (copy) or -1 (infer)")
+            else:
+                out.append(d)
+        replaced = x[axis:end]
+        total = count(replaced)
+        if -1 in dims:
+            known = count(tuple(d for d in out if d != -1))
+            i = out.index(-1)
+            if total is None or known is None:
+                out[i] = None
+            elif known == 0 or total % known:
+                raise ShapeError("E0341", f"Reshape '{self.name}' cannot infer the -1 dim: {total} elements "
+                                 f"({fmt(replaced)}) do not divide by {known} ({' x '.join(map(str, dims))}, "
+                                 "without the -1)", field="shape", involves=(0,),
+                                 help=f"choose dims whose product divides {total}")
+            else:
+                out[i] = total // known
+        else:
+            prod = count(tuple(out))
+            if total is not None and prod is not None and prod != total:
+                raise ShapeError("E0341", f"Reshape '{self.name}' changes the element count: input {fmt(x)} "
+                                 f"has {total} but shape {{{' '.join(f'dim: {d}' for d in dims)}}} has {prod}",
+                                 field="shape", involves=(0,),
+                                 help="use -1 for one dim to infer it, or fix the dims so their product is "
+                                      f"{total}")
+        return [x[:axis] + tuple(out) + x[end:]]
+
+    def forward(self, xp, bottoms, params):
+        x = bottoms[0]
+        return [x.reshape(self.shape([tuple(x.shape)])[0])], x.shape
+
+    def backward(self, xp, shape, dtops, params, need):
+        return [dtops[0].reshape(shape)], []
+
+
+@register
+class Permute(Layer):
+    type = "Permute"
+    messages = {"permute_param": Msg("PermuteParameter", {"order": F(int, repeated=True)})}
+
+    def order(self, nd):
+        given = [o % nd if o < 0 else o for o in self.p.order]
+        if any(not 0 <= o < nd for o in given) or len(set(given)) != len(given):
+            raise ShapeError("E0342", f"Permute '{self.name}': order {self.p.order} is not a permutation of "
+                             f"the input's {nd} axes", field="order", involves=(0,),
+                             help=f"list each axis in 0..{nd - 1} at most once")
+        return given + [a for a in range(nd) if a not in given]     # SSD's rule: the rest keep order
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        return [tuple(x[o] for o in self.order(len(x)))]
+
+    def forward(self, xp, bottoms, params):
+        order = self.order(bottoms[0].ndim)
+        return [xp.ascontiguousarray(bottoms[0].transpose(order))], order
+
+    def backward(self, xp, order, dtops, params, need):
+        inv = [order.index(i) for i in range(len(order))]
+        return [xp.ascontiguousarray(dtops[0].transpose(inv))], []
+
+
+@register
+class Crop(Layer):
+    type = "Crop"
+    messages = {"crop_param": Msg("CropParameter", {"axis": F(int, 2), "offset": F(int, repeated=True)})}
+    n_bottoms = (2, 2)
+
+    def offsets(self, nd):
+        ax = canonical_axis(self.p.axis, nd)
+        off = self.p.offset
+        n = nd - ax
+        if len(off) not in (0, 1, n):
+            raise ShapeError("E0350", f"Crop '{self.name}' has {len(off)} offsets for {n} cropped axes",
+                             field="offset", help=f"give 0, 1 or {n} offsets")
+        return ax, [0] * n if not off else off * n if len(off) == 1 else list(off)
+
+    def shape(self, bottoms):
+        x, ref = bottoms
+        if len(x) != len(ref):
+            raise ShapeError("E0350", f"Crop '{self.name}': input {fmt(x)} and reference {fmt(ref)} differ "
+                             "in rank", involves=(0, 1), help="crop to a reference of the same rank")
+        ax, off = self.offsets(len(x))
+        for i, o in enumerate(off):
+            d = ax + i
+            if x[d] is not None and ref[d] is not None and o + ref[d] > x[d]:
+                raise ShapeError("E0351", f"Crop '{self.name}' reaches beyond its input on axis {d}: offset {o} "
+                                 f"+ reference size {ref[d]} > input size {x[d]}", field="offset",
+                                 involves=(0, 1),
+                                 help=f"use an offset of at most {max(x[d] - ref[d], 0)}" if x[d] >= ref[d]
+                                 else f"the reference is larger than the input ({ref[d]} > {x[d]}); "
+                                      "crop the larger blob to the smaller one")
+        return [x[:ax] + ref[ax:]]
+
+    def forward(self, xp, bottoms, params):
+        x, ref = bottoms
+        ax, off = self.offsets(x.ndim)
+        idx = tuple(slice(None) for _ in range(ax)) + tuple(slice(o, o + ref.shape[ax + i]) for i, o in enumerate(off))
+        return [x[idx].copy()], (x.shape, idx)
+
+    def backward(self, xp, saved, dtops, params, need):
+        shape, idx = saved
+        dx = xp.zeros(shape, dtype=dtops[0].dtype)
+        dx[idx] = dtops[0]
+        return [dx, None], []
+
+
+@register
+class Silence(Layer):
+    type = "Silence"
+    n_bottoms, n_tops = (1, None), (0, 0)
+
+    def shape(self, bottoms):
+        return []
+
+    def forward(self, xp, bottoms, params):
+        return [], [b.shape for b in bottoms]
+
+    def backward(self, xp, shapes, dtops, params, need):
+        return [xp.zeros(s, dtype="float32") for s in shapes], []

@@ -1,0 +1,217 @@
+"""Layer registry: the Layer base class, @register, and Caffe's LayerParameter schema."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import Pos
+from .schema import F, Msg, Record
+
+Shape = tuple  # of int | None (None: data-dependent, e.g. Proposal's box count)
+
+FILLER = Msg("FillerParameter", {
+    "type": F(str, "constant", doc="constant, uniform, gaussian, positive_unitball, xavier, msra, bilinear"),
+    "value": F(float, 0.0), "min": F(float, 0.0), "max": F(float, 1.0),
+    "mean": F(float, 0.0), "std": F(float, 1.0), "sparse": F(int, -1),
+    "variance_norm": F("enum", "FAN_IN", choices=("FAN_IN", "FAN_OUT", "AVERAGE")),
+})
+
+
+def filler_record(**values) -> Record:
+    """A FillerParameter made in code (e.g. Scale's default of constant 1)."""
+    defaults = {k: f.default for k, f in FILLER.fields.items()}
+    return Record(FILLER, {**defaults, **values}, {}, None)
+
+
+FILLER_TYPES = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
+
+PARAM_SPEC = Msg("ParamSpec", {
+    "name": F(str, ""), "share_mode": F("enum", "STRICT", choices=("STRICT", "PERMISSIVE")),
+    "lr_mult": F(float, 1.0), "decay_mult": F(float, 1.0),
+})
+STATE_RULE = Msg("NetStateRule", {
+    "phase": F("enum", None, choices=("TRAIN", "TEST")), "min_level": F(int, None),
+    "max_level": F(int, None), "stage": F(str, repeated=True), "not_stage": F(str, repeated=True),
+})
+BLOB_SHAPE = Msg("BlobShape", {"dim": F(int, repeated=True)})
+BLOB_PROTO = Msg("BlobProto", {"shape": F(BLOB_SHAPE), "data": F(float, repeated=True),
+                               "num": F(int, 0), "channels": F(int, 0), "height": F(int, 0), "width": F(int, 0)},
+                 open=True)
+TRANSFORM = Msg("TransformationParameter", {
+    "scale": F(float, 1.0), "mirror": F(bool, False), "crop_size": F(int, 0), "mean_file": F(str, ""),
+    "mean_value": F(float, repeated=True), "force_color": F(bool, False), "force_gray": F(bool, False),
+})
+LOSS = Msg("LossParameter", {
+    "ignore_label": F(int, None),
+    "normalization": F("enum", None, choices=("FULL", "VALID", "BATCH_SIZE", "NONE")),
+    "normalize": F(bool, None),
+})
+
+_REGISTRY: dict[str, type["Layer"]] = {}
+# every `<x>_param` message any registered layer reads, for LayerParameter's schema
+_MESSAGES: dict[str, Msg] = {"transform_param": TRANSFORM, "loss_param": LOSS}
+
+
+def register(cls: type["Layer"]) -> type["Layer"]:
+    """Class decorator: make a layer type known by its `type` name."""
+    assert cls.type not in _REGISTRY, cls.type
+    _REGISTRY[cls.type] = cls
+    for key, msg in cls.messages.items():
+        assert _MESSAGES.get(key, msg) is msg, f"{key} declared twice with different schemas"
+        _MESSAGES[key] = msg
+    return cls
+
+
+def layer_types() -> dict[str, type["Layer"]]:
+    from . import layers  # noqa: F401  (importing the package registers every layer)
+    return _REGISTRY
+
+
+def layer_parameter_schema() -> Msg:
+    layer_types()
+    fields = {
+        "name": F(str, ""), "type": F(str, ""), "bottom": F(str, repeated=True), "top": F(str, repeated=True),
+        "phase": F("enum", None, choices=("TRAIN", "TEST")), "loss_weight": F(float, repeated=True),
+        "param": F(PARAM_SPEC, repeated=True), "blobs": F(BLOB_PROTO, repeated=True),
+        "propagate_down": F(bool, repeated=True), "include": F(STATE_RULE, repeated=True),
+        "exclude": F(STATE_RULE, repeated=True),
+    }
+    fields.update({k: F(m) for k, m in _MESSAGES.items()})
+    return Msg("LayerParameter", fields)
+
+
+class ShapeError(Exception):
+    """Raised by a shape rule. `field` names the param to point at; `involves` lists the bottom
+    indices whose shapes (and producers) the diagnostic should show."""
+
+    def __init__(self, code: str, message: str, *, field: str | None = None, help: str | None = None,
+                 notes: list[str] | None = None, involves: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.code, self.message, self.field, self.help = code, message, field, help
+        self.notes, self.involves = list(notes or []), tuple(involves)
+
+
+@dataclass
+class LayerSpec:
+    """A layer as written in the file, after coercion (what the graph builder hands to a Layer)."""
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    pos: Pos
+    record: Record                       # the coerced LayerParameter
+    loss_weights: list[float] = field(default_factory=list)
+    propagate_down: list[bool] = field(default_factory=list)
+
+
+class Layer:
+    """Base class. A subclass declares Caffe's params (`messages`) and arity, and defines
+    shape (pure integer arithmetic), forward and backward next to each other."""
+    type: ClassVar[str]
+    messages: ClassVar[dict[str, Msg]] = {}
+    n_bottoms: ClassVar[tuple[int, int | None]] = (1, 1)    # (min, max); None = unbounded
+    n_tops: ClassVar[tuple[int, int | None]] = (1, 1)
+    is_loss: ClassVar[bool] = False       # top 0 gets loss_weight 1 unless set
+    is_data: ClassVar[bool] = False
+    in_place: ClassVar[bool] = False      # may write its top over its bottom
+    no_backward: ClassVar[bool] = False   # never propagates gradients (data, accuracy, targets)
+    frozen_params: ClassVar[bool] = False # params are statistics, not learned (BatchNorm)
+
+    def __init__(self, spec: LayerSpec, phase: str):
+        self.spec = spec
+        self.name = spec.name
+        self.phase = phase
+        self.p = _merge(spec.record, self.messages)
+        self.param_shapes: list[Shape] = []
+        self.bottom_shapes: list[Shape] = []
+        self.top_shapes: list[Shape] = []
+
+    # -- checking ---------------------------------------------------------------------------
+    def validate(self) -> list[ShapeError]:
+        """Param checks that need no shapes (e.g. num_output > 0)."""
+        return []
+
+    def shape(self, bottoms: list[Shape]) -> list[Shape]:
+        raise NotImplementedError
+
+    def complete(self, tops: list) -> list:
+        """Data layers: derive the tops --shape did not give from those it did (Data's label)."""
+        return tops
+
+    def fillers(self) -> list[Record | None]:
+        """One filler per param blob (None: zeros)."""
+        return [None] * len(self.param_shapes)
+
+    def macs(self) -> int:
+        return 0
+
+    def pos(self, field: str | None) -> Pos:
+        return self.p.pos(field) or self.spec.pos if field else self.spec.pos
+
+    # -- running (implemented per layer) ----------------------------------------------------
+    def forward(self, xp, bottoms: list, params: list) -> tuple[list, Any]:
+        raise NotImplementedError
+
+    def backward(self, xp, saved: Any, dtops: list, params: list, need: list[bool]) -> tuple[list, list]:
+        raise NotImplementedError
+
+
+class _Merged:
+    """The layer's `<type>_param` messages seen as one namespace (self.p.num_output)."""
+
+    def __init__(self, records: list[Record]):
+        self._records = records
+
+    def __getattr__(self, name):
+        for r in self._records:
+            if name in r._values:
+                return r._values[name]
+        raise AttributeError(name)
+
+    def has(self, name) -> bool:
+        return any(r.has(name) for r in self._records)
+
+    def pos(self, name) -> Pos | None:
+        for r in self._records:
+            if r.has(name):
+                return r.pos(name)
+        return None
+
+
+def _merge(record: Record, messages: dict[str, Msg]) -> _Merged:
+    return _Merged([getattr(record, key) for key in messages])
+
+
+# ------------------------------------------------------------------------ shape helpers
+
+def count(shape: Shape, start: int = 0, end: int | None = None) -> int | None:
+    dims = shape[start:end]
+    return None if any(d is None for d in dims) else math.prod(dims)
+
+
+def fmt(shape: Shape) -> str:
+    return "x".join("?" if d is None else str(d) for d in shape) if shape else "scalar"
+
+
+def canonical_axis(axis: int, ndim: int, what: str = "axis", field: str = "axis") -> int:
+    if not -ndim <= axis < ndim:
+        raise ShapeError("E0220", f"{what} {axis} is out of range for a {ndim}-D input", field=field,
+                         help=f"use an axis in [{-ndim}, {ndim - 1}]", involves=(0,))
+    return axis % ndim
+
+
+def spatial(p, name: str, default: int | None, h: str | None = None, w: str | None = None) -> tuple:
+    """Caffe's kernel_size/pad/stride/dilation: a repeated field (1 value or one per axis) or
+    the _h/_w pair. Returns (h, w); None when absent with no default."""
+    h, w = h or f"{name}_h", w or f"{name}_w"
+    hv = getattr(p, h) if p.has(h) else None
+    wv = getattr(p, w) if p.has(w) else None
+    if hv is not None or wv is not None:
+        return (hv if hv is not None else default, wv if wv is not None else default)
+    v = getattr(p, name)
+    if isinstance(v, list):
+        if not v:
+            return (default, default)
+        return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+    return (v, v) if v is not None else (default, default)

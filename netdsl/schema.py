@@ -1,0 +1,180 @@
+"""Typed message schemas (Caffe's protobuf messages) and coercion of AST messages into records."""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import Collector, Pos
+from .syntax import Field as AstField, Message, Scalar, Word
+
+
+@dataclass(frozen=True)
+class F:
+    """One field of a message schema: a scalar type, an enum, or a nested message."""
+    type: Any                       # int, float, bool, str, "enum", or a Msg
+    default: Any = None
+    repeated: bool = False
+    choices: tuple[str, ...] = ()   # enum words
+    required: bool = False
+    doc: str = ""
+
+
+@dataclass
+class Msg:
+    name: str
+    fields: dict[str, F]
+    open: bool = False              # accept unknown fields silently (foreign extensions)
+
+    def coerce(self, m: Message | None, c: Collector, where: str = "", pos: Pos | None = None) -> "Record":
+        return coerce(self, m, c, where, pos)
+
+
+@dataclass
+class Record:
+    """A coerced message: attribute access with defaults, plus where each field was written."""
+    _schema: Msg
+    _values: dict[str, Any]
+    _pos: dict[str, Pos]
+    _msg_pos: Pos | None
+    _ast: Message | None = field(default=None, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"{self._schema.name} has no field {name!r}") from None
+
+    def has(self, name: str) -> bool:
+        return name in self._pos
+
+    def pos(self, name: str | None = None) -> Pos | None:
+        return self._pos.get(name, self._msg_pos) if name else self._msg_pos
+
+    def values(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else ""
+
+
+def _kind(t) -> str:
+    if isinstance(t, Msg):
+        return f"a `{t.name} {{ ... }}` message"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a quoted string",
+            "enum": "one of"}.get(t, str(t))
+
+
+def _scalar(f: F, name: str, s: Scalar, c: Collector, where: str):
+    v = s.value
+    bad = None
+    if f.type == "enum":
+        text = v.text if isinstance(v, Word) else v if isinstance(v, str) else None
+        if text in f.choices:
+            return text
+        bad = f"`{name}` must be one of {', '.join(f.choices)}"
+        tip = suggest(str(text), f.choices) if text else ""
+        c.error("E0104", f"{where}invalid value {_show(v)} for `{name}`", s.pos,
+                notes=[bad], help=tip or f"use one of: {', '.join(f.choices)}")
+        return f.default
+    if f.type is bool:
+        if isinstance(v, Word) and v.text in ("true", "false", "True", "False"):
+            return v.text.lower() == "true"
+        if isinstance(v, int) and v in (0, 1):
+            return bool(v)
+    elif f.type is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+    elif f.type is float:
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, Word) and v.text.lstrip("-").lower() in ("inf", "infinity", "nan"):
+            return float(v.text)
+    elif f.type is str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, Word):     # protobuf allows unquoted? no, but be lenient and say so
+            c.warning("W0101", f"{where}`{name}` expects a quoted string, got the word {v.text}", s.pos,
+                      help=f'write `{name}: "{v.text}"`')
+            return v.text
+    c.error("E0103", f"{where}`{name}` expects {_kind(f.type)}, got {_show(v)}", s.pos,
+            help=f"write `{name}: {_example(f)}`")
+    return f.default
+
+
+def _show(v) -> str:
+    if isinstance(v, Word):
+        return v.text
+    if isinstance(v, str):
+        return repr(v)
+    return str(v)
+
+
+def _example(f: F) -> str:
+    if f.default is not None and not isinstance(f.default, (list, tuple)):
+        d = f.default
+        return ("true" if d else "false") if isinstance(d, bool) else (f'"{d}"' if f.type is str else str(d))
+    return {int: "1", float: "0.5", bool: "true", str: '"..."'}.get(f.type, f.choices[0] if f.choices else "...")
+
+
+def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: Pos | None = None) -> Record:
+    """Coerce an AST message against a schema; every problem goes to the collector, located."""
+    values: dict[str, Any] = {}
+    poss: dict[str, Pos] = {}
+    for name, f in schema.fields.items():
+        values[name] = [] if f.repeated else (defaults(f.type) if isinstance(f.type, Msg) else f.default)
+    if m is None:                 # an absent message: all defaults, nothing required
+        return Record(schema, values, poss, pos, None)
+    for af in (m.fields if m else ()):
+        f = schema.fields.get(af.name)
+        if f is None:
+            if not schema.open:
+                tip = suggest(af.name, schema.fields)
+                c.error("E0102", f"{where}unknown field `{af.name}` in {schema.name}", af.pos,
+                        help=tip or (f"{schema.name} fields are: {', '.join(sorted(schema.fields))}"
+                                     if len(schema.fields) < 40 else "remove it"))
+            continue
+        if isinstance(f.type, Msg):
+            if not isinstance(af.value, Message):
+                c.error("E0103", f"{where}`{af.name}` is a message: write `{af.name} {{ ... }}`", af.pos,
+                        help=f"wrap its fields in braces: `{af.name} {{ ... }}`")
+                continue
+            v = f.type.coerce(af.value, c, where, af.pos)
+        else:
+            if isinstance(af.value, Message):
+                c.error("E0103", f"{where}`{af.name}` expects {_kind(f.type)}, got a message", af.pos,
+                        help=f"write `{af.name}: {_example(f)}`")
+                continue
+            v = _scalar(f, af.name, af.value, c, where)
+        if f.repeated:
+            values[af.name].append(v)
+            poss.setdefault(af.name, af.pos)
+        else:
+            if af.name in poss:
+                c.error("E0105", f"{where}`{af.name}` is given twice in {schema.name}", af.pos,
+                        notes=[f"first given at {poss[af.name]}"], help="keep one of them")
+            values[af.name] = v
+            poss[af.name] = af.pos
+    for name, f in schema.fields.items():
+        if f.required and name not in poss:
+            c.error("E0106", f"{where}missing required field `{name}` in {schema.name}", pos or m.pos,
+                    help=f"add `{name}: {_example(f)}`" + (f" ({f.doc})" if f.doc else ""))
+    return Record(schema, values, poss, pos or m.pos, m)
+
+
+def defaults(schema: Msg) -> Record:
+    """The record of an absent message: every field at its default."""
+    return coerce(schema, None, Collector())
+
+
+def check_finite(rec: Record, name: str, c: Collector, where: str) -> None:
+    v = getattr(rec, name)
+    if isinstance(v, float) and not math.isfinite(v):
+        c.error("E0103", f"{where}`{name}` must be finite, got {v}", rec.pos(name), help=f"set `{name}` to a finite number")
