@@ -17,6 +17,46 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--force", action="store_true", help="download again even if the files are valid")
     p.set_defaults(func=cmd_data)
 
+    p = sub.add_parser("train", help="train a net with a Caffe solver file")
+    p.add_argument("solver")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--weights", help="initialise from these weights (.npz), copied by layer name")
+    g.add_argument("--snapshot", help="resume from a <prefix>_iter_N.solverstate.npz")
+    _device(p)
+    p.add_argument("--seed", type=int, help="random seed (default: the solver's random_seed)")
+    p.add_argument("--max-iter", type=int, help="override the solver's max_iter")
+    p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
+    p.add_argument("--out", help="directory for snapshots, log and metrics (default: snapshot_prefix's)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss)")
+    p.add_argument("model")
+    p.add_argument("--weights", required=True, help="trained weights (.npz)")
+    p.add_argument("--iterations", type=int, default=50, help="test batches to average (default 50, as Caffe)")
+    _device(p)
+    p.add_argument("--data-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object {output: value}")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("time", help="time forward and backward per layer, like `caffe time`")
+    p.add_argument("model")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--phase", choices=("train", "test"), default="train", type=str.lower)
+    _device(p)
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_time)
+
+    p = sub.add_parser("plot", help="plot loss, lr and test accuracy of a training run")
+    p.add_argument("run", help="the run directory (or its _metrics.jsonl file)")
+    p.add_argument("-o", "--output", default="curves.png")
+    p.set_defaults(func=cmd_plot)
+
+
+def _device(p):
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+
 
 def cmd_compile(args) -> int:
     from .check import check_file
@@ -57,4 +97,63 @@ def cmd_data(args) -> int:
     from .data.download import download_mnist
     path = download_mnist(args.data_dir, force=args.force)
     print(f"MNIST is ready in {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .backend import get_backend
+    from .train import Trainer
+    trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
+                      data_dir=args.data_dir, out=args.out)
+    if args.weights:
+        loaded = trainer.net.load(args.weights)
+        trainer.log(f"Copied weights of {len(loaded)} layers from {args.weights}", echo=True)
+    if args.snapshot:
+        trainer.restore(args.snapshot)
+    result = trainer.run()
+    if result.interrupted:
+        return 130
+    print(f"trained {result.iterations} iterations in {result.seconds:.1f} s; weights: {result.last_snapshot}.npz")
+    return 0
+
+
+def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> dict[str, float]:
+    """Average each scalar output of the TEST net over `iterations` batches."""
+    from .executor import Net
+    from .check import check_file
+    from .plan import lower
+    net = Net(lower(check_file(model, phase="TEST"), runnable=True), backend.xp, seed=seed, data_dir=data_dir)
+    net.load(weights)
+    sums: dict[str, float] = {}
+    for _ in range(iterations):
+        for k, v in net.forward().items():
+            if v.size == 1:
+                sums[k] = sums.get(k, 0.0) + float(v.reshape(-1)[0])
+    return {k: v / iterations for k, v in sums.items()}
+
+
+def cmd_test(args) -> int:
+    from .backend import get_backend
+    means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
+                         args.seed)
+    if args.json:
+        print(json.dumps(means))
+    else:
+        for k, v in means.items():
+            print(f"{k} = {v:.6g}")
+    return 0
+
+
+def cmd_time(args) -> int:
+    from .backend import get_backend
+    from .timing import time_net, render_timing
+    report = time_net(args.model, args.phase.upper(), args.iterations, get_backend(args.device), args.data_dir)
+    print(json.dumps(report) if args.json else render_timing(report))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import plot_run
+    path = plot_run(args.run, args.output)
+    print(f"wrote {path}")
     return 0

@@ -117,6 +117,8 @@ class Layer:
     in_place: ClassVar[bool] = False      # may write its top over its bottom
     no_backward: ClassVar[bool] = False   # never propagates gradients (data, accuracy, targets)
     frozen_params: ClassVar[bool] = False # params are statistics, not learned (BatchNorm)
+    random: ClassVar[bool] = False        # draws random numbers: the executor seeds self.rng per forward
+    runnable: ClassVar[bool] = True       # False: checked only (Python, ROIPooling)
 
     def __init__(self, spec: LayerSpec, phase: str):
         self.spec = spec
@@ -155,6 +157,10 @@ class Layer:
 
     def backward(self, xp, saved: Any, dtops: list, params: list, need: list[bool]) -> tuple[list, list]:
         raise NotImplementedError
+
+    def rng_uniform(self, xp, shape):
+        """U[0,1) drawn on the host so CPU and GPU runs see the same numbers."""
+        return xp.asarray(self.rng.random(shape, dtype="float32"))
 
 
 class _Merged:

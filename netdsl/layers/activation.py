@@ -57,6 +57,7 @@ class TanH(_Elementwise):
 class Dropout(_Elementwise):
     """TRAIN: y = x * mask / (1 - p) with mask ~ Bernoulli(1 - p); TEST: identity (Caffe)."""
     type = "Dropout"
+    random = True
     messages = {"dropout_param": Msg("DropoutParameter", {
         "dropout_ratio": F(float, 0.5),
         "scale_train": F(bool, True)})}   # caffe-fast-rcnn fork: false scales at TEST instead

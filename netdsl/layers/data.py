@@ -51,6 +51,7 @@ class Input(_DataLayer):
 @register
 class DummyData(_DataLayer):
     type = "DummyData"
+    random = True
     messages = {"dummy_data_param": Msg("DummyDataParameter", {
         "data_filler": F(FILLER, repeated=True), "shape": F(BLOB_SHAPE, repeated=True),
         "num": F(int, repeated=True), "channels": F(int, repeated=True), "height": F(int, repeated=True),
@@ -105,6 +106,7 @@ MNIST_PARAM = Msg("MNISTParameter", {
 class MNIST(_DataLayer):
     """MNIST digits from the standard idx files: tops data N x 1 x 28 x 28 (float) and label N."""
     type = "MNIST"
+    random = True
     messages = {"mnist_param": MNIST_PARAM, "transform_param": TRANSFORM}
     n_tops = (1, 2)
 

@@ -52,12 +52,13 @@ class InnerProduct(Layer):
         y = x2 @ w if self.p.transpose else x2 @ w.T
         if self.p.bias_term:
             y += params[1]
-        return [y.reshape(x.shape[:axis] + (self.p.num_output,))], x2
+        return [y.reshape(x.shape[:axis] + (self.p.num_output,))], (x2, x.shape)
 
-    def backward(self, xp, x2, dtops, params, need):
+    def backward(self, xp, saved, dtops, params, need):
+        x2, xshape = saved
         dy = dtops[0].reshape(x2.shape[0], -1)
         w = params[0]
         dw = x2.T @ dy if self.p.transpose else dy.T @ x2
         grads = [dw] + ([dy.sum(axis=0)] if self.p.bias_term else [])
-        dx = (dy @ w.T if self.p.transpose else dy @ w) if need[0] else None
+        dx = (dy @ w.T if self.p.transpose else dy @ w).reshape(xshape) if need[0] else None
         return [dx], grads

@@ -34,7 +34,7 @@ class LRN(Layer):
     def forward(self, xp, bottoms, params):
         p = self.p
         y, cache = kernels.lrn_forward(xp, bottoms[0], p.local_size, p.alpha, p.beta, p.k,
-                                       p.norm_region == "ACROSS_CHANNELS")
+                                       p.norm_region)
         return [y], cache
 
     def backward(self, xp, cache, dtops, params, need):

@@ -1,0 +1,209 @@
+"""Run: a Plan on a backend. Forward, backward with gradient accumulation for fan-out and shared
+params, need-backward pruning, propagate_down, loss_weight; params as data/grad pairs."""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import NetdslError
+from .fillers import fill
+from .plan import Plan
+
+
+class ParamBlob:
+    """A learnable blob: data and gradient, plus its solver multipliers (shared between layers
+    and between the TRAIN and TEST nets by key)."""
+
+    def __init__(self, key: str, data, lr_mult: float, decay_mult: float, frozen: bool):
+        self.name = key
+        self.data = data
+        self.grad = data * 0
+        self.lr_mult = 0.0 if frozen else lr_mult
+        self.decay_mult = decay_mult
+        self.frozen = frozen
+
+
+@dataclass
+class RunContext:
+    """What data layers need to bind to their source."""
+    data_dir: str | None = None
+    seed: int = 0
+
+
+class Net:
+    """A runnable net: `forward(**inputs)`, `backward()`, `blobs`, `params`, `save`, `load`."""
+
+    def __init__(self, plan: Plan, xp=np, dtype=np.float32, seed: int = 0, data_dir: str | None = None,
+                 share_from: "Net | None" = None):
+        self.plan, self.xp, self.dtype, self.seed = plan, xp, np.dtype(dtype), seed
+        shared = share_from.slots if share_from is not None else {}
+        self.slots: dict[str, ParamBlob] = {}
+        for i, slot in enumerate(plan.params):
+            if slot.key in shared:
+                self.slots[slot.key] = shared[slot.key]
+                continue
+            data = fill(slot.filler, slot.shape, np.random.default_rng([seed, i]), self.dtype)
+            self.slots[slot.key] = ParamBlob(slot.key, xp.asarray(data), slot.lr_mult, slot.decay_mult, slot.frozen)
+        self.step_params = [[self.slots[plan.params[j].key] for j in s.params] for s in plan.steps]
+        self.values: dict = {}
+        self.grads: dict = {}
+        self._saved: list = [None] * len(plan.steps)
+        self.forward_count = 0
+        ctx = RunContext(data_dir, seed)
+        for i, s in enumerate(plan.steps):
+            s.layer.index = i
+            if s.layer.is_data and s.layer.type != "Input":
+                s.layer.bind(ctx)
+
+    # -- pycaffe-style views ---------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, list[ParamBlob]]:
+        return {s.node.name: ps for s, ps in zip(self.plan.steps, self.step_params) if ps}
+
+    @property
+    def blobs(self) -> dict:
+        """Latest value of every blob by the name the user wrote."""
+        out = {}
+        for s in self.plan.steps:
+            for u, t in zip(s.layer.spec.tops, s.node.tops):
+                if t in self.values:
+                    out[u] = self.values[t]
+        return out
+
+    @property
+    def learnable(self) -> list[ParamBlob]:
+        return [p for p in self.slots.values() if not p.frozen]
+
+    # -- running ---------------------------------------------------------------------------
+    def forward(self, _hooks=None, **inputs) -> dict:
+        """Run every step; returns the net's outputs (tops nobody reads) by user name."""
+        xp, plan = self.xp, self.plan
+        missing = [i for i in plan.inputs if plan.steps and i.split("#")[0] not in inputs]
+        if missing:
+            raise NetdslError("E0620", f"forward() needs the net's inputs: missing {', '.join(missing)}",
+                              help="pass each Input top as a keyword argument: net.forward(data=array)")
+        values = {}
+        rng_base = self.forward_count
+        for i, step in enumerate(plan.steps):
+            layer = step.layer
+            if layer.type == "Input":
+                for u, t in zip(layer.spec.tops, step.node.tops):
+                    values[t] = xp.asarray(inputs[u], dtype=self.dtype)
+                continue
+            if layer.random:
+                layer.rng = np.random.default_rng([self.seed, i, rng_base])
+            bottoms = [values[b] for b in step.node.bottoms]
+            if _hooks:
+                _hooks.before(i)
+            tops, saved = layer.forward(xp, bottoms, [p.data for p in self.step_params[i]])
+            if _hooks:
+                _hooks.after(i, False)
+            for t, v in zip(step.node.tops, tops):
+                values[t] = v
+            self._saved[i] = saved if step.need_backward else None
+        self.forward_count += 1
+        self.values = values
+        return {t.split("#")[0]: values[t] for t in plan.outputs if t in values}
+
+    def loss(self) -> float:
+        total = 0.0
+        for step in self.plan.steps:
+            for w, t in zip(step.loss_weights, step.node.tops):
+                if w:
+                    total += w * float(self.values[t].sum())
+        return total
+
+    def backward(self, _hooks=None) -> None:
+        """Accumulate param gradients (into p.grad) from the loss tops of the last forward."""
+        xp, plan, values = self.xp, self.plan, self.values
+        grads: dict = {}
+        for step in plan.steps:
+            for w, t in zip(step.loss_weights, step.node.tops):
+                if w:
+                    grads[t] = xp.full(values[t].shape, w, dtype=self.dtype)
+        for i in range(len(plan.steps) - 1, -1, -1):
+            step = plan.steps[i]
+            if not step.need_backward:
+                continue
+            tops = step.node.tops
+            if not any(t in grads for t in tops):
+                continue
+            dtops = [grads.pop(t) if t in grads else xp.zeros(values[t].shape, self.dtype) for t in tops]
+            params = self.step_params[i]
+            if _hooks:
+                _hooks.before(i)
+            dbottoms, dparams = step.layer.backward(xp, self._saved[i], dtops, [p.data for p in params],
+                                                    step.propagate)
+            if _hooks:
+                _hooks.after(i, True)
+            for p, g in zip(params, dparams):
+                if g is not None and not p.frozen:
+                    p.grad += g
+            for b, prop, g in zip(step.node.bottoms, step.propagate, dbottoms):
+                if prop and g is not None:
+                    grads[b] = grads[b] + g if b in grads else g
+            self._saved[i] = None
+        self.grads = grads
+
+    def zero_grad(self) -> None:
+        for p in self.slots.values():
+            p.grad[...] = 0
+
+    # -- weights ---------------------------------------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        """Weights as `<layer>/<i>` host arrays, the format of `--weights` and snapshots."""
+        out = {}
+        for name, ps in self.params.items():
+            for i, p in enumerate(ps):
+                out[f"{name}/{i}"] = _host(p.data)
+        return out
+
+    def save(self, path: str) -> None:
+        save_npz(path, self.state())
+
+    def load(self, path_or_arrays) -> list[str]:
+        """Copy weights by layer name (as Caffe's CopyTrainedLayersFrom); returns the layers
+        loaded. A shape mismatch is a located error naming both shapes."""
+        from .check import load_weights
+        arrays = load_weights(path_or_arrays) if isinstance(path_or_arrays, str) else path_or_arrays
+        loaded = []
+        for name, ps in self.params.items():
+            for i, p in enumerate(ps):
+                key = f"{name}/{i}"
+                if key not in arrays:
+                    continue
+                a = arrays[key]
+                if tuple(a.shape) != tuple(p.data.shape):
+                    raise NetdslError("E0305", f"cannot load param {i} of layer '{name}': the weights are "
+                                      f"{'x'.join(map(str, a.shape))} but the net needs "
+                                      f"{'x'.join(map(str, p.data.shape))}",
+                                      help="to learn this layer from scratch rather than load it, rename the layer; "
+                                           "`netdsl check --weights` lists every mismatch")
+                p.data[...] = self.xp.asarray(a, dtype=self.dtype)
+                loaded.append(name)
+        return sorted(set(loaded))
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def save_npz(path: str, arrays: dict) -> None:
+    """Atomic: write a temporary file beside the target, then rename over it, so a crash mid-write
+    never leaves a truncated snapshot (or destroys the previous one)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,272 @@
+"""Train: the solver loop over a train net and its test nets. Caffe's iteration order, logs and
+snapshots; atomic snapshot writes; SIGINT snapshots and stops; a non-finite loss or gradient
+stops with the first layer that produced it, after snapshotting the last good state."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .check import check
+from .errors import NetdslError
+from .executor import Net, save_npz
+from .plan import lower
+from .solver import Solver, learning_rate
+from .solverfile import SolverFile, load_solver
+from .syntax import parse_file
+
+
+def build_net(source: tuple, phase: str, backend, seed: int, data_dir, stages=(), share_from=None,
+              dtype=np.float32) -> Net:
+    path, inline = source
+    ast = inline if inline is not None else parse_file(path)
+    plan = lower(check(ast, phase=phase, stages=stages), runnable=True)
+    return Net(plan, backend.xp, dtype=dtype, seed=seed, data_dir=data_dir, share_from=share_from)
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    last_snapshot: str | None
+    tests: list[dict]
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+class Logger:
+    """Caffe-style log lines to a file (always) and to stderr (when not drawing a progress bar)."""
+
+    def __init__(self, path: str, echo: bool):
+        self.f = open(path, "a", encoding="utf-8")
+        self.echo = echo
+
+    def __call__(self, msg: str, echo: bool | None = None) -> None:
+        t = time.time()
+        line = time.strftime("I%m%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1e6):06d}] {msg}"
+        self.f.write(line + "\n")
+        self.f.flush()
+        if self.echo if echo is None else echo:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self):
+        self.f.close()
+
+
+class Progress:
+    """One redrawn line on a terminal: iteration, running loss, lr, it/s."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.t0, self.last = total, enabled, time.time(), 0.0
+
+    def update(self, it: int, loss: float, lr: float, start: int, force=False) -> None:
+        now = time.time()
+        if not self.enabled or (now - self.last < 0.1 and not force):
+            return
+        self.last = now
+        rate = (it - start) / max(now - self.t0, 1e-9)
+        frac = it / max(self.total, 1)
+        bar = "#" * int(frac * 30)
+        sys.stderr.write(f"\r[{bar:<30}] {it}/{self.total} loss {loss:.4f} lr {lr:.6g} {rate:.1f} it/s ")
+        sys.stderr.flush()
+
+    def clear(self):
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+class Trainer:
+    def __init__(self, solver_path: str, backend, *, seed: int | None = None, max_iter: int | None = None,
+                 data_dir: str | None = None, out: str | None = None, progress: bool | None = None):
+        self.sf: SolverFile = load_solver(solver_path)
+        cfg = self.sf.cfg
+        if max_iter is not None:
+            cfg.max_iter = max_iter
+        self.seed = seed if seed is not None else (cfg.random_seed if cfg.random_seed >= 0 else
+                                                   int.from_bytes(os.urandom(4), "little") >> 1)
+        self.backend = backend
+        prefix = cfg.snapshot_prefix or os.path.splitext(os.path.basename(solver_path))[0]
+        self.out = out or os.path.dirname(prefix) or "."
+        self.prefix = os.path.join(self.out, os.path.basename(prefix))
+        os.makedirs(self.out, exist_ok=True)
+        self.progress_on = sys.stderr.isatty() if progress is None else progress
+        self.log = Logger(self.prefix + ".log", echo=not self.progress_on)
+        self.metrics = open(self.prefix + "_metrics.jsonl", "a", encoding="utf-8")
+        stages = tuple(cfg.train_state.stage) if cfg.train_state is not None else ()
+        self.net = build_net(self.sf.train_net, "TRAIN", backend, self.seed, data_dir, stages)
+        self.tests = [build_net(src, "TEST", backend, self.seed, data_dir, share_from=self.net)
+                      for src in self.sf.test_nets]
+        self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
+        self.iter = 0
+        self.losses: deque = deque(maxlen=max(cfg.average_loss, 1))
+        self.stop_requested = False
+        self.last_snapshot = None
+        self.test_results: list[dict] = []
+
+    # -- snapshots --------------------------------------------------------------------------
+    def snapshot(self) -> str:
+        base = f"{self.prefix}_iter_{self.iter}"
+        self.net.save(base + ".npz")
+        state = {f"solver/{k}": v for k, v in self.solver.state_dict().items()}
+        state["iter"] = np.array(self.iter)
+        state["weights"] = np.array(os.path.basename(base + ".npz"))
+        state["seed"] = np.array(self.seed)
+        state["losses"] = np.array(list(self.losses), dtype=np.float64)
+        for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
+            state[f"{name}/forward_count"] = np.array(net.forward_count)
+            for s in net.plan.steps:
+                for k, v in (s.layer.state() if s.layer.is_data else {}).items():
+                    state[f"{name}/data/{s.node.name}/{k}"] = np.array(v)
+        save_npz(base + ".solverstate.npz", state)
+        self.log(f"Snapshotting to binary proto file {base}.npz")
+        self.log(f"Snapshotting solver state to binary proto file {base}.solverstate.npz")
+        self.last_snapshot = base
+        return base
+
+    def restore(self, path: str) -> None:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                state = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise NetdslError("E0705", f"cannot read solver state {path}: {e}",
+                              help="pass a <prefix>_iter_N.solverstate.npz written by `netdsl train`") from None
+        if "iter" not in state:
+            raise NetdslError("E0705", f"{path} is not a solver state (no 'iter')",
+                              help="pass the .solverstate.npz, not the weights .npz")
+        weights = os.path.join(os.path.dirname(path), str(state["weights"]))
+        self.net.load(weights)
+        self.solver.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("solver/")})
+        self.iter = int(state["iter"])
+        self.seed = int(state["seed"])
+        self.losses.extend(float(x) for x in state["losses"])
+        for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
+            net.seed = self.seed
+            net.forward_count = int(state.get(f"{name}/forward_count", 0))
+            for s in net.plan.steps:
+                prefix = f"{name}/data/{s.node.name}/"
+                sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                if sub:
+                    s.layer.load_state(sub)
+        self.log(f"Restored solver state from {path} at iteration {self.iter}")
+
+    # -- testing ----------------------------------------------------------------------------
+    def test(self, i: int) -> dict:
+        net, n = self.tests[i], self.sf.cfg.test_iter[i]
+        self.log(f"Iteration {self.iter}, Testing net (#{i})")
+        sums: dict[str, float] = {}
+        for _ in range(n):
+            outs = net.forward()
+            for k, v in outs.items():
+                if v.size == 1:
+                    sums[k] = sums.get(k, 0.0) + float(v.reshape(-1)[0])
+        means = {k: v / n for k, v in sums.items()}
+        weights = {s.layer.spec.tops[j]: w for s in net.plan.steps for j, w in enumerate(s.loss_weights)}
+        for j, (k, v) in enumerate(means.items()):
+            w = weights.get(k, 0.0)
+            self.log(f"    Test net output #{j}: {k} = {v:.6g}" + (f" (* {w:g} = {v * w:.6g} loss)" if w else ""),
+                     echo=True)
+        rec = {"kind": "test", "net": i, "iter": self.iter, **means}
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+        self.test_results.append(rec)
+        return means
+
+    def _maybe_test(self):
+        cfg = self.sf.cfg
+        if cfg.test_interval and self.iter % cfg.test_interval == 0 and (self.iter > 0 or cfg.test_initialization):
+            for i in range(len(self.tests)):
+                self.test(i)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _non_finite(self, loss: float) -> str | None:
+        """The first layer (in execution order) whose output or param gradient is NaN or Inf."""
+        xp = self.backend.xp
+        finite_grads = all(bool(xp.isfinite(p.grad).all()) for p in self.net.learnable)
+        if math.isfinite(loss) and finite_grads:
+            return None
+        for s in self.net.plan.steps:
+            for u, t in zip(s.layer.spec.tops, s.node.tops):
+                v = self.net.values.get(t)
+                if v is not None and not bool(xp.isfinite(v).all()):
+                    return f"{s.layer.type} '{s.node.name}' (its top '{u}')"
+        for name, ps in self.net.params.items():
+            for j, p in enumerate(ps):
+                if not bool(xp.isfinite(p.grad).all()):
+                    return f"the gradient of layer '{name}' param {j}"
+        return "the loss"
+
+    def run(self) -> TrainResult:
+        cfg, net = self.sf.cfg, self.net
+        self.log(f"Solving {net.plan.name or 'net'} (seed {self.seed}, {self.backend.name})")
+        self.log(f"Learning Rate Policy: {cfg.lr_policy}")
+        start, t0 = self.iter, time.time()
+        progress = Progress(cfg.max_iter, self.progress_on)
+        old = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
+        try:
+            while self.iter < cfg.max_iter and not self.stop_requested:
+                self._maybe_test()
+                net.zero_grad()
+                loss = 0.0
+                for _ in range(cfg.iter_size):
+                    net.forward()
+                    loss += net.loss()
+                    net.backward()
+                loss /= cfg.iter_size
+                bad = self._non_finite(loss)
+                if bad:
+                    snap = self.snapshot()
+                    raise NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced "
+                                      "NaN or Inf", notes=[f"the last good weights are in {snap}.npz (resume with "
+                                                           f"--snapshot {snap}.solverstate.npz)"],
+                                      help="lower base_lr, add clip_gradients, or check the input scaling")
+                self.losses.append(loss)
+                smoothed = sum(self.losses) / len(self.losses)
+                lr = learning_rate(cfg, self.iter)
+                if cfg.display and self.iter % cfg.display == 0:
+                    rate = (self.iter - start) / max(time.time() - t0, 1e-9)
+                    self.log(f"Iteration {self.iter} ({rate:.1f} iter/s), loss = {smoothed:.6g}")
+                    self.log(f"Iteration {self.iter}, lr = {lr:.6g}")
+                    self.metrics.write(json.dumps({"kind": "train", "iter": self.iter, "loss": smoothed,
+                                                   "lr": lr}) + "\n")
+                    self.metrics.flush()
+                self.solver.step(self.iter)
+                self.iter += 1
+                progress.update(self.iter, smoothed, lr, start)
+                if cfg.snapshot and self.iter % cfg.snapshot == 0:
+                    progress.clear()
+                    self.snapshot()
+            progress.clear()
+            if self.stop_requested:
+                self.snapshot()
+                self.log(f"Interrupted at iteration {self.iter}; resume with --snapshot "
+                         f"{self.last_snapshot}.solverstate.npz", echo=True)
+            else:
+                if cfg.snapshot_after_train and (not cfg.snapshot or self.iter % cfg.snapshot):
+                    self.snapshot()
+                if cfg.test_interval and self.iter % cfg.test_interval == 0:
+                    for i in range(len(self.tests)):
+                        self.test(i)
+                self.log("Optimization Done.")
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+            self.log.close()
+            self.metrics.close()
+        return TrainResult(self.iter, self.last_snapshot, self.test_results, self.stop_requested, time.time() - t0)
+
+    def _on_sigint(self, signum, frame):
+        if self.stop_requested:          # a second Ctrl-C: stop now (the snapshot is being written)
+            raise KeyboardInterrupt
+        self.stop_requested = True
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
