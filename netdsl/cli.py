@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (the console script exits with it)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:

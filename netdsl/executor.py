@@ -13,6 +13,12 @@ from .fillers import fill
 from .plan import Plan
 
 
+@dataclass
+class Blob:
+    data: object
+    grad: object = None
+
+
 class ParamBlob:
     """A learnable blob: data and gradient, plus its solver multipliers (shared between layers
     and between the TRAIN and TEST nets by key)."""
@@ -64,13 +70,14 @@ class Net:
         return {s.node.name: ps for s, ps in zip(self.plan.steps, self.step_params) if ps}
 
     @property
-    def blobs(self) -> dict:
-        """Latest value of every blob by the name the user wrote."""
+    def blobs(self) -> dict[str, "Blob"]:
+        """Every blob by the name the user wrote (its latest version), with .data and .grad
+        (the gradient from the last backward, or None)."""
         out = {}
         for s in self.plan.steps:
             for u, t in zip(s.layer.spec.tops, s.node.tops):
                 if t in self.values:
-                    out[u] = self.values[t]
+                    out[u] = Blob(self.values[t], self.grads.get(t))
         return out
 
     @property
@@ -131,7 +138,7 @@ class Net:
             tops = step.node.tops
             if not any(t in grads for t in tops):
                 continue
-            dtops = [grads.pop(t) if t in grads else xp.zeros(values[t].shape, self.dtype) for t in tops]
+            dtops = [grads[t] if t in grads else xp.zeros(values[t].shape, self.dtype) for t in tops]
             params = self.step_params[i]
             if _hooks:
                 _hooks.before(i)

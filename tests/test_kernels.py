@@ -388,3 +388,12 @@ def test_softmax_is_stable_for_large_inputs():
     np.testing.assert_allclose(K.softmax(xp, x, 1), [[0.5, 0.5, 0.0]])
     np.testing.assert_allclose(K.log_softmax(xp, x, 1), [[-np.log(2), -np.log(2), -2000.0 - np.log(2)]],
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("x_shape,k,s,p,ceil", POOL_CASES + [((2, 3, 4, 5), (4, 5), (1, 1), (0, 0), True)])
+def test_max_pool_mask_is_caffes_flat_argmax(x_shape, k, s, p, ceil):
+    x = np.maximum(np.random.default_rng(14).integers(-2, 3, x_shape), 0).astype(np.float32)
+    _, cache = K.pool2d_forward(xp, x, "max", *k, *s, *p, ceil=ceil)
+    mask = K.pool2d_mask(xp, cache)
+    assert mask.dtype == np.float32
+    np.testing.assert_array_equal(mask, pool_ref(x.astype(np.float64), "max", *k, *s, *p, ceil)[1])

@@ -63,6 +63,10 @@ class AnchorTarget(_AnchorLayer):
         "negative_overlap": F(float, 0.3), "clobber_positives": F(bool, False), "batch_size": F(int, 256),
         "fg_fraction": F(float, 0.5), "positive_weight": F(float, -1.0), "seed": F(int, 3)})}
     n_bottoms, n_tops = (3, 4), (4, 4)
+    # The executor hands a random layer a generator seeded from (net seed, step, forward count)
+    # before every forward, so sampling is reproducible and a resumed run continues the same
+    # sequence; anchor_target_param.seed is mixed in so it changes the sampling too.
+    random = True
 
     def shape(self, bottoms):
         score, gt, info = bottoms[:3]
@@ -73,13 +77,17 @@ class AnchorTarget(_AnchorLayer):
         a, h, w = self.num_anchors(), score[2], score[3]
         return [(1, 1, None if h is None else a * h, w)] + [(1, 4 * a, h, w)] * 3
 
-    def bind(self, ctx):
-        self.gen = np.random.default_rng([self.p.seed, ctx.seed])
+    def generator(self) -> np.random.Generator:
+        """The sampling generator of this forward: anchor_target_param.seed mixed with the
+        executor's per-forward stream (only the seed when run outside an executor)."""
+        base = getattr(self, "rng", None)
+        draw = int(base.integers(2 ** 63)) if base is not None else 0
+        return np.random.default_rng([self.p.seed, draw])
 
     def forward(self, xp, bottoms, params):
         p = self.p
         score, gt, info = (np.asarray(b.get() if hasattr(b, "get") else b) for b in bottoms[:3])
-        out = boxes.anchor_targets(score.shape[2], score.shape[3], gt, info.reshape(-1), self.gen,
+        out = boxes.anchor_targets(score.shape[2], score.shape[3], gt, info.reshape(-1), self.generator(),
                                    feat_stride=p.feat_stride, anchors=self.anchors(), allowed_border=p.allowed_border,
                                    positive_overlap=p.positive_overlap, negative_overlap=p.negative_overlap,
                                    clobber_positives=p.clobber_positives, batch_size=p.batch_size,
