@@ -8,8 +8,11 @@ from typing import Any, NamedTuple
 
 # Convolutions whose output has at least this many pixels per image use the "batched" layout
 # (one batched matmul whose result is already NCHW); smaller ones use the "gemm" layout (one big
-# GEMM over the whole batch). Measured on LeNet and CIFAR-quick shapes, see benchmarks/.
-BATCHED_MIN_PIXELS = 256
+# GEMM over the whole batch). Measured on LeNet and CIFAR-10 quick shapes.
+BATCHED_MIN_PIXELS = 512
+
+# Elements per slab when moving the batch axis to the front (see _batch_first).
+_SLAB = 1 << 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +98,16 @@ def col2im(xp, cols, x_shape, kh, kw, sh=1, sw=1, ph=0, pw=0, dh=1, dw=1, layout
                                                 layout=layout))
 
 
+def _batch_first(xp, a):
+    """(..., N) -> contiguous (N, ...), copied a slab of the leading axis at a time: a single
+    transpose of a large array misses the cache on nearly every element it reads."""
+    out = xp.empty((a.shape[-1],) + a.shape[:-1], a.dtype)
+    step = max(1, _SLAB // a[0].size)
+    for s in range(0, a.shape[0], step):
+        out[:, s:s + step] = xp.moveaxis(a[s:s + step], -1, 0)
+    return out
+
+
 def _image(xp, x, g: ConvGeom):
     """x padded, in the layout's axis order: contiguous (C, Hp, Wp, N) for gemm, NCHW for batched."""
     N, C, H, W = x.shape
@@ -160,7 +173,7 @@ def _col2im(xp, cols, x_shape, g: ConvGeom):
             rows, cs = _span(i * g.dh, g.oh, g.sh), _span(j * g.dw, g.ow, g.sw)
             img[lead + (rows, cs)] += cols[lead + (i, j)]
     img = img[lead + (slice(g.ph, g.ph + g.h), slice(g.pw, g.pw + g.w))]
-    return xp.ascontiguousarray(img.transpose(3, 0, 1, 2) if g.layout == "gemm" else img)
+    return _batch_first(xp, img) if g.layout == "gemm" else xp.ascontiguousarray(img)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +200,7 @@ def _rows(xp, a, g: ConvGeom):
 def _rows_to_nchw(xp, r, N: int, g: ConvGeom):
     """Inverse of _rows: a GEMM result -> contiguous (N, M, OH, OW)."""
     if g.layout == "gemm":
-        r = xp.ascontiguousarray(r.reshape(-1, N).T)        # (M*OH*OW, N) -> (N, M*OH*OW)
+        return _batch_first(xp, r.reshape(-1, g.oh, g.ow, N))
     return r.reshape(N, -1, g.oh, g.ow)
 
 
