@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from . import graph as graph_mod, shapes as shapes_mod
 from .errors import Collector, Diagnostic, NetdslError
 from .graph import Graph
@@ -43,8 +41,53 @@ def check_file(path: str, **kw) -> Checked:
     return check(parse_file(path), **kw)
 
 
-def load_weights(path: str) -> dict[str, np.ndarray]:
+def is_solver(ast: Message) -> bool:
+    """A solver file sets solver fields (base_lr, net, ...) and has no layers."""
+    return bool({f.name for f in ast.fields} & graph_mod.SOLVER_FIELDS) and not ast.get("layer") \
+        and not ast.get("layers")
+
+
+def check_path(path: str, phase: str | None = None, **kw) -> tuple[Checked, str, str]:
+    """`netdsl check PATH`: a net, or a solver whose net is then checked. Returns the result, the
+    net file checked and its phase. A net's phase defaults to TEST (Caffe's NetState default);
+    a solver's to TRAIN (the phase its train net runs in; TEST checks its first test net)."""
+    ast = parse_file(path)
+    if not is_solver(ast):
+        phase = (phase or "TEST").upper()
+        return check(ast, phase=phase, **kw), path, phase
+    from .solverfile import load_solver
+    try:
+        sf = load_solver(path)                  # validates the solver; locates every problem
+    except NetdslError as e:
+        raise _relative_paths(e) from None
+    phase = (phase or "TRAIN").upper()
+    if phase == "TRAIN" or not sf.test_nets:
+        (net_path, inline), state = sf.train_net, sf.cfg.train_state
+    else:
+        (net_path, inline), state = sf.test_nets[0], (sf.cfg.test_state[0] if sf.cfg.test_state else None)
+    net_ast = inline if inline is not None else parse_file(net_path)
+    if state is not None and not kw.get("stages") and not kw.get("level"):
+        kw = {**kw, "stages": tuple(state.stage), "level": state.level}
+    return check(net_ast, phase=phase, **kw), net_path, phase
+
+
+def _relative_paths(e: NetdslError) -> NetdslError:
+    """load_solver's "net not found" note lists absolute directories; show them relative to the
+    working directory, as the file names in diagnostics are."""
+    import os
+    for d in e.diagnostics:
+        if d.code == "E0704":
+            dirs = [os.path.dirname(os.path.abspath(d.pos.file)) if d.pos else None, os.getcwd()]
+            shown = list(dict.fromkeys(os.path.relpath(x) for x in dirs if x))
+            d.notes = [f"looked in {' and '.join(shown)}" + (" (the solver's directory and the working directory)"
+                                                            if len(shown) > 1 else
+                                                            " (the solver's directory, the working directory)")]
+    return e
+
+
+def load_weights(path: str):
     """netdsl weights: an .npz of `<layer>/<i>` arrays (what `netdsl train` snapshots)."""
+    import numpy as np
     if path.endswith(".caffemodel"):
         raise NetdslError("E0801", f"{path}: binary .caffemodel files are not read by netdsl",
                           help="convert the weights to .npz arrays named '<layer>/<index>'")

@@ -42,27 +42,40 @@ def _common(p, phase_default="test"):
 
 
 def cmd_check(args) -> int:
-    from .check import check_file
+    from .check import check_path
     from .summary import render_table, to_json
-    hints = dict(parse_shape(s) for s in args.shape)
+    net, phase = args.file, args.phase or "test"
     try:
-        ch = check_file(args.file, phase=args.phase, stages=args.stage, level=args.level, hints=hints,
-                        weights=args.weights)
+        hints = dict(parse_shape(s) for s in args.shape)
+        ch, net, phase = check_path(args.file, phase=args.phase, stages=args.stage, level=args.level,
+                                    hints=hints, weights=args.weights)
     except NetdslError as e:
         if args.json:
-            print(json.dumps(to_json(None, args.file, args.phase, e.diagnostics), indent=1))
+            print(json.dumps(to_json(None, net, phase, e.diagnostics), indent=1))
         else:
             render_all(e.diagnostics)
         return EXIT_USER
+    diagnostics = ch.diagnostics
     fail = bool(args.werror and ch.warnings)
+    if fail:
+        diagnostics = [_as_error(d) for d in diagnostics]
     if args.json:
-        out = to_json(ch, args.file, args.phase, ch.diagnostics)
+        out = to_json(ch, net, phase, diagnostics)
         out["ok"] = not fail
         print(json.dumps(out, indent=1))
     else:
-        render_all(ch.diagnostics)
-        print(render_table(ch))
+        render_all(diagnostics)
+        if not fail:
+            print(render_table(ch))
     return EXIT_USER if fail else EXIT_OK
+
+
+def _as_error(d):
+    """--werror: a warning becomes an error (same code, a note saying why)."""
+    from dataclasses import replace
+    if d.severity != "warning":
+        return d
+    return replace(d, severity="error", notes=list(d.notes) + ["this warning is an error because of --werror"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,13 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show Python tracebacks")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("check", help="parse and shape-check a net; print a summary table")
+    p = sub.add_parser("check", help="parse and shape-check a net (or a solver's train net); print a summary table")
     p.add_argument("file")
     _common(p)
     p.add_argument("--weights", help="check these weights (.npz) against the net's param shapes")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--werror", action="store_true", help="fail (exit 2) on warnings too")
-    p.set_defaults(func=cmd_check)
+    # the phase defaults to TEST for a net and TRAIN for a solver (see check.check_path)
+    p.set_defaults(func=cmd_check, phase=None)
 
     from . import commands
     commands.add_parsers(sub, _common)

@@ -48,6 +48,9 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_time)
 
+    from . import propose
+    propose.add_parsers(sub)            # `propose` and `scenes` (region proposals, netdsl/propose.py)
+
     p = sub.add_parser("plot", help="plot loss, lr and test accuracy of a training run")
     p.add_argument("run", help="the run directory (or its _metrics.jsonl file)")
     p.add_argument("-o", "--output", default="curves.png")
@@ -134,6 +137,9 @@ def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> 
 
 def cmd_test(args) -> int:
     from .backend import get_backend
+    from . import evaluate
+    if evaluate.has_proposal(args.model):       # an RPN: proposal recall over held-out scenes
+        return evaluate.cmd_test_recall(args)
     means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
                          args.seed)
     if args.json:

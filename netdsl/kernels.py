@@ -431,15 +431,18 @@ def _pool_offsets(g: PoolGeom):
             yield i * g.kw + j, _span(i, g.oh, g.sh), _span(j, g.ow, g.sw)
 
 
+def _pool_padded_shape(x_shape, g: PoolGeom) -> tuple:
+    """x's shape with its pad, extended to cover ceil-mode windows that hang over the end."""
+    N, C, H, W = x_shape
+    return (N, C, max((g.oh - 1) * g.sh + g.kh, H + g.ph), max((g.ow - 1) * g.sw + g.kw, W + g.pw))
+
+
 def _pool_padded(xp, x, g: PoolGeom, fill):
-    """x with its pad, extended to cover ceil-mode windows that hang over the end."""
-    N, C, H, W = x.shape
-    hp = max((g.oh - 1) * g.sh + g.kh, H + g.ph)
-    wp = max((g.ow - 1) * g.sw + g.kw, W + g.pw)
-    if (hp, wp) == (H, W):
+    shape = _pool_padded_shape(x.shape, g)
+    if shape == x.shape:
         return x
-    out = xp.full((N, C, hp, wp), fill, x.dtype)
-    out[:, :, g.ph:g.ph + H, g.pw:g.pw + W] = x
+    out = xp.full(shape, fill, x.dtype)
+    out[:, :, g.ph:g.ph + g.h, g.pw:g.pw + g.w] = x
     return out
 
 
@@ -466,11 +469,6 @@ def _max_windows_backward(xp, dy, cache):
     for k, rows, cols in _pool_offsets(g):
         dxp[:, :, rows, cols] += dy * (cache.route == k)
     return _unpadded(xp, dxp, g)
-
-
-def _pool_padded_shape(x_shape, g: PoolGeom):
-    N, C, H, W = x_shape
-    return (N, C, max((g.oh - 1) * g.sh + g.kh, H + g.ph), max((g.ow - 1) * g.sw + g.kw, W + g.pw))
 
 
 def _ave_divisor(xp, g: PoolGeom, dtype):

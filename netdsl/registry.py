@@ -172,7 +172,7 @@ class _Merged:
     def __getattr__(self, name):
         for r in self._records:
             if name in r._values:
-                return r._values[name]
+                return getattr(r, name)
         raise AttributeError(name)
 
     def has(self, name) -> bool:

@@ -44,9 +44,12 @@ class Record:
         if name.startswith("_"):
             raise AttributeError(name)
         try:
-            return self._values[name]
+            v = self._values[name]
         except KeyError:
             raise AttributeError(f"{self._schema.name} has no field {name!r}") from None
+        if type(v) is _Absent:          # an absent sub-message: its defaults, made on first use
+            v = self._values[name] = defaults(v.schema)
+        return v
 
     def has(self, name: str) -> bool:
         return name in self._pos
@@ -55,7 +58,16 @@ class Record:
         return self._pos.get(name, self._msg_pos) if name else self._msg_pos
 
     def values(self) -> dict[str, Any]:
-        return dict(self._values)
+        return {k: getattr(self, k) for k in self._values}
+
+
+class _Absent:
+    """Placeholder for a sub-message the text did not give. A LayerParameter has ~50 `*_param`
+    messages and a layer reads one or two, so their default records are built only when read."""
+    __slots__ = ("schema",)
+
+    def __init__(self, schema: "Msg"):
+        self.schema = schema
 
 
 def suggest(name: str, options) -> str:
@@ -129,7 +141,7 @@ def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: P
     values: dict[str, Any] = {}
     poss: dict[str, Pos] = {}
     for name, f in schema.fields.items():
-        values[name] = [] if f.repeated else (defaults(f.type) if isinstance(f.type, Msg) else f.default)
+        values[name] = [] if f.repeated else (_Absent(f.type) if isinstance(f.type, Msg) else f.default)
     if m is None:                 # an absent message: all defaults, nothing required
         return Record(schema, values, poss, pos, None)
     for af in (m.fields if m else ()):

@@ -202,6 +202,14 @@ class Trainer:
                     return f"the gradient of layer '{name}' param {j}"
         return "the loss"
 
+    def _train_outputs(self):
+        """The train net's scalar outputs of the last forward, with their loss weights."""
+        for step in self.net.plan.steps:
+            for u, t, w in zip(step.layer.spec.tops, step.node.tops, step.loss_weights):
+                v = self.net.values.get(t)
+                if t in self.net.plan.outputs and v is not None and v.size == 1:
+                    yield u, float(v.reshape(-1)[0]), w
+
     def run(self) -> TrainResult:
         cfg, net = self.sf.cfg, self.net
         self.log(f"Solving {net.plan.name or 'net'} (seed {self.seed}, {self.backend.name})")
@@ -232,6 +240,9 @@ class Trainer:
                 if cfg.display and self.iter % cfg.display == 0:
                     rate = (self.iter - start) / max(time.time() - t0, 1e-9)
                     self.log(f"Iteration {self.iter} ({rate:.1f} iter/s), loss = {smoothed:.6g}")
+                    for j, (name, value, w) in enumerate(self._train_outputs()):
+                        self.log(f"    Train net output #{j}: {name} = {value:.6g}"
+                                 + (f" (* {w:g} = {value * w:.6g} loss)" if w else ""))
                     self.log(f"Iteration {self.iter}, lr = {lr:.6g}")
                     self.metrics.write(json.dumps({"kind": "train", "iter": self.iter, "loss": smoothed,
                                                    "lr": lr}) + "\n")

@@ -132,8 +132,9 @@ def check_grads(forward, backward, inputs, rng, atol=1e-6):
 
 @pytest.fixture(params=["gemm", "batched"])
 def layout(request, monkeypatch):
-    """Runs a convolution test under both column layouts."""
+    """Runs a convolution test under both column layouts, with tiny transpose slabs."""
     monkeypatch.setattr(K, "BATCHED_MIN_PIXELS", 10**9 if request.param == "gemm" else 0)
+    monkeypatch.setattr(K, "_SLAB", 7)
     return request.param
 
 
@@ -345,6 +346,16 @@ def test_max_pool_skips_nan_like_caffe(k, s):
                                   max_pool_backward_ref(np.ones_like(y), mask, x.shape))
 
 
+@pytest.mark.parametrize("x_shape,k,s,p,ceil",
+                         POOL_CASES + [((2, 3, 4, 5), (4, 5), (1, 1), (0, 0), True)])  # + global
+def test_max_pool_mask_is_caffes_flat_argmax(x_shape, k, s, p, ceil):
+    x = np.maximum(np.random.default_rng(14).integers(-2, 3, x_shape), 0).astype(np.float32)
+    _, cache = K.pool2d_forward(xp, x, "max", *k, *s, *p, ceil=ceil)
+    mask = K.pool2d_mask(xp, cache)
+    assert mask.dtype == np.float32
+    np.testing.assert_array_equal(mask, pool_ref(x.astype(np.float64), "max", *k, *s, *p, ceil)[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # LRN
 
@@ -389,11 +400,3 @@ def test_softmax_is_stable_for_large_inputs():
     np.testing.assert_allclose(K.log_softmax(xp, x, 1), [[-np.log(2), -np.log(2), -2000.0 - np.log(2)]],
                                rtol=1e-6)
 
-
-@pytest.mark.parametrize("x_shape,k,s,p,ceil", POOL_CASES + [((2, 3, 4, 5), (4, 5), (1, 1), (0, 0), True)])
-def test_max_pool_mask_is_caffes_flat_argmax(x_shape, k, s, p, ceil):
-    x = np.maximum(np.random.default_rng(14).integers(-2, 3, x_shape), 0).astype(np.float32)
-    _, cache = K.pool2d_forward(xp, x, "max", *k, *s, *p, ceil=ceil)
-    mask = K.pool2d_mask(xp, cache)
-    assert mask.dtype == np.float32
-    np.testing.assert_array_equal(mask, pool_ref(x.astype(np.float64), "max", *k, *s, *p, ceil)[1])

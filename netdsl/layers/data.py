@@ -193,21 +193,34 @@ def transform(x: np.ndarray, p, phase: str, rng) -> np.ndarray:
 @register
 class DigitScenes(_DataLayer):
     """Detection scenes of real MNIST digits (one image per batch, as py-faster-rcnn):
-    tops data 1 x C x H x W, im_info 1 x 3 (height, width, scale), gt_boxes G x 5."""
+    tops data 1 x C x H x W, im_info 1 x 3 (height, width, scale), gt_boxes G x 5.
+
+    Forward number k returns scene k (then k+1, ...) of netdsl.data.scenes.DigitScenes with seed
+    `seed` + the run seed: a pure function of (seed, split, k), so runs are reproducible and a
+    resumed run continues from its cursor. split TRAIN draws MNIST training digits, TEST the
+    test digits, so held-out scenes never show a digit image seen in training."""
     type = "DigitScenes"
     messages = {"digit_scenes_param": Msg("DigitScenesParameter", {
         "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "height": F(int, 224), "width": F(int, 224),
-        "channels": F(int, 1), "max_digits": F(int, 5), "min_size": F(int, 16), "max_size": F(int, 120),
-        "seed": F(int, 0)})}
+        "channels": F(int, 1), "min_digits": F(int, 1), "max_digits": F(int, 5), "min_size": F(int, 16),
+        "max_size": F(int, 120), "seed": F(int, 0)})}
     n_tops = (3, 3)
 
     def validate(self):
         p = self.p
+        errs = []
         if not 0 < p.min_size <= p.max_size <= min(p.height, p.width):
-            return [ShapeError("E0107", f"DigitScenes '{self.name}': need 0 < min_size <= max_size <= canvas "
-                               f"side, got {p.min_size}, {p.max_size}, {p.height}x{p.width}", field="max_size",
-                               help="e.g. `min_size: 16 max_size: 120` on a 224x224 canvas")]
-        return []
+            errs.append(ShapeError("E0107", f"DigitScenes '{self.name}': need 0 < min_size <= max_size <= canvas "
+                                   f"side, got {p.min_size}, {p.max_size}, {p.height}x{p.width}", field="max_size",
+                                   help="e.g. `min_size: 16 max_size: 120` on a 224x224 canvas"))
+        if not 1 <= p.min_digits <= p.max_digits:
+            errs.append(ShapeError("E0107", f"DigitScenes '{self.name}': need 1 <= min_digits <= max_digits, got "
+                                   f"{p.min_digits} and {p.max_digits}", field="max_digits",
+                                   help="e.g. `min_digits: 1 max_digits: 5`"))
+        if p.channels < 1:
+            errs.append(ShapeError("E0107", f"DigitScenes '{self.name}': channels must be positive, got {p.channels}",
+                                   field="channels", help="use `channels: 1` (gray) or `channels: 3` (tinted)"))
+        return errs
 
     def shape(self, bottoms):
         p = self.p
@@ -217,9 +230,10 @@ class DigitScenes(_DataLayer):
         from ..data.scenes import DigitScenes as Scenes
         p = self.p
         self.scenes = Scenes(split=p.split.lower(), data_dir=ctx.data_dir, seed=p.seed + ctx.seed,
-                             height=p.height, width=p.width, channels=p.channels, max_digits=p.max_digits,
-                             min_size=p.min_size, max_size=p.max_size)
+                             height=p.height, width=p.width, channels=p.channels, min_digits=p.min_digits,
+                             max_digits=p.max_digits, min_size=p.min_size, max_size=p.max_size)
         self.cursor = 0
+        self._fed = None
 
     def state(self):
         return {"cursor": self.cursor}
@@ -227,10 +241,23 @@ class DigitScenes(_DataLayer):
     def load_state(self, state):
         self.cursor = int(state["cursor"])
 
+    def feed(self, image, gt_boxes=None) -> None:
+        """Make the next forward return `image` ((C, H, W) float in [0, 1], any H and W) with
+        `gt_boxes` (G x 5, default none) and im_info (H, W, 1) instead of the next scene; the
+        cursor does not move. Used by `netdsl propose --image`."""
+        image = np.asarray(image, np.float32)
+        if image.ndim != 3 or image.shape[0] != self.p.channels:
+            raise ValueError(f"DigitScenes '{self.name}' needs a ({self.p.channels}, H, W) image, got {image.shape}")
+        gt = np.zeros((0, 5), np.float32) if gt_boxes is None else np.asarray(gt_boxes, np.float32).reshape(-1, 5)
+        self._fed = (image, gt)
+
     def forward(self, xp, bottoms, params):
-        image, gt = self.scenes.scene(self.cursor)
-        self.cursor += 1
-        info = np.array([[self.p.height, self.p.width, 1.0]], np.float32)
+        if getattr(self, "_fed", None) is not None:
+            (image, gt), self._fed = self._fed, None
+        else:
+            image, gt = self.scenes.scene(self.cursor)
+            self.cursor += 1
+        info = np.array([[image.shape[1], image.shape[2], 1.0]], np.float32)
         return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
 
 

@@ -72,7 +72,9 @@ class Eltwise(Layer):
         y = bottoms[0].copy()
         arg = xp.zeros(y.shape, dtype=xp.int32)
         for i, b in enumerate(bottoms[1:], 1):
-            better = b > y                    # Caffe keeps the first maximum on ties
+            # Caffe: bottoms 0 and 1 are compared as `a > b ? 0 : 1`, so a tie goes to bottom 1;
+            # each later bottom must be strictly greater to take over
+            better = b >= y if i == 1 else b > y
             y = xp.where(better, b, y)
             arg = xp.where(better, i, arg)
         return [y], arg
@@ -359,7 +361,7 @@ class Silence(Layer):
         return []
 
     def forward(self, xp, bottoms, params):
-        return [], [b.shape for b in bottoms]
+        return [], [(b.shape, b.dtype) for b in bottoms]
 
-    def backward(self, xp, shapes, dtops, params, need):
-        return [xp.zeros(s, dtype="float32") for s in shapes], []
+    def backward(self, xp, saved, dtops, params, need):
+        return [xp.zeros(s, dtype=d) for s, d in saved], []

@@ -1,0 +1,163 @@
+"""Proposal recall of a region-proposal net over held-out scenes (what `netdsl test` reports for a
+net with a Proposal layer).
+
+Recall@K/IoU t is pooled over ground-truth boxes: the fraction of all gt boxes, over all scenes,
+that have IoU >= t with at least one of the first K proposals of their scene (proposals come
+in descending score order, so the first K are the top K). Boxes use the +1 convention of
+netdsl.boxes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import boxes
+from .errors import NetdslError
+
+TOPS = (50, 100, 300)
+IOUS = (0.5, 0.7)
+
+
+def recall_key(top: int, iou: float) -> str:
+    """The output name of one recall figure, e.g. "recall@300/iou0.7"."""
+    return f"recall@{top}/iou{iou:g}"
+
+
+def has_proposal(model: str, phase: str = "TEST") -> bool:
+    """Whether `model` (a net file) has a Proposal layer in `phase`."""
+    from .check import check_file
+    return any(n.layer.type == "Proposal" for n in check_file(model, phase=phase).graph.nodes)
+
+
+@dataclass
+class RecallCounter:
+    """Accumulates, per (top K, IoU threshold), how many gt boxes a scene's proposals cover."""
+    tops: tuple = TOPS
+    ious: tuple = IOUS
+    scenes: int = 0
+    gt_boxes: int = 0
+    proposals: int = 0
+    hits: dict = field(default_factory=dict)
+
+    def add(self, rois, gt) -> None:
+        """One scene: rois (R, 5) [batch, x1, y1, x2, y2] or (R, 4), best first; gt (G, 4|5)."""
+        rois, gt = _rows(rois), _rows(gt)
+        props = rois[:, 1:5] if rois.shape[1] == 5 else rois[:, :4]
+        gt = gt[:, :4]
+        self.scenes += 1
+        self.gt_boxes += len(gt)
+        self.proposals += len(props)
+        if not len(gt):
+            return
+        # best IoU of each gt box over the first k proposals, for every k at once
+        ious = boxes.bbox_overlaps(gt, props) if len(props) else np.zeros((len(gt), 0))
+        for k in self.tops:
+            best = ious[:, :k].max(axis=1) if ious.shape[1] else np.zeros(len(gt))
+            for t in self.ious:
+                key = recall_key(k, t)
+                self.hits[key] = self.hits.get(key, 0) + int(np.sum(best >= t))
+
+    def result(self) -> dict[str, float]:
+        out = {recall_key(k, t): (self.hits.get(recall_key(k, t), 0) / self.gt_boxes if self.gt_boxes
+                                  else float("nan"))
+               for k in self.tops for t in self.ious}
+        out.update(scenes=self.scenes, gt_boxes=self.gt_boxes,
+                   proposals_per_scene=self.proposals / self.scenes if self.scenes else 0.0)
+        return out
+
+
+def _rows(a) -> np.ndarray:
+    """a as a float64 (N, C) array; an empty array of any shape becomes (0, 5)."""
+    a = np.asarray(a, np.float64)
+    return a.reshape(0, 5) if a.size == 0 else a.reshape(-1, a.shape[-1])
+
+
+def _find(plan, kind: str):
+    for s in plan.steps:
+        if s.layer.type == kind:
+            return s
+    return None
+
+
+def build_test_net(model: str, weights, backend=None, data_dir=None, seed: int = 0):
+    """The TEST-phase net of `model` with `weights` (a path or {name: array}) loaded."""
+    from .backend import CPU
+    from .check import check_file
+    from .executor import Net
+    from .plan import lower
+    backend = backend or CPU
+    net = Net(lower(check_file(model, phase="TEST"), runnable=True), backend.xp, seed=seed, data_dir=data_dir)
+    if weights is not None:
+        net.load(weights)
+    return net
+
+
+def proposal_blobs(net) -> tuple[str, str | None, str]:
+    """(rois, scores or None, gt_boxes) blob names of a TEST net: the Proposal layer's tops and the
+    DigitScenes layer's third top."""
+    prop = _find(net.plan, "Proposal")
+    if prop is None:
+        raise NetdslError("E0630", f"net '{net.plan.name}' has no Proposal layer in its TEST phase",
+                          help="recall is measured on the rois of a Proposal layer (see nets/rpn.net)")
+    data = _find(net.plan, "DigitScenes")
+    if data is None or len(data.layer.spec.tops) < 3:
+        raise NetdslError("E0631", f"net '{net.plan.name}' has no DigitScenes layer giving gt_boxes in its TEST "
+                          "phase", help="recall needs ground truth: feed the net from a DigitScenes layer")
+    tops = prop.layer.spec.tops
+    return tops[0], (tops[1] if len(tops) > 1 else None), data.layer.spec.tops[2]
+
+
+def _host(a) -> np.ndarray:
+    a = getattr(a, "data", a)              # a net.blobs entry (pycaffe-style .data) or an array
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def evaluate_recall(model: str, weights, scenes: int, backend=None, data_dir=None, seed: int = 0,
+                    tops=TOPS, ious=IOUS, net=None) -> dict[str, float]:
+    """Recall@K/IoU t over `scenes` held-out scenes of the TEST net (its DigitScenes layer, from
+    scene 0 with the run seed `seed`), plus counts and timing: "seconds" (forward passes),
+    "ms_per_scene" and "proposals_per_second"."""
+    if scenes < 1:
+        raise NetdslError("E0632", "--iterations (scenes) must be at least 1", help="e.g. --iterations 500")
+    net = net or build_test_net(model, weights, backend, data_dir, seed)
+    rois_name, _, gt_name = proposal_blobs(net)
+    counter = RecallCounter(tuple(tops), tuple(ious))
+    seconds = 0.0
+    for _ in range(scenes):
+        t0 = time.perf_counter()
+        net.forward()
+        blobs = net.blobs
+        rois = _host(blobs[rois_name])
+        seconds += time.perf_counter() - t0
+        counter.add(rois, _host(blobs[gt_name]))
+    out = counter.result()
+    out.update(seconds=seconds, ms_per_scene=1e3 * seconds / scenes,
+               proposals_per_second=counter.proposals / seconds if seconds else 0.0)
+    return out
+
+
+def format_recall(r: dict) -> str:
+    """A small table: one row per IoU threshold, one column per top K."""
+    tops = sorted({int(k.split("@")[1].split("/")[0]) for k in r if k.startswith("recall@")})
+    ious = sorted({float(k.split("/iou")[1]) for k in r if k.startswith("recall@")})
+    lines = [f"proposal recall over {r['scenes']} scenes ({r['gt_boxes']} gt boxes, "
+             f"{r['proposals_per_scene']:.0f} proposals per scene)",
+             "IoU   " + "".join(f"{'top ' + str(k):>10}" for k in tops)]
+    for t in ious:
+        lines.append(f"{t:<6g}" + "".join(f"{r[recall_key(k, t)]:>10.4f}" for k in tops))
+    if "ms_per_scene" in r:
+        lines.append(f"{r['ms_per_scene']:.1f} ms per scene (forward + proposals), "
+                     f"{r['proposals_per_second']:.0f} proposals/s")
+    return "\n".join(lines)
+
+
+def cmd_test_recall(args) -> int:
+    """`netdsl test` for a net with a Proposal layer: recall over --iterations held-out scenes."""
+    import json
+    from .backend import get_backend
+    r = evaluate_recall(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
+                        args.seed)
+    print(json.dumps(r) if args.json else format_recall(r))
+    return 0

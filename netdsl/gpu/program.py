@@ -1,0 +1,148 @@
+"""Compiled-step IR: tensors, kernel launches, the device arena planner and GEMM tiling.
+
+A Program is the ordered list of kernel launches of one step (a training iteration, or one test
+batch). Arena tensors are laid out by liveness over that list (first to last launch that touches
+them), so activations, saved masks, columns and gradients reuse memory as the plan allows.
+Persistent buffers (params, grads, history, datasets, counters) live outside the arena.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ALIGN = 256                      # bytes; every arena tensor starts on this boundary
+THREADS = 256                    # the block size of every kernel except the tiny ones
+SMS = 132                        # H100 SXM; only steers tiling heuristics, never correctness
+DTYPES = {"f32": 4, "i32": 4}
+
+
+@dataclass
+class Tensor:
+    """A buffer in the arena: `count` elements of `dtype`, live from launch `first` to `last`."""
+    name: str
+    count: int
+    dtype: str = "f32"
+    first: int = -1
+    last: int = -1
+    offset: int = -1             # bytes into the arena
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A kernel pointer argument: an arena tensor, or element `offset` of a persistent buffer."""
+    space: str                   # "arena" or the persistent buffer's name
+    name: str = ""               # the arena tensor's name
+    offset: int = 0              # elements (persistent buffers)
+    count: int = 0               # elements the kernel may touch (persistent buffers; for checks)
+
+
+@dataclass
+class Launch:
+    kind: str                    # which library template (see codegen / emulate)
+    symbol: str                  # the extern "C" kernel name
+    params: dict                 # compile-time constants baked into the specialisation
+    args: list                   # Ref | None | scalar, in the kernel's signature order
+    grid: tuple
+    block: tuple
+    note: str = ""               # what it does, for --emit cuda and error messages
+
+
+@dataclass
+class Program:
+    name: str
+    launches: list[Launch]
+    tensors: dict[str, Tensor]
+    outputs: list[str] = field(default_factory=list)     # test programs: accumulator names in order
+    arena_bytes: int = 0
+
+    def refs(self, launch: Launch):
+        return [a for a in launch.args if isinstance(a, Ref)]
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def plan_arena(program: Program) -> int:
+    """Compute every arena tensor's live range from the launches, then place the tensors
+    (largest first) at the lowest aligned offset that overlaps no tensor live at the same time.
+    Returns the arena size in bytes (also stored on the program)."""
+    for t in program.tensors.values():
+        t.first, t.last = -1, -1
+    for i, launch in enumerate(program.launches):
+        for r in program.refs(launch):
+            if r.space != "arena":
+                continue
+            t = program.tensors[r.name]
+            t.first = i if t.first < 0 else t.first
+            t.last = i
+    placed: list[Tensor] = []
+    for t in sorted(program.tensors.values(), key=lambda t: (-t.nbytes, t.name)):
+        if t.first < 0:                      # never touched: no memory
+            t.offset = 0
+            continue
+        busy = sorted((p.offset, p.offset + _align(p.nbytes)) for p in placed
+                      if not (p.last < t.first or t.last < p.first))
+        offset = 0
+        for lo, hi in busy:
+            if offset + _align(t.nbytes) <= lo:
+                break
+            offset = max(offset, hi)
+        t.offset = offset
+        placed.append(t)
+    program.arena_bytes = max((p.offset + _align(p.nbytes) for p in placed), default=0)
+    return program.arena_bytes
+
+
+def check_arena(program: Program) -> None:
+    """Assert that no two tensors live at the same time share a byte (used by the tests)."""
+    live = [t for t in program.tensors.values() if t.first >= 0]
+    for i, a in enumerate(live):
+        assert a.offset % ALIGN == 0, a
+        assert a.offset + a.nbytes <= program.arena_bytes, a
+        for b in live[i + 1:]:
+            if a.last < b.first or b.last < a.first:
+                continue
+            assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset, (a, b)
+
+
+# ------------------------------------------------------------------------------------ GEMM tiling
+
+TILES = ((64, 64), (32, 64), (64, 32), (32, 32))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    bm: int
+    bn: int
+    bk: int
+    splits: int
+    kchunk: int
+    grid: tuple
+
+
+def choose_tiling(m: int, n: int, kt: int, batch: int, sms: int = SMS) -> Tiling:
+    """Pick a tile (BM x BN x BK) and a split of the reduction for an M x N x KT GEMM repeated
+    `batch` times: enough blocks to fill the GPU (about two per SM), little padding waste, and
+    no split with fewer than 64 reduction steps. A cost model, not a search on the device."""
+    bk = 8 if kt <= 32 else 16
+    best = None
+    for bm, bn in TILES:
+        tiles = math.ceil(m / bm) * math.ceil(n / bn) * batch
+        splits = 1
+        while tiles * splits < 2 * sms and math.ceil(kt / (splits * 2)) >= 64:
+            splits *= 2
+        kchunk = math.ceil(math.ceil(kt / splits) / bk) * bk
+        splits = math.ceil(kt / kchunk)
+        blocks = tiles * splits
+        waves = math.ceil(blocks / (2 * sms))
+        cost = waves * bm * bn * kchunk + (bm * bn * splits * 8 if splits > 1 else 0) * waves
+        key = (cost, splits, -bm * bn)
+        if best is None or key < best[0]:
+            best = (key, Tiling(bm, bn, bk, splits, kchunk,
+                                (math.ceil(n / bn), math.ceil(m / bm), batch * splits)))
+    return best[1]

@@ -1,0 +1,195 @@
+"""`netdsl propose` (run a trained region-proposal net on scenes or a PNG; draw and dump its
+proposals) and `netdsl scenes` (render sample DigitScenes with their ground-truth boxes)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from .errors import NetdslError
+
+# Error codes of this module and netdsl.evaluate:
+#   E0630 the net has no Proposal layer (TEST)      E0632 an invalid argument value
+#   E0631 the net has no DigitScenes layer (TEST)   E0633 cannot write an output file
+#   E0634 the image's channels do not fit the net
+
+
+def add_parsers(sub) -> None:
+    """Register the `propose` and `scenes` subcommands (called once from commands.add_parsers)."""
+    p = sub.add_parser("propose", help="draw a trained RPN's top proposals on scenes or a PNG; write them as JSON")
+    p.add_argument("model", help="the net file (its TEST phase must end in a Proposal layer, as nets/rpn.net)")
+    p.add_argument("--weights", required=True, help="trained weights (.npz)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scenes", type=int, default=None, metavar="N",
+                   help="run on the first N scenes of the net's TEST data layer (default 4)")
+    g.add_argument("--image", action="append", default=[], metavar="PNG",
+                   help="run on this PNG instead (repeatable); no ground truth is drawn")
+    p.add_argument("-o", "--out", required=True, help="output directory for the PNGs and proposals.json")
+    p.add_argument("--top", type=int, default=10, help="proposals drawn per image (default 10; the JSON has all)")
+    p.add_argument("--seed", type=int, default=0, help="run seed of the TEST net (picks the scenes, as `test`)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
+    p.set_defaults(func=cmd_propose)
+
+    p = sub.add_parser("scenes", help="render sample DigitScenes (MNIST digit detection scenes) with their boxes")
+    p.add_argument("-n", type=int, default=8, help="how many scenes (default 8)")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--split", choices=("train", "test"), default="train", type=str.lower,
+                   help="MNIST digits to draw from (train scenes use the training digits)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="scene seed: a DigitScenes layer with `seed: s` in a run with seed r shows seed s + r")
+    p.add_argument("--first", type=int, default=0, help="index of the first scene (default 0)")
+    p.add_argument("--height", type=int, default=224)
+    p.add_argument("--width", type=int, default=224)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--max-digits", type=int, default=5)
+    p.add_argument("--min-size", type=int, default=16)
+    p.add_argument("--max-size", type=int, default=120)
+    p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
+    p.set_defaults(func=cmd_scenes)
+
+
+# ------------------------------------------------------------------------------------- scenes
+
+def render_scenes(out: str, n: int, split: str = "train", seed: int = 0, first: int = 0, data_dir=None,
+                  **options) -> list[dict]:
+    """Write scenes first..first+n-1 as PNGs (gt boxes in green) plus scenes.json; returns the records."""
+    from .data.scenes import DigitScenes, render_scene_png
+    if n < 1 or first < 0:
+        raise NetdslError("E0632", f"need -n >= 1 and --first >= 0, got {n} and {first}",
+                          help="e.g. `netdsl scenes -n 8 -o scenes/`")
+    scenes = DigitScenes(split=split, data_dir=data_dir, seed=seed, **options)
+    _mkdir(out)
+    records = []
+    for i in range(first, first + n):
+        image, gt = scenes.scene(i)
+        name = f"scene_{split}_{i:04d}.png"
+        render_scene_png(os.path.join(out, name), image, gt)
+        records.append({"index": i, "png": name, "gt_boxes": gt.tolist()})
+    _write_json(os.path.join(out, "scenes.json"), {"split": split, "seed": seed, "options": options,
+                                                   "scenes": records})
+    return records
+
+
+def cmd_scenes(args) -> int:
+    records = render_scenes(args.out, args.n, args.split, args.seed, args.first, args.data_dir,
+                            height=args.height, width=args.width, channels=args.channels,
+                            max_digits=args.max_digits, min_size=args.min_size, max_size=args.max_size)
+    digits = sum(len(r["gt_boxes"]) for r in records)
+    print(f"wrote {len(records)} {args.split} scenes ({digits} digits) to {args.out} "
+          f"(scene_{args.split}_NNNN.png, scenes.json)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ propose
+
+def image_blob(png: np.ndarray, channels: int) -> np.ndarray:
+    """A decoded PNG (H, W, C) uint8 as a (channels, H, W) float32 image in [0, 1]: colour is
+    averaged to gray for a 1-channel net, gray is repeated for a 3-channel one; alpha is dropped."""
+    a = np.asarray(png, np.float32) / 255.0
+    if a.ndim == 2:
+        a = a[:, :, None]
+    colour = a[:, :, :3] if a.shape[2] >= 3 else a[:, :, :1]
+    if channels == 1:
+        out = colour.mean(axis=2, keepdims=True)
+    elif colour.shape[2] == channels:
+        out = colour
+    elif colour.shape[2] == 1:
+        out = np.repeat(colour, channels, axis=2)
+    else:
+        raise NetdslError("E0634", f"cannot feed a {colour.shape[2]}-channel image to a {channels}-channel net",
+                          help="give a grayscale or RGB PNG")
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def run_proposals(net, feed=None) -> dict:
+    """One forward of a TEST net with a Proposal layer: image (C, H, W), gt (G, 5), rois (R, 4)
+    and scores (R,), best first. `feed` (image, gt) replaces the next scene of its DigitScenes layer."""
+    from .evaluate import _find, _host, proposal_blobs
+    rois_name, scores_name, gt_name = proposal_blobs(net)
+    data = _find(net.plan, "DigitScenes")
+    if feed is not None:
+        data.layer.feed(*feed)
+    net.forward()
+    blobs = net.blobs
+    rois = _host(blobs[rois_name]).reshape(-1, 5)
+    scores = _host(blobs[scores_name]).reshape(-1) if scores_name else np.zeros(len(rois), np.float32)
+    image = _host(blobs[data.layer.spec.tops[0]])[0]
+    return {"image": image, "gt": _host(blobs[gt_name]).reshape(-1, 5), "rois": rois[:, 1:5], "scores": scores}
+
+
+def propose(model: str, weights: str, out: str, scenes: int | None = None, images=(), top: int = 10, seed: int = 0,
+            backend=None, data_dir=None) -> dict:
+    """Run the net's TEST phase on `scenes` held-out scenes or on the PNG files `images`, write one PNG
+    per input (gt green; the top `top` proposals red to yellow by score) and proposals.json."""
+    from .data.png import read_png
+    from .data.scenes import render_scene_png
+    from .evaluate import _find, build_test_net
+    if top < 0:
+        raise NetdslError("E0632", f"--top must be >= 0, got {top}", help="e.g. --top 10")
+    net = build_test_net(model, weights, backend, data_dir, seed)
+    data = _find(net.plan, "DigitScenes")
+    if images:
+        channels = data.layer.p.channels if data is not None else 1
+        inputs = [(os.path.splitext(os.path.basename(p))[0] + "_proposals.png", p,
+                   (image_blob(read_png(p), channels), np.zeros((0, 5), np.float32))) for p in images]
+    else:
+        n = 4 if scenes is None else scenes
+        if n < 1:
+            raise NetdslError("E0632", f"--scenes must be at least 1, got {n}", help="e.g. --scenes 8")
+        inputs = [(f"scene_{i:04d}_proposals.png", None, None) for i in range(n)]
+    _mkdir(out)
+    records, seconds = [], 0.0
+    for k, (name, source, feed) in enumerate(inputs):
+        t0 = time.perf_counter()
+        r = run_proposals(net, feed)
+        seconds += time.perf_counter() - t0
+        render_scene_png(os.path.join(out, name), r["image"], r["gt"], r["rois"][:top], r["scores"][:top])
+        rec = {"png": name, "image_size": list(r["image"].shape[1:]),
+               "gt_boxes": r["gt"].tolist(),
+               "proposals": [[*map(float, b), float(s)] for b, s in zip(r["rois"], r["scores"])]}
+        if source is None:
+            rec = {"scene": k, **rec}
+        else:
+            rec = {"source": source, **rec}
+        records.append(rec)
+    result = {"model": model, "weights": weights, "seed": seed,
+              "format": "proposals: [x1, y1, x2, y2, score], inclusive pixel corners, best first",
+              "images": records, "seconds": seconds}
+    _write_json(os.path.join(out, "proposals.json"), result)
+    return result
+
+
+def cmd_propose(args) -> int:
+    from .backend import get_backend
+    r = propose(args.model, args.weights, args.out, args.scenes, args.image, args.top, args.seed,
+                get_backend(args.device), args.data_dir)
+    n = len(r["images"])
+    props = sum(len(x["proposals"]) for x in r["images"])
+    print(f"wrote {n} PNG{'s' if n != 1 else ''} and proposals.json ({props} proposals, "
+          f"{props / max(r['seconds'], 1e-9):.0f} proposals/s) to {args.out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- files
+
+def _mkdir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise NetdslError("E0633", f"cannot create output directory {path}: {e.strerror or e}",
+                          help="choose a writable directory with -o") from None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".part"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise NetdslError("E0633", f"cannot write {path}: {e.strerror or e}",
+                          help="check that the directory is writable") from None
