@@ -21,7 +21,7 @@ import itertools
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -623,9 +623,11 @@ def run(type_, params, *bottoms, ntops=1, phase="TRAIN", layer_params=()):
 
 def test_softmax_loss_clamps_probability_at_flt_min():
     x = np.array([[0.0, 1000.0], [0.0, 0.0]])
-    _, (loss,), saved = run("SoftmaxWithLoss", "loss_param { normalization: NONE }", x, np.array([0.0, 0.0]))
+    layer, (loss,), saved = run("SoftmaxWithLoss", "loss_param { normalization: NONE }", x, np.array([0.0, 0.0]))
     assert float(loss) == pytest.approx(-math.log(FLT_MIN) + math.log(2.0), rel=1e-12)
-    assert np.isfinite(float(loss))
+    # the gradient ignores the clamp, as Caffe's: p - onehot
+    (dx, _), _ = layer.backward(np, saved, [np.array(1.0)], [], [True, False])
+    np.testing.assert_allclose(dx, [[-1.0, 1.0], [-0.5, 0.5]], atol=1e-15)
 
 
 def test_softmax_loss_every_normalization_by_hand():
@@ -686,6 +688,7 @@ def test_accuracy_ties_count_against():
     _, (acc2,), _ = run("Accuracy", "accuracy_param { top_k: 2 }", x, lab)
     assert float(acc2) == pytest.approx(3 / 4)
     _, (acc3, per), _ = run("Accuracy", "accuracy_param { top_k: 2 }", x, lab, ntops=2)
+    assert float(acc3) == float(acc2)
     np.testing.assert_allclose(per, [1.0, 0.0, 1.0])        # class 1: 0 of 1
     _, (acc4, per4), _ = run("Accuracy", "accuracy_param { ignore_label: 1 }", x, lab, ntops=2)
     assert float(acc4) == pytest.approx(1 / 3)              # row 3 is ignored: 1 of 3
@@ -1284,3 +1287,43 @@ def test_float32_stays_float32(case: Case):
     for j, g in enumerate(dparams):
         if g is not None:
             assert g.dtype == np.float32, f"param {j} grad {g.dtype}"
+
+
+# =============================================================================================
+# CuPy parity (skipped without CuPy and a GPU): the same layer code on xp = cupy
+
+def _cupy():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception:
+        pytest.skip("no usable CUDA device")
+    return cupy
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_cupy_matches_numpy(case: Case):
+    cp = _cupy()
+    layer, rng, bottoms, params = setup_case(case)
+    host_params = [p.copy() for p in params]
+    dev_params = [cp.asarray(p) for p in params]
+    tops, saved = forward(layer, bottoms, host_params)
+    dtops = [rng.standard_normal(t.shape) for t in tops]
+    dtops_dev = [cp.asarray(d) for d in dtops]
+    layer.rng = np.random.default_rng(0)                # the same host-drawn Dropout mask
+    dev_tops, dev_saved = layer.forward(cp, [cp.asarray(b) for b in bottoms], dev_params)
+    for t, d in zip(tops, dev_tops):
+        assert_close(cp.asnumpy(d), t, 1e-12, "top")
+    for p, d in zip(host_params, dev_params):          # BatchNorm's statistics update alike
+        assert_close(cp.asnumpy(d), p, 1e-12, "param after forward")
+    if layer.no_backward:
+        return
+    need = [i in case.grad for i in range(len(bottoms))]
+    db, dp = layer.backward(np, saved, dtops, host_params, need)
+    ddb, ddp = layer.backward(cp, dev_saved, dtops_dev, dev_params, need)
+    for i in case.grad:
+        assert_close(cp.asnumpy(ddb[i]), db[i], 1e-12, f"bottom {i}")
+    for a, b in zip(dp, ddp):
+        assert_close(cp.asnumpy(b), a, 1e-12, "param grad")
+

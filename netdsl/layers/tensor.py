@@ -7,19 +7,77 @@ import math
 from ..registry import F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
 
 
+def _source(layer, k: int):
+    """The layer that set the spatial size of bottom k: its producer, looking through layers that
+    keep their input's shape (ReLU, BatchNorm, Dropout, ...)."""
+    pl = layer.producers[k] if k < len(getattr(layer, "producers", [])) else None
+    seen = 0
+    while pl is not None and pl.type not in ("Pooling", "Convolution") and seen < 50 and pl.bottom_shapes \
+            and pl.top_shapes and pl.top_shapes[0] == pl.bottom_shapes[0] and getattr(pl, "producers", None):
+        pl, seen = pl.producers[0], seen + 1
+    return pl
+
+
+def _size_formula(pl, axis: int) -> tuple[str, int] | None:
+    """How a Convolution or Pooling computed its output size on a spatial axis, with numbers."""
+    from .. import kernels
+    if pl is None or pl.type not in ("Pooling", "Convolution") or not pl.bottom_shapes:
+        return None
+    n = pl.bottom_shapes[0][axis]
+    hw = axis - 2
+    if pl.type == "Pooling":
+        if pl.p.global_pooling:
+            return None
+        (k, s, p) = (g[hw] for g in pl.geometry(pl.bottom_shapes[0]))
+        rnd = "ceil" if pl.p.round_mode == "CEIL" else "floor"
+        out = kernels.pool_out_size(n, k, s, p, rnd == "ceil")
+        return f"{rnd}(({n} + 2*{p} - {k}) / {s}) + 1 = {out}", out
+    (kk, st, pad, dil) = pl.geometry()
+    k, s, p, d = kk[hw], st[hw], pad[hw], dil[hw]
+    ext = d * (k - 1) + 1
+    return f"floor(({n} + 2*{p} - {ext}) / {s}) + 1 = {(n + 2 * p - ext) // s + 1}", (n + 2 * p - ext) // s + 1
+
+
 def _rounding_hint(layer, i: int, j: int, axis: int) -> tuple[list[str], str] | None:
-    """Operands i and j differ by one pixel in a spatial axis: explain floor vs ceil rounding."""
+    """Operands i and j differ by one pixel in a spatial axis because a Pooling rounded its output
+    size up (Caffe's default) where a Convolution rounded down: say so, with the arithmetic."""
     a, b = layer.bottom_shapes[i][axis], layer.bottom_shapes[j][axis]
     if a is None or b is None or abs(a - b) != 1:
         return None
-    ceil_pool = [k for k in (i, j) if (pl := layer.producers[k]) is not None
-                 and pl.type == "Pooling" and pl.p.round_mode == "CEIL" and not pl.p.global_pooling]
-    if not ceil_pool:
+    big, small = (i, j) if a > b else (j, i)
+    pool, other = _source(layer, big), _source(layer, small)
+    if pool is None or pool.type != "Pooling" or pool.p.round_mode != "CEIL" or pool.p.global_pooling:
         return None
-    pl = layer.producers[ceil_pool[0]]
-    note = ("off by one: Convolution rounds its output size down (floor) while Pooling rounds up (ceil) "
-            f"by default; Pooling '{pl.name}' rounded up")
-    return [note], f"add `round_mode: FLOOR` to Pooling '{pl.name}', or pad the other branch by 1"
+    name = ("height", "width")[axis - 2] if axis in (2, 3) else f"axis {axis}"
+    f_pool = _size_formula(pool, axis)
+    if f_pool is None:
+        return None
+    notes = [f"off by one in the {name}: Pooling rounds its output size up (ceil, Caffe's default) while "
+             f"Convolution rounds down (floor)",
+             f"Pooling '{pool.name}' at {pool.spec.pos} gives {f_pool[0]}"]
+    fixes = []
+    from .. import kernels
+    (k, s, p) = (g[axis - 2] for g in pool.geometry(pool.bottom_shapes[0]))
+    floor_out = kernels.pool_out_size(pool.bottom_shapes[0][axis], k, s, p, False)
+    if floor_out == layer.bottom_shapes[small][axis]:
+        fixes.append(f"add `round_mode: FLOOR` to pooling_param of '{pool.name}' (giving {floor_out})")
+    f_other = _size_formula(other, axis)
+    if f_other is not None:
+        notes.append(f"{other.type} '{other.name}' at {other.spec.pos} gives {f_other[0]}")
+        if other.type == "Convolution":
+            kk, st, pad, dil = other.geometry()
+            n = other.bottom_shapes[0][axis]
+            hw = axis - 2
+            ext = dil[hw] * (kk[hw] - 1) + 1
+            want = layer.bottom_shapes[big][axis]
+            for extra in (1, 2):
+                q = pad[hw] + extra
+                if (n + 2 * q - ext) // st[hw] + 1 == want:
+                    fixes.append(f"set `pad: {q}` on Convolution '{other.name}' (giving {want})")
+                    break
+    if not fixes:
+        fixes.append(f"add `round_mode: FLOOR` to pooling_param of '{pool.name}', or pad the other branch")
+    return notes, " or ".join(fixes)
 
 
 @register
@@ -124,7 +182,8 @@ class Concat(Layer):
                     if r:
                         notes, hint = r
                     raise ShapeError("E0321", f"Concat '{self.name}' along axis {ax}: '{self.spec.bottoms[0]}'"
-                                     f" is {fmt(ref)} but '{self.spec.bottoms[i]}' is {fmt(s)} (axis {d} differs)",
+                                     f" is {fmt(ref)} but '{self.spec.bottoms[i]}' is {fmt(s)} (axis {d} differs: {ref[d]} vs "
+                                     f"{s[d]})",
                                      involves=(0, i), notes=notes, help=hint)
             total = None if total is None or s[ax] is None else total + s[ax]
         return [ref[:ax] + (total,) + ref[ax + 1:]]
@@ -234,8 +293,13 @@ class Reshape(Layer):
             raise ShapeError("E0220", f"Reshape '{self.name}': axis + num_axes = {end} exceeds the input's {nd} "
                              "axes", field="num_axes", involves=(0,), help="reduce num_axes")
         if dims.count(-1) > 1:
-            raise ShapeError("E0340", f"Reshape '{self.name}' has more than one -1 dim", field="shape",
-                             help="only one dim can be inferred (-1); give the others explicitly or as 0 (copy)")
+            where = [i for i, d in enumerate(dims) if d == -1]
+            raise ShapeError("E0340", f"Reshape '{self.name}' has {len(where)} -1 dims (dims "
+                             f"{', '.join(map(str, where))} of {{{' '.join(f'dim: {d}' for d in dims)}}}); only one "
+                             "can be inferred", field="shape.dim", index=where[1], involves=(0,),
+                             notes=["-1 means \"whatever size keeps the element count\", which fixes one dim, not two"],
+                             help="keep one -1 and give the others explicitly (or 0, to copy the input's size at that "
+                                  "position)")
         out = []
         for i, d in enumerate(dims):
             if d == 0:
@@ -266,11 +330,21 @@ class Reshape(Layer):
         else:
             prod = count(tuple(out))
             if total is not None and prod is not None and prod != total:
+                help = f"fix the dims so their product is {total}"
+                for k in reversed(range(len(out))):
+                    rest = count(tuple(d for j, d in enumerate(out) if j != k))
+                    if dims[k] > 0 and rest and total % rest == 0:
+                        alt = [d if j != k else -1 for j, d in enumerate(dims)]
+                        shown = " ".join(f"dim: {d}" for d in alt)
+                        got = tuple(d if j != k else total // rest for j, d in enumerate(out))
+                        help = f"infer one dim with -1, e.g. `shape {{ {shown} }}` (giving {fmt(got)}), or " + help
+                        break
                 raise ShapeError("E0341", f"Reshape '{self.name}' changes the element count: input {fmt(x)} "
-                                 f"has {total} but shape {{{' '.join(f'dim: {d}' for d in dims)}}} has {prod}",
+                                 f"has {total} values but shape {{{' '.join(f'dim: {d}' for d in dims)}}} has {prod}",
                                  field="shape", involves=(0,),
-                                 help="use -1 for one dim to infer it, or fix the dims so their product is "
-                                      f"{total}")
+                                 notes=["Reshape keeps every value: the product of the new dims must equal the "
+                                        "input's count"],
+                                 help=help)
         return [x[:axis] + tuple(out) + x[end:]]
 
     def forward(self, xp, bottoms, params):
