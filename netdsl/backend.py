@@ -1,14 +1,16 @@
 """Backends: NumPy (the embedded default) and CuPy; the ONLY module that imports cupy."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import NetdslError
 
-GPU_HINT = ('pip install "netdsl[gpu]" installs cupy-cuda12x; for CUDA 13 use `pip install cupy-cuda13x`, '
-            "for CUDA 11 `pip install cupy-cuda11x` (match `nvidia-smi`'s CUDA version)")
+GPU_HINT = ('pip install "netdsl[gpu]" (CuPy for CUDA 12: cupy-cuda12x); with a CUDA 13 driver use '
+            "`pip install cupy-cuda13x` instead. Pick the wheel matching the CUDA version `nvidia-smi` shows; "
+            "netdsl needs no cuDNN")
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Backend:
 
 
 CPU = Backend("cpu", np)
+_GPU: Backend | None = None
 
 
 def get_backend(device: str) -> Backend:
@@ -29,14 +32,36 @@ def get_backend(device: str) -> Backend:
         return CPU
     if device != "gpu":
         raise NetdslError("E0801", f"unknown device '{device}'", help="use --device cpu or --device gpu")
+    return _gpu()
+
+
+def _gpu() -> Backend:
+    global _GPU
+    if _GPU is not None:
+        return _GPU
+    # FP32 means FP32: CuPy reads CUPY_TF32 once, at import (its default is already off).
+    os.environ.setdefault("CUPY_TF32", "0")
     try:
         import cupy
     except ImportError:
         raise NetdslError("E0802", "--device gpu needs CuPy, which is not installed", help=GPU_HINT) from None
+    except Exception as e:  # a CuPy wheel for the wrong CUDA fails at import with its own errors
+        raise NetdslError("E0802", f"--device gpu: CuPy failed to load ({type(e).__name__}: {e})",
+                          help=GPU_HINT) from None
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("no device")
     except Exception as e:  # CUDA driver missing or no device: cupy raises its own runtime errors
         raise NetdslError("E0803", f"--device gpu: no usable CUDA device ({e})",
                           help="run on a machine with an NVIDIA GPU and driver, or use --device cpu") from None
-    return Backend("gpu", cupy)
+    _GPU = Backend("gpu", cupy)
+    return _GPU
+
+
+def cuda_available() -> bool:
+    """True when `get_backend("gpu")` would succeed (the GPU tests skip otherwise)."""
+    try:
+        _gpu()
+    except NetdslError:
+        return False
+    return True

@@ -29,6 +29,7 @@ def check(ast: Message, phase: str = "TRAIN", stages=(), level: int = 0, hints: 
     shapes = shapes_mod.infer(g, dict(hints or {}), c)
     shapes_mod.check_param_specs(g, c)
     shapes_mod.check_shared_params(g, c)
+    shapes_mod.check_anchors(g, c)
     if weights:
         shapes_mod.check_weights(g, load_weights(weights), weights, c)
     if not c.errors:
@@ -65,17 +66,36 @@ def check_path(path: str, phase: str | None = None, **kw) -> tuple[Checked, str,
         (net_path, inline), state = sf.train_net, sf.cfg.train_state
     else:
         (net_path, inline), state = sf.test_nets[0], (sf.cfg.test_state[0] if sf.cfg.test_state else None)
-    net_ast = inline if inline is not None else parse_file(net_path)
+    net_path = _shown(net_path)
+    key = next((k for k in ("net", "train_net", "net_param", "train_net_param") if sf.record.has(k)), "net")
+    where = (f"checked as the {'train' if phase == 'TRAIN' else 'test'} net of solver {path} "
+             f"(`{key}` at {sf.record.pos(key)})")
     if state is not None and not kw.get("stages") and not kw.get("level"):
         kw = {**kw, "stages": tuple(state.stage), "level": state.level}
-    return check(net_ast, phase=phase, **kw), net_path, phase
+    try:
+        net_ast = inline if inline is not None else parse_file(net_path)
+        return check(net_ast, phase=phase, **kw), net_path, phase
+    except NetdslError as e:
+        for d in e.diagnostics:
+            if d.severity == "error":
+                d.notes.append(where)
+        raise
+
+
+def _shown(path: str) -> str:
+    """A path as diagnostics show it: relative to the working directory when it lies below it."""
+    import os
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def _relative_paths(e: NetdslError) -> NetdslError:
-    """load_solver's "net not found" note lists absolute directories; show them relative to the
-    working directory, as the file names in diagnostics are."""
+    """Polish load_solver's diagnostics: its "net not found" note lists absolute directories (show
+    them relative to the working directory, as file names are), and a did-you-mean is said once."""
     import os
     for d in e.diagnostics:
+        if d.code == "E0702" and "; did you mean" in d.message and d.help and "did you mean" in d.help:
+            d.message = d.message.split("; did you mean")[0]
         if d.code == "E0704":
             dirs = [os.path.dirname(os.path.abspath(d.pos.file)) if d.pos else None, os.getcwd()]
             shown = list(dict.fromkeys(os.path.relpath(x) for x in dirs if x))

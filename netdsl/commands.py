@@ -8,7 +8,8 @@ def add_parsers(sub, common) -> None:
     p = sub.add_parser("compile", help="lower a net to its execution plan (or JSON, or Graphviz DOT)")
     p.add_argument("file")
     common(p)
-    p.add_argument("--emit", choices=("plan", "json", "dot"), default="plan")
+    p.add_argument("--emit", choices=("plan", "json", "dot", "cuda"), default="plan",
+                   help="cuda: the generated CUDA of the compiled train step (graph mode)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("data", help="download a dataset into the data directory (checksum-verified)")
@@ -27,6 +28,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--max-iter", type=int, help="override the solver's max_iter")
     p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
     p.add_argument("--out", help="directory for snapshots, log and metrics (default: snapshot_prefix's)")
+    p.add_argument("--graph", choices=("on", "off", "auto"), default="auto",
+                   help="GPU: capture the whole iteration as one CUDA graph (auto: when the net allows)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss)")
@@ -69,6 +72,10 @@ def cmd_compile(args) -> int:
     ch = check_file(args.file, phase=args.phase, stages=args.stage, level=args.level,
                     hints=dict(parse_shape(s) for s in args.shape))
     render_all(ch.diagnostics)
+    if args.emit == "cuda":
+        from .gpu.codegen import emit_cuda
+        print(emit_cuda(args.file))
+        return 0
     if args.emit == "dot":
         print(to_dot(ch))
         return 0
@@ -107,7 +114,7 @@ def cmd_train(args) -> int:
     from .backend import get_backend
     from .train import Trainer
     trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
-                      data_dir=args.data_dir, out=args.out)
+                      data_dir=args.data_dir, out=args.out, graph=args.graph)
     if args.weights:
         loaded = trainer.net.load(args.weights)
         trainer.log(f"Copied weights of {len(loaded)} layers from {args.weights}", echo=True)

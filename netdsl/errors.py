@@ -136,14 +136,19 @@ def render(d: Diagnostic, colour: bool = False) -> str:
         if text is not None:
             num = str(d.pos.line)
             gutter = " " * len(num)
+            text = text.rstrip()
             start = max(d.pos.column, 1)
             if d.pos.end_line == d.pos.line and d.pos.end_column > start:
-                width = d.pos.end_column - start
+                end = d.pos.end_column
             else:
-                width = max(len(text.rstrip()) - start + 1, 1)
+                end = max(len(text) + 1, start + 1)
+            # columns count characters; show tabs as 4 spaces and keep the caret under its text
+            shown = text.replace("\t", "    ")
+            lead = len(text[:start - 1].replace("\t", "    ")) + max(start - 1 - len(text), 0)
+            width = max(len(text[start - 1:end - 1].replace("\t", "    ")) + max(end - 1 - max(len(text), start - 1), 0), 1)
             out.append(f"{c['blue']}{gutter} |{c['reset']}")
-            out.append(f"{c['blue']}{num} |{c['reset']} {text.rstrip()}")
-            out.append(f"{c['blue']}{gutter} |{c['reset']} {' ' * (start - 1)}"
+            out.append(f"{c['blue']}{num} |{c['reset']} {shown}")
+            out.append(f"{c['blue']}{gutter} |{c['reset']} {' ' * lead}"
                        f"{c[d.severity]}{'^' * width}{c['reset']}")
     for n in d.notes:
         out.append(f"{gutter} {c['blue']}={c['reset']} {c['bold']}note{c['reset']}: {n}")

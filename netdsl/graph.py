@@ -4,6 +4,7 @@ duplicate-top, order/cycle, loss-weight, propagate_down and no-loss checks."""
 from __future__ import annotations
 
 import difflib
+from functools import lru_cache
 from dataclasses import dataclass, field
 
 from .errors import Collector, Pos
@@ -17,6 +18,7 @@ SOLVER_FIELDS = {"base_lr", "lr_policy", "max_iter", "net", "train_net", "test_i
                  "snapshot_prefix", "momentum", "weight_decay", "display", "test_interval"}
 
 
+@lru_cache(maxsize=1)
 def net_schema() -> Msg:
     return Msg("NetParameter", {
         "name": F(str, ""), "layer": F(layer_parameter_schema(), repeated=True),
@@ -50,6 +52,7 @@ class Graph:
     consumers: dict[str, list[Node]] = field(default_factory=dict)
     blob_pos: dict[str, Pos] = field(default_factory=dict)
     force_backward: bool = False
+    failed: dict = field(default_factory=dict)   # Node -> the Diagnostic of its failed shape rule
 
     def display(self, blob: str) -> str:
         """The name the user wrote (conv1#2 -> conv1)."""
@@ -93,26 +96,36 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
         c.error("E0206", "V1 `layers { }` blocks (Caffe before 2015) are not supported", ast.get("layers")[0].pos,
                 help="upgrade the file with Caffe's upgrade_net_proto_text tool, which writes `layer { }` blocks")
         return Graph("", phase, file, [], {})
+    before = len(c.errors)
     net = net_schema().coerce(ast, c)
     specs = _legacy_inputs(net, c) + _layer_specs(net, c)
+    _mark_broken(specs, c.errors[before:])
     g = Graph(net.name, phase, file, [], {}, force_backward=net.force_backward)
     types = layer_types()
     current: dict[str, str] = {}              # user blob name -> its latest version
     versions: dict[str, int] = {}
-    later = {t: s for s in specs for t in s.tops}
+
+    def in_phase(s: LayerSpec) -> bool:
+        return included(s.record, phase, level, set(stages)) and not (s.record.include and s.record.exclude)
     names: dict[str, object] = {}
     for spec in specs:
         rec = spec.record
         if rec.include and rec.exclude:
             c.error("E0203", f"layer '{spec.name}' has both include and exclude rules", rec.pos("exclude"),
-                    notes=["Caffe allows one or the other: a layer is either included by rules or excluded by them"],
+                    notes=[f"include at {rec.pos('include')}; Caffe takes one or the other: a layer is either "
+                           "included by rules or excluded by them"],
                     help="keep only the include rules, or only the exclude rules")
+            _keep_names(spec, current)
             continue
         if not included(rec, phase, level, set(stages)):
             continue
         cls = types.get(spec.type)
         if cls is None:
             _unknown_type(spec, types, c)
+            _keep_names(spec, current)
+            continue
+        if spec.broken:                       # its params are reported; checking it further would cascade
+            _keep_names(spec, current)
             continue
         _foreign_params(spec, cls, c)
         if spec.name and spec.name in names:
@@ -121,22 +134,29 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
                       help="give each layer a unique name; weights are saved and loaded by layer name")
         names.setdefault(spec.name, rec.pos("name"))
         layer = cls(spec, phase)
-        if not _arity_ok(layer, c):
+        if not _arity_ok(layer, c, current):
             continue
-        for err in layer.validate():
+        invalid = layer.validate()
+        for err in invalid:
             c.error(err.code, err.message, layer.pos(err.field), notes=err.notes, help=err.help)
         bottoms = []
-        ok = True
+        ok = not invalid              # a layer with bad params is reported, not shape-checked
         for i, b in enumerate(spec.bottoms):
             if b in current:
                 bottoms.append(current[b])
                 continue
             ok = False
-            _unknown_bottom(spec, i, b, current, later, c)
+            _unknown_bottom(spec, i, b, current, specs, phase, in_phase, g.producer.get, c)
         tops = []
-        for t in spec.tops:
-            if t in current and t not in spec.bottoms:
-                first = g.producer[current[t]]
+        for k, t in enumerate(spec.tops):
+            if t in spec.tops[:k]:
+                c.error("E0211", f"layer '{spec.name}' lists top '{t}' twice", _field_pos(rec, "top", k) or spec.pos,
+                        notes=[f"tops: {', '.join(repr(x) for x in spec.tops)}"],
+                        help="each top is a different output: give it its own name, or remove the repeat")
+                ok = False
+                continue
+            first = g.producer.get(current[t]) if t in current and t not in spec.bottoms else None
+            if first is not None:
                 c.error("E0211", f"top '{t}' of layer '{spec.name}' is already produced by layer '{first.name}'",
                         _field_pos(rec, "top", spec.tops.index(t)) or spec.pos,
                         notes=[f"'{t}' is produced by {first.layer.type} '{first.name}' at {first.layer.spec.pos}"],
@@ -160,12 +180,50 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
             g.consumers.setdefault(b, []).append(node)
         g.nodes.append(node)
     if phase == "TRAIN" and g.nodes and not any(w for n in g.nodes for w in n.loss_weights) and not c.errors:
-        c.error("E0213", f"the TRAIN net '{g.name or file}' has no loss", g.nodes[0].layer.spec.pos,
-                notes=["training minimises the weighted sum of loss tops; none is present or all have "
-                       "loss_weight 0"],
-                help="add a loss layer (e.g. SoftmaxWithLoss with bottoms: scores, label), or check with "
-                     "--phase test")
+        _no_loss(g, c)
     return g
+
+
+def _no_loss(g: Graph, c: Collector) -> None:
+    last = g.nodes[-1]
+    outputs = [t for t in g.outputs if not g.producer[t].layer.is_data]
+    shown = ", ".join(f"'{g.display(t)}' ({g.producer[t].layer.type} '{g.producer[t].name}')" for t in outputs[:4])
+    losses = [n for n in g.nodes if n.layer.is_loss]
+    notes = ["training minimises the weighted sum of the loss tops; this net has "
+             + ("loss layers, but every loss_weight is 0" if losses else "no loss layer")]
+    if shown:
+        notes.append(f"its outputs: {shown}")
+    # the scores a loss should read: the input of a final Softmax, else the last output
+    scores = last.bottoms[0] if last.layer.type == "Softmax" and last.bottoms else (outputs[-1] if outputs else None)
+    labels = [t for n in g.nodes if n.layer.is_data for t in n.tops if "label" in t]
+    if scores is not None:
+        example = (f'layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "{g.display(scores)}" bottom: '
+                   f'"{g.display(labels[0]) if labels else "label"}" top: "loss" }}')
+        help = f"add a loss after layer '{last.name}', e.g. `{example}`; or check the net with --phase test"
+    else:
+        help = "add a loss layer (e.g. SoftmaxWithLoss reading the scores and the labels), or check with --phase test"
+    c.error("E0213", f"the TRAIN net '{g.name or g.file}' has no loss", last.layer.spec.record.pos("type")
+            or last.layer.spec.pos, notes=notes, help=help)
+
+
+def _keep_names(spec: LayerSpec, current: dict[str, str]) -> None:
+    """A layer that is reported and left out still names its tops, so the layers reading them do
+    not report unknown bottoms as well (their shapes stay unknown, so they are not checked)."""
+    for t in spec.tops:
+        current.setdefault(t, t)
+
+
+def _mark_broken(specs: list[LayerSpec], errors) -> None:
+    """Layers whose params had errors (unknown field, wrong type, ...) are not built: their values
+    fell back to defaults, and shape rules would report nonsense or fail on them."""
+    if not errors:
+        return
+    for spec in specs:
+        ast = spec.record._ast
+        if ast is None:
+            continue
+        start, end = (ast.pos.line, ast.pos.column), (ast.pos.end_line, ast.pos.end_column)
+        spec.broken = any(d.pos is not None and start <= (d.pos.line, d.pos.column) <= end for d in errors)
 
 
 def _field_pos(rec: Record, name: str, index: int) -> Pos | None:
@@ -178,18 +236,24 @@ def _legacy_inputs(net: Record, c: Collector) -> list[LayerSpec]:
     if not net.input:
         return []
     shapes = [list(s.dim) for s in net.input_shape]
+    schema = layer_parameter_schema()
+    rec = schema.coerce(None, Collector())
+    broken = [LayerSpec("input", "Input", [], list(net.input), net.pos("input"), rec, broken=True)]
     if net.input_dim:
-        if len(net.input_dim) % 4:
-            c.error("E0501", f"input_dim gives {len(net.input_dim)} values; it needs 4 per input (N, C, H, W)",
-                    net.pos("input_dim"), help="give 4 input_dim values per input, or use input_shape { dim: ... }")
-            return []
+        if len(net.input_dim) != 4 * len(net.input):
+            n = len(net.input)
+            c.error("E0501", f"{n} input{'s' if n != 1 else ''} ({', '.join(repr(i) for i in net.input)}) "
+                    f"need{'s' if n == 1 else ''} "
+                    f"{4 * n} input_dim values (N, C, H, W each), but {len(net.input_dim)} are given",
+                    net.pos("input_dim"), notes=[f"given: {', '.join(map(str, net.input_dim))}"],
+                    help="give 4 `input_dim:` per input (e.g. input_dim: 1 input_dim: 3 input_dim: 224 "
+                         "input_dim: 224), or use `input_shape { dim: ... }`")
+            return broken
         shapes = [net.input_dim[i:i + 4] for i in range(0, len(net.input_dim), 4)]
     if len(shapes) != len(net.input):
         c.error("E0501", f"{len(net.input)} inputs but {len(shapes)} input shapes", net.pos("input"),
-                help="give one input_shape { dim: ... } per `input:`")
-        return []
-    schema = layer_parameter_schema()
-    rec = schema.coerce(None, Collector())
+                help="give one `input_shape { dim: ... }` per `input:`")
+        return broken
     shape_recs = [BLOB_SHAPE.coerce(None, Collector()) for _ in shapes]
     for r, dims in zip(shape_recs, shapes):
         r._values["dim"] = dims
@@ -229,34 +293,99 @@ def _foreign_params(spec: LayerSpec, cls: type[Layer], c: Collector) -> None:
                       help=f"{spec.type} reads {mine}; remove {key} or fix the layer type")
 
 
-def _arity_ok(layer: Layer, c: Collector) -> bool:
+# what each bottom of a layer type is for, to make arity errors concrete
+BOTTOM_ROLES = {
+    "SoftmaxWithLoss": ("the scores", "the labels"), "Accuracy": ("the scores", "the labels"),
+    "SigmoidCrossEntropyLoss": ("the scores", "the targets"), "EuclideanLoss": ("the predictions", "the targets"),
+    "SmoothL1Loss": ("the predictions", "the targets", "the inside weights", "the outside weights"),
+    "Crop": ("the blob to crop", "the reference blob whose size it takes"),
+    "ROIPooling": ("the feature map", "the rois"),
+    "AnchorTarget": ("the RPN score map", "gt_boxes", "im_info"),
+    "Proposal": ("the RPN class probabilities", "the RPN box deltas", "im_info"),
+}
+
+
+NARY = {"Eltwise": "Eltwise combines 2 or more blobs of one shape element by element",
+        "Concat": "Concat joins blobs along an axis"}
+
+
+def _arity_ok(layer: Layer, c: Collector, known=()) -> bool:
     ok = True
-    for what, have, (lo, hi) in (("bottom", len(layer.spec.bottoms), layer.n_bottoms),
-                                 ("top", len(layer.spec.tops), layer.n_tops)):
-        if have < lo or (hi is not None and have > hi):
-            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-            c.error("E0202", f"{layer.type} '{layer.name}' takes {want} {what}s, got {have}", layer.spec.pos,
-                    help=f"give it {want} `{what}:` fields")
-            ok = False
+    spec = layer.spec
+    for what, names, (lo, hi) in (("bottom", spec.bottoms, layer.n_bottoms), ("top", spec.tops, layer.n_tops)):
+        have = len(names)
+        if lo <= have and (hi is None or have <= hi):
+            continue
+        ok = False
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        plural = what if (hi if lo == hi else lo) == 1 and lo == hi else what + "s"
+        given = ", ".join(f"'{n}'" for n in names) or "none"
+        roles = BOTTOM_ROLES.get(layer.type) if what == "bottom" else None
+        notes = [f"it has {have} {what}{'s' if have != 1 else ''}: {given}"]
+        if roles:
+            notes.append(f"{layer.type} reads " + ", ".join(f"{r} (bottom {i})" for i, r in enumerate(roles)))
+        if hi is not None and have > hi:
+            extra = names[hi:]
+            pos = _field_pos(spec.record, what, hi) or spec.pos
+            shown = ", ".join(f'`{what}: "{n}"`' for n in extra)
+            help = f"remove {shown}" + (f", or use a layer type that takes {have} {what}s" if what == "bottom"
+                                        else "")
+        else:
+            pos = (_field_pos(spec.record, what, have - 1) if have else spec.record.pos("type")) or spec.pos
+            missing = [roles[i] for i in range(have, min(lo, len(roles)))] if roles else []
+            help = (f"add {lo - have} more `{what}:` " + (f"({', '.join(missing)})" if missing else "")).rstrip()
+            labels = [b for b in known if "label" in b and b not in names]
+            if "the labels" in missing and labels:
+                help += f', e.g. `bottom: "{labels[0]}"`'
+            if what == "bottom" and layer.type in NARY:
+                notes.append(NARY[layer.type])
+            if what == "top" and have == 0:
+                help = f'add `top: "{layer.name or layer.type.lower()}"`'
+        c.error("E0202", f"{layer.type} '{layer.name}' takes {want} {plural}, got {have}", pos,
+                notes=notes, help=help)
     return ok
 
 
-def _unknown_bottom(spec, i, b, current, later, c: Collector) -> None:
+def _unknown_bottom(spec, i, b, current, specs, phase, in_phase, producer_of, c: Collector) -> None:
     pos = _field_pos(spec.record, "bottom", i) or spec.pos
-    if b in later:
-        producer = later[b]
+    here = specs.index(spec)
+    makers = [s for s in specs if b in s.tops and s is not spec]
+    after = [s for s in makers if specs.index(s) > here and in_phase(s)]
+    if after:
+        producer = after[0]
         cyc = any(t in producer.bottoms for t in spec.tops)
         c.error("E0212", f"layer '{spec.name}' reads '{b}' before layer '{producer.name}' produces it"
                 + (" (a cycle)" if cyc else ""), pos,
-                notes=[f"'{b}' is produced by {producer.type} '{producer.name}' at {producer.pos}"] +
-                      ([f"'{producer.name}' in turn reads '{spec.name}''s output: the graph has a cycle"] if cyc else []),
-                help="nets are acyclic and layers run in file order: move this layer after "
-                     f"'{producer.name}'" if not cyc else "break the cycle: one of the two must read another blob")
+                notes=[f"'{b}' is produced by {producer.type} '{producer.name}' at {producer.pos}, later in the file"] +
+                      ([f"layer '{producer.name}' in turn reads '{next(t for t in spec.tops if t in producer.bottoms)}'"
+                        f", an output of layer '{spec.name}': the graph has a cycle"] if cyc else []),
+                help=(f"layers run in file order: move layer '{spec.name}' after layer '{producer.name}'" if not cyc
+                      else f"nets are acyclic: one of '{spec.name}' and '{producer.name}' must read another blob"))
+        return
+    elsewhere = [s for s in makers if not in_phase(s)]
+    if elsewhere:
+        s = elsewhere[0]
+        c.error("E0210", f"layer '{spec.name}' reads '{b}', which no layer of the {phase} net produces", pos,
+                notes=[f"'{b}' is produced by {s.type} '{s.name}' at {s.pos}, which is not in the {phase} net "
+                       "(its include/exclude rules leave it out)"],
+                help=f"include layer '{s.name}' in the {phase} phase too, or leave layer '{spec.name}' out of it "
+                     f"(`include {{ phase: {'TRAIN' if phase == 'TEST' else 'TEST'} }}`)")
         return
     tip = suggest(b, current)
-    c.error("E0210", f"unknown bottom blob '{b}' (layer '{spec.name}', bottom {i})", pos,
-            help=tip or (f"known blobs here: {', '.join(sorted(current)) or 'none'}; a bottom must be a top of an "
-                         "earlier layer"))
+    notes = []
+    if tip:
+        close = tip.split("`")[1]
+        node = producer_of(current[close])
+        if node is not None:
+            notes.append(f"'{close}' is produced by {node.layer.type} '{node.name}' at {node.layer.spec.pos}")
+    else:
+        names = list(current)
+        shown = ", ".join(f"'{n}'" for n in names[-8:])
+        more = f" (and {len(names) - 8} earlier)" if len(names) > 8 else ""
+        notes.append(f"blobs produced before this layer: {shown or 'none'}{more}")
+    c.error("E0210", f"unknown bottom blob '{b}' (layer '{spec.name}', bottom {i})", pos, notes=notes,
+            help=tip or "a bottom must be a top of an earlier layer: fix the name, or add the layer that "
+                        f"produces '{b}' before '{spec.name}'")
 
 
 def _loss_weights(layer: Layer, c: Collector) -> list[float]:

@@ -455,10 +455,11 @@ def _max_windows(xp, x, g):
     shape = x.shape[:2] + (g.oh, g.ow)
     y = xp.full(shape, -xp.inf, x.dtype)
     arg = xp.zeros(shape, xp.uint8 if g.kh * g.kw <= 256 else xp.int32)
+    better = xp.empty(shape, xp.bool_)
     for k, rows, cols in _pool_offsets(g):
         v = src[:, :, rows, cols]
-        better = v > y                         # strict: the first max in row-major order wins
-        y = xp.fmax(y, v)
+        xp.greater(v, y, out=better)          # strict: the first max in row-major order wins
+        xp.fmax(y, v, out=y)
         xp.copyto(arg, k, where=better, casting="unsafe")
     return y, arg
 

@@ -110,14 +110,32 @@ def run_proposals(net, feed=None) -> dict:
     from .evaluate import _find, _host, proposal_blobs
     rois_name, scores_name, gt_name = proposal_blobs(net)
     data = _find(net.plan, "DigitScenes")
+    size = None
     if feed is not None:
-        data.layer.feed(*feed)
+        image, gt = feed
+        size = image.shape[1:]
+        data.layer.feed(pad_to(image, PAD_MULTIPLE), gt, im_size=size)
     net.forward()
     blobs = net.blobs
     rois = _host(blobs[rois_name]).reshape(-1, 5)
     scores = _host(blobs[scores_name]).reshape(-1) if scores_name else np.zeros(len(rois), np.float32)
     image = _host(blobs[data.layer.spec.tops[0]])[0]
+    if size is not None:
+        image = image[:, :size[0], :size[1]]
     return {"image": image, "gt": _host(blobs[gt_name]).reshape(-1, 5), "rois": rois[:, 1:5], "scores": scores}
+
+
+# An image of any size is zero-padded (bottom and right) to a multiple of this before the forward
+# pass, so every downsampling and the upsampling in the backbone meet again at the same size;
+# im_info keeps the picture's own size, so proposals are clipped to it.
+PAD_MULTIPLE = 32
+
+
+def pad_to(image: np.ndarray, multiple: int) -> np.ndarray:
+    """(C, H, W) zero-padded at the bottom and right to multiples of `multiple`."""
+    c, h, w = image.shape
+    ph, pw = -h % multiple, -w % multiple
+    return np.pad(image, ((0, 0), (0, ph), (0, pw))) if ph or pw else image
 
 
 def propose(model: str, weights: str, out: str, scenes: int | None = None, images=(), top: int = 10, seed: int = 0,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -68,7 +69,10 @@ def layer_types() -> dict[str, type["Layer"]]:
     return _REGISTRY
 
 
+@lru_cache(maxsize=1)
 def layer_parameter_schema() -> Msg:
+    """Caffe's LayerParameter: the common fields plus every registered `<type>_param` message.
+    Built once (after every layer type has registered)."""
     layer_types()
     fields = {
         "name": F(str, ""), "type": F(str, ""), "bottom": F(str, repeated=True), "top": F(str, repeated=True),
@@ -78,18 +82,20 @@ def layer_parameter_schema() -> Msg:
         "exclude": F(STATE_RULE, repeated=True),
     }
     fields.update({k: F(m) for k, m in _MESSAGES.items()})
-    return Msg("LayerParameter", fields)
+    return Msg("LayerParameter", fields, context=("layer", "name"))
 
 
 class ShapeError(Exception):
-    """Raised by a shape rule. `field` names the param to point at; `involves` lists the bottom
+    """Raised by a shape rule. `field` names the param to point at (a dotted path such as
+    "shape.dim" reaches into sub-messages, `index` picks one repetition); `involves` lists the bottom
     indices whose shapes (and producers) the diagnostic should show."""
 
     def __init__(self, code: str, message: str, *, field: str | None = None, help: str | None = None,
-                 notes: list[str] | None = None, involves: tuple[int, ...] = ()):
+                 notes: list[str] | None = None, involves: tuple[int, ...] = (), index: int | None = None):
         super().__init__(message)
         self.code, self.message, self.field, self.help = code, message, field, help
         self.notes, self.involves = list(notes or []), tuple(involves)
+        self.index = index            # with a dotted field ("shape.dim"): which repetition to point at
 
 
 @dataclass
@@ -103,6 +109,7 @@ class LayerSpec:
     record: Record                       # the coerced LayerParameter
     loss_weights: list[float] = field(default_factory=list)
     propagate_down: list[bool] = field(default_factory=list)
+    broken: bool = False                 # its params had errors: it is reported, not built
 
 
 class Layer:

@@ -19,6 +19,7 @@ class F:
     choices: tuple[str, ...] = ()   # enum words
     required: bool = False
     doc: str = ""
+    example: str = ""               # a typical value, for help lines (`add num_output: 64`)
 
 
 @dataclass
@@ -26,9 +27,13 @@ class Msg:
     name: str
     fields: dict[str, F]
     open: bool = False              # accept unknown fields silently (foreign extensions)
+    # (noun, field): messages of this type are named in diagnostics by a field of theirs,
+    # e.g. ("layer", "name") -> "layer 'conv1': unknown field ..."
+    context: tuple[str, str] | None = None
 
-    def coerce(self, m: Message | None, c: Collector, where: str = "", pos: Pos | None = None) -> "Record":
-        return coerce(self, m, c, where, pos)
+    def coerce(self, m: Message | None, c: Collector, where: str = "", pos: Pos | None = None,
+               label: str | None = None) -> "Record":
+        return coerce(self, m, c, where, pos, label)
 
 
 @dataclass
@@ -82,21 +87,25 @@ def _kind(t) -> str:
             "enum": "one of"}.get(t, str(t))
 
 
+_BAD = object()                   # _scalar's result for a value it reported as wrong
+
+
 def _scalar(f: F, name: str, s: Scalar, c: Collector, where: str):
     v = s.value
-    bad = None
     if f.type == "enum":
         text = v.text if isinstance(v, Word) else v if isinstance(v, str) else None
         if text in f.choices:
             return text
         bad = f"`{name}` must be one of {', '.join(f.choices)}"
         tip = suggest(str(text), f.choices) if text else ""
+        if not tip and text and text.upper() in f.choices:
+            tip = f"did you mean `{text.upper()}`? (enum words are case-sensitive)"
         c.error("E0104", f"{where}invalid value {_show(v)} for `{name}`", s.pos,
                 notes=[bad], help=tip or f"use one of: {', '.join(f.choices)}")
-        return f.default
+        return _BAD
     if f.type is bool:
-        if isinstance(v, Word) and v.text in ("true", "false", "True", "False"):
-            return v.text.lower() == "true"
+        if isinstance(v, Word) and v.text in ("true", "false", "True", "False", "t", "f"):
+            return v.text.lower() in ("true", "t")
         if isinstance(v, int) and v in (0, 1):
             return bool(v)
     elif f.type is int:
@@ -112,71 +121,129 @@ def _scalar(f: F, name: str, s: Scalar, c: Collector, where: str):
     elif f.type is str:
         if isinstance(v, str):
             return v
-        if isinstance(v, Word):     # protobuf allows unquoted? no, but be lenient and say so
+        if isinstance(v, Word):     # protobuf requires quotes; be lenient and say so
             c.warning("W0101", f"{where}`{name}` expects a quoted string, got the word {v.text}", s.pos,
                       help=f'write `{name}: "{v.text}"`')
             return v.text
     c.error("E0103", f"{where}`{name}` expects {_kind(f.type)}, got {_show(v)}", s.pos,
-            help=f"write `{name}: {_example(f)}`")
-    return f.default
+            help=_type_help(f, name, v))
+    return _BAD
+
+
+def _type_help(f: F, name: str, v) -> str:
+    if isinstance(v, str) and f.type in (int, float, bool):
+        inner = v.strip()
+        try:
+            (int if f.type is int else float)(inner) if f.type is not bool else None
+            if f.type is not bool or inner in ("true", "false"):
+                return f"remove the quotes: `{name}: {inner}`"
+        except ValueError:
+            pass
+    if f.type is int and isinstance(v, float) and v == v and abs(v) != float("inf"):
+        lo, hi = int(v // 1), int(v // 1) + 1
+        return f"use a whole number: `{name}: {lo}` or `{name}: {hi}`"
+    if f.type is str and isinstance(v, (int, float)):
+        return f'quote it: `{name}: "{v}"`'
+    if f.type is bool and isinstance(v, int):
+        return f"write `{name}: {'true' if v else 'false'}` (true or false)"
+    return f"write `{name}: {_example(f)}`"
 
 
 def _show(v) -> str:
     if isinstance(v, Word):
         return v.text
     if isinstance(v, str):
-        return repr(v)
+        return '"' + v.replace('"', '\\"') + '"'
     return str(v)
 
 
 def _example(f: F) -> str:
+    if f.example:
+        return f.example
     if f.default is not None and not isinstance(f.default, (list, tuple)):
         d = f.default
         return ("true" if d else "false") if isinstance(d, bool) else (f'"{d}"' if f.type is str else str(d))
     return {int: "1", float: "0.5", bool: "true", str: '"..."'}.get(f.type, f.choices[0] if f.choices else "...")
 
 
-def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: Pos | None = None) -> Record:
-    """Coerce an AST message against a schema; every problem goes to the collector, located."""
+def _misplaced(schema: Msg, m: Message, name: str) -> str:
+    """An unknown field that belongs in one of this message's sub-messages (`kernel_size` written
+    directly in a layer instead of inside convolution_param)."""
+    owners = [k for k, f in schema.fields.items() if isinstance(f.type, Msg) and name in f.type.fields]
+    if not owners:
+        return ""
+    kind = next((af.value.value for af in m.fields if af.name == "type" and isinstance(af.value, Scalar)
+                 and isinstance(af.value.value, str)), "")
+    mine = [k for k in owners if k.replace("_", "").startswith(kind.lower()) and kind]
+    if mine:
+        return f"`{name}` belongs inside {mine[0]}: write `{mine[0]} {{ {name}: ... }}`"
+    return f"`{name}` is a field of {', '.join(owners[:4])}{', ...' if len(owners) > 4 else ''}: move it inside one"
+
+
+def _span(af: AstField) -> Pos:
+    """Where a field is written: from its name to the end of its value when both are on one line
+    (`num_output: 16`), else its name."""
+    p, v = af.pos, af.value.pos
+    if isinstance(af.value, Scalar) and v.line == p.line and v.end_line == p.line:
+        return Pos(p.file, p.line, p.column, p.line, v.end_column)
+    return p
+
+
+def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: Pos | None = None,
+           label: str | None = None) -> Record:
+    """Coerce an AST message against a schema; every problem goes to the collector, located.
+    `where` prefixes messages (e.g. "layer 'conv1': "); `label` names the message as written
+    (convolution_param), defaulting to its schema's name."""
     values: dict[str, Any] = {}
     poss: dict[str, Pos] = {}
     for name, f in schema.fields.items():
         values[name] = [] if f.repeated else (_Absent(f.type) if isinstance(f.type, Msg) else f.default)
     if m is None:                 # an absent message: all defaults, nothing required
         return Record(schema, values, poss, pos, None)
-    for af in (m.fields if m else ()):
+    label = label or schema.name
+    if schema.context:
+        noun, key = schema.context
+        named = [af.value.value for af in m.fields if af.name == key and isinstance(af.value, Scalar)
+                 and isinstance(af.value.value, str)]
+        where = f"{where}{noun} '{named[0]}': " if named else where
+    for af in m.fields:
         f = schema.fields.get(af.name)
         if f is None:
             if not schema.open:
-                tip = suggest(af.name, schema.fields)
-                c.error("E0102", f"{where}unknown field `{af.name}` in {schema.name}", af.pos,
-                        help=tip or (f"{schema.name} fields are: {', '.join(sorted(schema.fields))}"
-                                     if len(schema.fields) < 40 else "remove it"))
+                tip = suggest(af.name, schema.fields) or _misplaced(schema, m, af.name)
+                c.error("E0102", f"{where}unknown field `{af.name}` in {label}", af.pos,
+                        help=tip or (f"{label} has the fields: {', '.join(sorted(schema.fields))}"
+                                     if len(schema.fields) < 40 else f"remove `{af.name}`"))
             continue
         if isinstance(f.type, Msg):
             if not isinstance(af.value, Message):
-                c.error("E0103", f"{where}`{af.name}` is a message: write `{af.name} {{ ... }}`", af.pos,
+                c.error("E0103", f"{where}`{af.name}` is a message: write `{af.name} {{ ... }}`", _span(af),
                         help=f"wrap its fields in braces: `{af.name} {{ ... }}`")
                 continue
-            v = f.type.coerce(af.value, c, where, af.pos)
+            v = f.type.coerce(af.value, c, where, af.pos, af.name)
         else:
             if isinstance(af.value, Message):
                 c.error("E0103", f"{where}`{af.name}` expects {_kind(f.type)}, got a message", af.pos,
                         help=f"write `{af.name}: {_example(f)}`")
                 continue
             v = _scalar(f, af.name, af.value, c, where)
+            if v is _BAD:             # reported; the field keeps its default (but counts as given)
+                poss.setdefault(af.name, _span(af))
+                continue
         if f.repeated:
             values[af.name].append(v)
-            poss.setdefault(af.name, af.pos)
+            poss.setdefault(af.name, _span(af))
         else:
             if af.name in poss:
-                c.error("E0105", f"{where}`{af.name}` is given twice in {schema.name}", af.pos,
-                        notes=[f"first given at {poss[af.name]}"], help="keep one of them")
+                c.error("E0105", f"{where}`{af.name}` is given twice in {label}", _span(af),
+                        notes=[f"first given at {poss[af.name]}"],
+                        help=f"keep one of them; only repeated fields (like `bottom` or `dim`) may be given "
+                             "more than once")
             values[af.name] = v
-            poss[af.name] = af.pos
+            poss[af.name] = _span(af)
     for name, f in schema.fields.items():
         if f.required and name not in poss:
-            c.error("E0106", f"{where}missing required field `{name}` in {schema.name}", pos or m.pos,
+            c.error("E0106", f"{where}missing required field `{name}` in {label}", pos or m.pos,
                     help=f"add `{name}: {_example(f)}`" + (f" ({f.doc})" if f.doc else ""))
     return Record(schema, values, poss, pos or m.pos, m)
 

@@ -411,32 +411,40 @@ def _syntax_error(e, text: str, file: str) -> NetdslError:
     tok = e.token
     pos = Pos(file, line, col, line, col + max(len(str(tok)), 1))
     expected = set(e.expected)
-    if tok.type == "RBRACE" or tok.type == "MORETHAN":
-        if "RBRACE" in expected or "MORETHAN" in expected:
-            return NetdslError("E0001", f"'{tok}' does not match the open message", pos,
-                               help="close a message opened with `{` by `}`, and one opened with `<` by `>`")
-        _, _, last_closed = _structure(toks)
-        notes = []
-        closed = last_closed[at] if at < len(last_closed) else None
-        if closed:
-            name, closer = closed
-            notes.append(f"every message is already closed here: the last one, `{name[1]}`, was closed at "
-                         f"{_tokpos(file, closer)}")
-        if "NAME" not in expected:
-            return NetdslError("E0001", f"unexpected '{tok}', expected {_describe_expected(expected)}", pos,
-                               help=_value_help(prev) if prev and prev[0] == ":" else
-                               "fields look like `name: value` or `name { ... }`")
-        return NetdslError("E0001", f"unmatched '{tok}'", pos, notes=notes,
-                           help="remove it, or open its message with `name {`")
+    shown = str(tok)
     if "COLON" in expected and "LBRACE" in expected and prev is not None and prev[0] == "NAME":
-        shown = str(tok)
+        if tok.type in ("RBRACE", "MORETHAN", "RSQB", "COMMA", "_SEP", "COLON"):
+            return NetdslError("E0001", f"field `{prev[1]}` has no value", _tokpos(file, prev),
+                               help=f"write `{prev[1]}: value` or `{prev[1]} {{ ... }}`, or remove it")
         return NetdslError("E0001", f"expected ':' or '{{' after `{prev[1]}`, found {shown!r}", pos,
                            help=f"write `{prev[1]}: {shown}`" + (f" (or `{prev[1]} {{ ... }}` for a message)"
                                                                if tok.type == "NAME" else ""))
+    if tok.type in ("RBRACE", "MORETHAN"):
+        if "RBRACE" in expected or "MORETHAN" in expected:
+            return NetdslError("E0001", f"'{tok}' does not match the open message", pos,
+                               help="close a message opened with `{` by `}`, and one opened with `<` by `>`")
+        if "NAME" in expected:
+            _, _, last_closed = _structure(toks)
+            closed = last_closed[at] if at < len(last_closed) else None
+            notes = [f"every message is already closed here: the last one, `{closed[0][1]}`, was closed at "
+                     f"{_tokpos(file, closed[1])}"] if closed else []
+            return NetdslError("E0001", f"unmatched '{tok}'", pos, notes=notes,
+                               help="remove it, or open its message with `name {`")
     if prev is not None and prev[0] == ":" and tok.type not in ("NUMBER", "STRING", "NAME"):
-        return NetdslError("E0001", f"expected a value after `{toks[at - 2][1] if at > 1 else ''}:`, found "
-                           f"{str(tok)!r}", pos, help=_value_help(prev))
-    return NetdslError("E0001", f"unexpected {str(tok)!r}, expected {_describe_expected(expected)}", pos,
+        field = toks[at - 2][1] if at > 1 else ""
+        return NetdslError("E0001", f"expected a value after `{field}:`, found {shown!r}", pos,
+                           help=_value_help(prev))
+    if tok.type == "COLON":
+        return NetdslError("E0001", "':' without a field name before it", pos,
+                           help="write the field's name before the colon: `name: value`")
+    if tok.type in ("NUMBER", "STRING") and "NAME" in expected and prev is not None:
+        field = next((toks[k - 1][1] for k in range(at - 1, 0, -1) if toks[k][0] == ":" and toks[k - 1][0] == "NAME"),
+                     None)
+        if field:
+            return NetdslError("E0001", f"a second value {shown} after the value of `{field}`", pos,
+                               help=f"one value per field: remove it, repeat the field (`{field}: {shown}`), or "
+                                    f"write a list (`{field}: [a, b]`)")
+    return NetdslError("E0001", f"unexpected {shown!r}, expected {_describe_expected(expected)}", pos,
                        help="fields look like `name: value` or `name { ... }`, one after another")
 
 
@@ -445,9 +453,11 @@ def _value_help(prev) -> str:
 
 
 def _eof_error(text: str, file: str, toks: list[tuple]) -> NetdslError:
-    line = text.count("\n") + 1
-    col = len(text.rsplit("\n", 1)[-1]) + 1
-    eof = Pos(file, line, col, line, col + 1)
+    if toks:                        # just after the last token: where the missing text would go
+        last = toks[-1]
+        eof = Pos(file, last[2], last[4], last[2], last[4] + 1)
+    else:
+        eof = Pos(file, 1, 1, 1, 2)
     open_, suspect, _ = _structure(toks)
     if not open_:
         last = toks[-1] if toks else None

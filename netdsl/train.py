@@ -84,7 +84,8 @@ class Progress:
 
 class Trainer:
     def __init__(self, solver_path: str, backend, *, seed: int | None = None, max_iter: int | None = None,
-                 data_dir: str | None = None, out: str | None = None, progress: bool | None = None):
+                 data_dir: str | None = None, out: str | None = None, progress: bool | None = None,
+                 graph: str = "auto"):
         self.sf: SolverFile = load_solver(solver_path)
         cfg = self.sf.cfg
         if max_iter is not None:
@@ -104,6 +105,8 @@ class Trainer:
         self.tests = [build_net(src, "TEST", backend, self.seed, data_dir, share_from=self.net)
                       for src in self.sf.test_nets]
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
+        from .gpu.loop import compile_trainer      # graph mode (GPU): None means eager
+        self.compiled = compile_trainer(self, graph)
         self.iter = 0
         self.losses: deque = deque(maxlen=max(cfg.average_loss, 1))
         self.stop_requested = False
@@ -161,11 +164,14 @@ class Trainer:
         net, n = self.tests[i], self.sf.cfg.test_iter[i]
         self.log(f"Iteration {self.iter}, Testing net (#{i})")
         sums: dict[str, float] = {}
-        for _ in range(n):
-            outs = net.forward()
-            for k, v in outs.items():
-                if v.size == 1:
-                    sums[k] = sums.get(k, 0.0) + float(v.reshape(-1)[0])
+        if self.compiled is not None and self.compiled.has_test(i):
+            sums = self.compiled.test_sums(i, n)          # graph mode: the test step's CUDA graph
+        else:
+            for _ in range(n):
+                outs = net.forward()
+                for k, v in outs.items():
+                    if v.size == 1:
+                        sums[k] = sums.get(k, 0.0) + float(v.reshape(-1)[0])
         means = {k: v / n for k, v in sums.items()}
         weights = {s.layer.spec.tops[j]: w for s in net.plan.steps for j, w in enumerate(s.loss_weights)}
         for j, (k, v) in enumerate(means.items()):
@@ -211,6 +217,9 @@ class Trainer:
                     yield u, float(v.reshape(-1)[0]), w
 
     def run(self) -> TrainResult:
+        if self.compiled is not None:
+            from .gpu.loop import run_compiled
+            return run_compiled(self)
         cfg, net = self.sf.cfg, self.net
         self.log(f"Solving {net.plan.name or 'net'} (seed {self.seed}, {self.backend.name})")
         self.log(f"Learning Rate Policy: {cfg.lr_policy}")

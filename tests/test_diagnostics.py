@@ -25,6 +25,7 @@ from netdsl.cli import main
 HERE = Path(__file__).parent / "diagnostics"
 CASES = sorted(p.name for p in HERE.glob("*.net")) + sorted(p.name for p in HERE.glob("*.prototxt"))
 UPDATE = os.environ.get("NETDSL_UPDATE_GOLDEN") == "1"
+HEAD = re.compile(r"(?:\S+:\d+:\d+: )?(error|warning)\[")
 
 
 def header(path: Path) -> tuple[list[str], int]:
@@ -71,8 +72,13 @@ def test_golden(name):
 def test_golden_errors_are_located_and_helped(name):
     """Every error names file:line:col, quotes the line with a caret, and ends with a help line."""
     code, _, err = run_case(name)
-    blocks = re.split(r"\n(?=\S)", err.strip())
-    errors = [b for b in blocks if re.match(r"\S+:\d+:\d+: error\[|error\[", b)]
+    blocks: list[str] = []
+    for line in err.splitlines():
+        if HEAD.match(line) or re.match(r"\d+ (error|warning)", line):
+            blocks.append(line)
+        elif blocks:
+            blocks[-1] += "\n" + line
+    errors = [b for b in blocks if HEAD.match(b) and HEAD.match(b).group(1) == "error"]
     if code == 2:
         assert errors, err
     for b in errors:

@@ -400,3 +400,76 @@ def test_softmax_is_stable_for_large_inputs():
     np.testing.assert_allclose(K.log_softmax(xp, x, 1), [[-np.log(2), -np.log(2), -2000.0 - np.log(2)]],
                                rtol=1e-6)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy / CuPy parity (skipped without CuPy and a CUDA device)
+
+def _cuda():
+    try:
+        import cupy
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:            # not installed, or no driver / device
+        return None
+
+
+cupy = _cuda()
+needs_cuda = pytest.mark.skipif(cupy is None, reason="needs CuPy and a CUDA device")
+
+
+def assert_parity(fn, *arrays, rtol=1e-5, atol=1e-5):
+    """fn(xp, *arrays) -> tuple of arrays (or None); the CuPy run must match the NumPy run."""
+    expected = fn(np, *arrays)
+    got = fn(cupy, *[cupy.asarray(a) for a in arrays])
+    for e, g in zip(expected, got):
+        assert (e is None) == (g is None)
+        if e is not None:
+            np.testing.assert_allclose(cupy.asnumpy(g), e, rtol=rtol, atol=atol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("x_shape,mk,stride,pad,dil,group,bias", CONV_CASES)
+def test_cupy_conv_parity(layout, x_shape, mk, stride, pad, dil, group, bias):
+    x, W, b = conv_inputs(np.random.default_rng(15), x_shape, mk, group, bias)
+    x, W, b = x.astype(np.float32), W.astype(np.float32), b if b is None else b.astype(np.float32)
+
+    def run(xp, x, W, *b):
+        y, cache = K.conv2d_forward(xp, x, W, b[0] if b else None, stride, pad, dil, group)
+        return (y,) + K.conv2d_backward(xp, xp.sin(y), cache, W)
+    assert_parity(run, x, W, *([b] if bias else []))
+
+
+@needs_cuda
+@pytest.mark.parametrize("x_shape,mk,stride,pad,dil,group,bias", DECONV_CASES)
+def test_cupy_deconv_parity(layout, x_shape, mk, stride, pad, dil, group, bias):
+    x, W, b = deconv_inputs(np.random.default_rng(16), x_shape, mk, group, bias)
+
+    def run(xp, x, W, *b):
+        y, cache = K.deconv2d_forward(xp, x, W, b[0] if b else None, stride, pad, dil, group)
+        return (y,) + K.deconv2d_backward(xp, xp.sin(y), cache, W)
+    assert_parity(run, x, W, *([b] if bias else []))
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", ["max", "ave"])
+@pytest.mark.parametrize("x_shape,k,s,p,ceil",
+                         POOL_CASES + [((2, 3, 4, 5), (4, 5), (1, 1), (0, 0), True)])
+def test_cupy_pool_parity(mode, x_shape, k, s, p, ceil):
+    x = np.maximum(np.random.default_rng(17).integers(-2, 3, x_shape), 0).astype(np.float32)
+
+    def run(xp, x):
+        y, cache = K.pool2d_forward(xp, x, mode, *k, *s, *p, ceil=ceil)
+        mask = K.pool2d_mask(xp, cache) if mode == "max" else None
+        return y, K.pool2d_backward(xp, xp.cos(y), cache), mask
+    assert_parity(run, x)
+
+
+@needs_cuda
+@pytest.mark.parametrize("region", ["ACROSS_CHANNELS", "WITHIN_CHANNEL"])
+def test_cupy_lrn_and_softmax_parity(region):
+    x = np.random.default_rng(18).standard_normal((2, 7, 5, 6)).astype(np.float32)
+
+    def run(xp, x):
+        y, cache = K.lrn_forward(xp, x, 5, 0.5, 0.75, 2.0, region)
+        return y, K.lrn_backward(xp, xp.cos(y), cache), K.softmax(xp, x, 1), K.log_softmax(xp, x, 1)
+    assert_parity(run, x)

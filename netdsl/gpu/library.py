@@ -95,15 +95,53 @@ __device__ __forceinline__ void nd_col2im(const float* __restrict__ col, float* 
 // (e.g. images, for a weight gradient) of K each: element (i, r*K+k) of op(A) is
 // A[r*RA + (TA ? k*LDA + i : i*LDA + k)]. blockIdx.z = batch * SPLITS + split: a split-K
 // GEMM writes partial tiles to ws and the last block of each tile (a ticket in sems, which it
-// resets) sums them in a fixed order, so the result is deterministic.
-// BIAS: 0 none, 1 per row (bias[i]), 2 per column (bias[j]).
+// resets) sums them in a fixed order, so the result is deterministic. The next k-tile is fetched
+// into registers while the current one is multiplied from shared memory.
+// BIAS: 0 none, 1 per row (bias[i]), 2 per column (bias[j]), 3 bias gradient: op(B) gets a column
+//       of ones (j == N) whose result, the row sums of op(A), goes to bias[i] (BETA applies).
 // ACT: 0 none, 1 ReLU (negative slope), 2 ReLU backward mask (aux > 0, aux laid out as C).
 template <class G>
+__device__ __forceinline__ void nd_gemm_fetch(const float* __restrict__ A, const float* __restrict__ B,
+                                              int i0, int j0, int k0, int kend,
+                                              float (&ra)[G::BM * G::BK / 256], float (&rb)[G::BK * G::BN / 256]) {
+    constexpr int BM = G::BM, BN = G::BN, BK = G::BK;
+#pragma unroll
+    for (int q = 0; q < BM * BK / 256; ++q) {
+        const int e = threadIdx.x + q * 256;
+        const int i = G::TA ? e % BM : e / BK;            // threads run along A's contiguous axis
+        const int k = G::TA ? e / BM : e % BK;
+        const int gi = i0 + i, gk = k0 + k;
+        float v = 0.f;
+        if (gi < G::M && gk < kend) {
+            const int r = gk / G::K, kk = gk - r * G::K;
+            v = A[(nd_i64)r * G::RA + (G::TA ? (nd_i64)kk * G::LDA + gi : (nd_i64)gi * G::LDA + kk)];
+        }
+        ra[q] = v;
+    }
+#pragma unroll
+    for (int q = 0; q < BK * BN / 256; ++q) {
+        const int e = threadIdx.x + q * 256;
+        const int j = G::TB ? e / BK : e % BN;
+        const int k = G::TB ? e % BK : e / BN;
+        const int gj = j0 + j, gk = k0 + k;
+        float v = 0.f;
+        if (gj < G::N && gk < kend) {
+            const int r = gk / G::K, kk = gk - r * G::K;
+            v = B[(nd_i64)r * G::RB + (G::TB ? (nd_i64)gj * G::LDB + kk : (nd_i64)kk * G::LDB + gj)];
+        } else if (G::BIAS == 3 && gj == G::N && gk < kend) {
+            v = 1.f;
+        }
+        rb[q] = v;
+    }
+}
+
+template <class G>
 __device__ __forceinline__ void nd_gemm(const float* __restrict__ A, const float* __restrict__ B, float* C,
-                                        const float* __restrict__ bias, const float* __restrict__ aux,
+                                        float* bias, const float* __restrict__ aux,
                                         float* __restrict__ ws, unsigned* __restrict__ sems, float slope) {
     constexpr int BM = G::BM, BN = G::BN, BK = G::BK, TM = BM / 16, TN = BN / 16;
     constexpr int KT = G::R * G::K;
+    constexpr int NE = G::BIAS == 3 ? G::N + 1 : G::N;   // columns, with the ones column
     __shared__ float As[BK][BM + 1];
     __shared__ float Bs[BK][BN + 1];
     __shared__ unsigned s_last;
@@ -121,32 +159,21 @@ __device__ __forceinline__ void nd_gemm(const float* __restrict__ A, const float
 #pragma unroll
         for (int n = 0; n < TN; ++n) acc[m][n] = 0.f;
 
+    float ra[BM * BK / 256], rb[BK * BN / 256];
+    nd_gemm_fetch<G>(A, B, i0, j0, kbeg, kend, ra, rb);
     for (int k0 = kbeg; k0 < kend; k0 += BK) {
 #pragma unroll
-        for (int e = tid; e < BM * BK; e += 256) {
-            const int i = G::TA ? e % BM : e / BK;        // threads run along A's contiguous axis
-            const int k = G::TA ? e / BM : e % BK;
-            const int gi = i0 + i, gk = k0 + k;
-            float v = 0.f;
-            if (gi < G::M && gk < kend) {
-                const int r = gk / G::K, kk = gk - r * G::K;
-                v = A[(nd_i64)r * G::RA + (G::TA ? (nd_i64)kk * G::LDA + gi : (nd_i64)gi * G::LDA + kk)];
-            }
-            As[k][i] = v;
+        for (int q = 0; q < BM * BK / 256; ++q) {
+            const int e = tid + q * 256;
+            As[G::TA ? e / BM : e % BK][G::TA ? e % BM : e / BK] = ra[q];
         }
 #pragma unroll
-        for (int e = tid; e < BK * BN; e += 256) {
-            const int j = G::TB ? e / BK : e % BN;
-            const int k = G::TB ? e % BK : e / BN;
-            const int gj = j0 + j, gk = k0 + k;
-            float v = 0.f;
-            if (gj < G::N && gk < kend) {
-                const int r = gk / G::K, kk = gk - r * G::K;
-                v = B[(nd_i64)r * G::RB + (G::TB ? (nd_i64)gj * G::LDB + kk : (nd_i64)kk * G::LDB + gj)];
-            }
-            Bs[k][j] = v;
+        for (int q = 0; q < BK * BN / 256; ++q) {
+            const int e = tid + q * 256;
+            Bs[G::TB ? e % BK : e / BN][G::TB ? e / BK : e % BN] = rb[q];
         }
         __syncthreads();
+        if (k0 + BK < kend) nd_gemm_fetch<G>(A, B, i0, j0, k0 + BK, kend, ra, rb);   // in flight meanwhile
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
             float a[TM], bb[TN];
@@ -179,8 +206,10 @@ __device__ __forceinline__ void nd_gemm(const float* __restrict__ A, const float
         for (int m = 0; m < TM; ++m)
 #pragma unroll
             for (int n = 0; n < TN; ++n) {
+                const float* p = part + (ty + 16 * m) * BN + tx + 16 * n;
                 float v = 0.f;
-                for (int q = 0; q < G::SPLITS; ++q) v += __ldcg(part + q * (BM * BN) + (ty + 16 * m) * BN + tx + 16 * n);
+#pragma unroll 8
+                for (int q = 0; q < G::SPLITS; ++q) v += __ldcg(p + q * (BM * BN));
                 acc[m][n] = v;
             }
         if (tid == 0) sems[b * tiles + tile] = 0u;      // ready for the next launch (and replay)
@@ -193,9 +222,13 @@ __device__ __forceinline__ void nd_gemm(const float* __restrict__ A, const float
 #pragma unroll
         for (int n = 0; n < TN; ++n) {
             const int gj = j0 + tx + 16 * n;
-            if (gj >= G::N) continue;
-            const nd_i64 o = (nd_i64)gi * G::LDC + gj;
+            if (gj >= NE) continue;
             float v = acc[m][n];
+            if (G::BIAS == 3 && gj == G::N) {             // the bias gradient column
+                bias[gi] = G::BETA ? bias[gi] + v : v;
+                continue;
+            }
+            const nd_i64 o = (nd_i64)gi * G::LDC + gj;
             if (G::BETA) v += C[o];
             if (G::BIAS == 1) v += bias[gi];
             if (G::BIAS == 2) v += bias[gj];
@@ -285,29 +318,27 @@ __device__ __forceinline__ void nd_avepool_bwd(const float* __restrict__ dy, flo
 }
 
 // ---- bias gradients ---------------------------------------------------------------------------
-// db[m] += sum over n, p of dy[n][m][p]; grid (M, SPLITS), each block a range of n.
-template <int N, int M, int P, int SPLITS>
+// db[m] (+)= sum over n, p of dy[n][m][p]: one block per m, a fixed order (no atomics). Used only
+// when the bias gradient cannot ride in the weight-gradient GEMM (a frozen weight).
+template <int N, int M, int P, bool ACC>
 __device__ __forceinline__ void nd_bias_grad(const float* __restrict__ dy, float* __restrict__ db) {
-    constexpr int CH = (N + SPLITS - 1) / SPLITS;
-    const int m = blockIdx.x, n0 = blockIdx.y * CH;
-    const int n1 = n0 + CH < N ? n0 + CH : N;
-    const int cnt = n1 > n0 ? (n1 - n0) * P : 0;
+    const int m = blockIdx.x;
     float acc = 0.f;
-    for (int e = threadIdx.x; e < cnt; e += blockDim.x) {
-        const int n = n0 + e / P, p = e % P;
+    for (int e = threadIdx.x; e < N * P; e += blockDim.x) {
+        const int n = e / P, p = e % P;
         acc += dy[(n * M + m) * P + p];
     }
     acc = nd_block_sum(acc);
-    if (threadIdx.x == 0 && cnt > 0) atomicAdd(db + m, acc);
+    if (threadIdx.x == 0) db[m] = ACC ? db[m] + acc : acc;
 }
 
-// db[j] += sum over n of dy[n][j] (an InnerProduct's bias): one thread per column, in order.
-template <int N, int M>
+// db[j] (+)= sum over n of dy[n][j] (an InnerProduct's bias): one thread per column, in order.
+template <int N, int M, bool ACC>
 __device__ __forceinline__ void nd_col_sum(const float* __restrict__ dy, float* __restrict__ db) {
     ND_FOR(j, M) {
         float s = 0.f;
         for (int n = 0; n < N; ++n) s += dy[n * M + j];
-        db[j] += s;
+        db[j] = ACC ? db[j] + s : s;
     }
 }
 
@@ -429,9 +460,15 @@ extern "C" __global__ void nd_sgd_update(float* __restrict__ w, float* __restric
                                          int policy, double base, double gamma, double power, int stepsize,
                                          int max_iter, int nsteps, float momentum, double weight_decay, int l1) {
     const nd_i64 off = ptab_i[2 * blockIdx.y], cnt = ptab_i[2 * blockIdx.y + 1];
-    const double rate = nd_learning_rate(policy, counter[0], base, gamma, power, stepsize, max_iter, steps, nsteps);
-    const float local_rate = (float)(rate * ptab_f[2 * blockIdx.y]);
-    const float local_decay = (float)(weight_decay * ptab_f[2 * blockIdx.y + 1]);
+    if ((nd_i64)blockIdx.x * blockDim.x >= cnt) return;
+    __shared__ float s_rate[2];
+    if (threadIdx.x == 0) {                // the lr once per block, in double as the host computes it
+        const double rate = nd_learning_rate(policy, counter[0], base, gamma, power, stepsize, max_iter, steps, nsteps);
+        s_rate[0] = (float)(rate * ptab_f[2 * blockIdx.y]);
+        s_rate[1] = (float)(weight_decay * ptab_f[2 * blockIdx.y + 1]);
+    }
+    __syncthreads();
+    const float local_rate = s_rate[0], local_decay = s_rate[1];
     for (nd_i64 e = (nd_i64)blockIdx.x * blockDim.x + threadIdx.x; e < cnt; e += (nd_i64)gridDim.x * blockDim.x) {
         const nd_i64 o = off + e;
         const float wv = w[o];

@@ -57,6 +57,10 @@ class Program:
     launches: list[Launch]
     tensors: dict[str, Tensor]
     outputs: list[str] = field(default_factory=list)     # test programs: accumulator names in order
+    sems: int = 0                # split-K tickets the GEMMs need
+    data: list = field(default_factory=list)             # (data layer, split) per gather
+    window: int = 1              # rows of the batch-index window (iterations ahead)
+    counter: int = 0             # which device counter this program advances
     arena_bytes: int = 0
 
     def refs(self, launch: Launch):
@@ -127,22 +131,27 @@ class Tiling:
 
 def choose_tiling(m: int, n: int, kt: int, batch: int, sms: int = SMS) -> Tiling:
     """Pick a tile (BM x BN x BK) and a split of the reduction for an M x N x KT GEMM repeated
-    `batch` times: enough blocks to fill the GPU (about two per SM), little padding waste, and
-    no split with fewer than 64 reduction steps. A cost model, not a search on the device."""
+    `batch` times, by a cost model in cycles: each k-tile of a block costs the larger of its
+    instructions (times the warps sharing its SM, over 4 schedulers) and a global load's latency
+    (the next tile is prefetched while this one is multiplied); a split GEMM adds the last block's
+    serial sum of the partial tiles from L2. A model, not a search on the device."""
     bk = 8 if kt <= 32 else 16
     best = None
     for bm, bn in TILES:
+        tm, tn = bm // 16, bn // 16
         tiles = math.ceil(m / bm) * math.ceil(n / bn) * batch
-        splits = 1
-        while tiles * splits < 2 * sms and math.ceil(kt / (splits * 2)) >= 64:
-            splits *= 2
-        kchunk = math.ceil(math.ceil(kt / splits) / bk) * bk
-        splits = math.ceil(kt / kchunk)
-        blocks = tiles * splits
-        waves = math.ceil(blocks / (2 * sms))
-        cost = waves * bm * bn * kchunk + (bm * bn * splits * 8 if splits > 1 else 0) * waves
-        key = (cost, splits, -bm * bn)
-        if best is None or key < best[0]:
-            best = (key, Tiling(bm, bn, bk, splits, kchunk,
-                                (math.ceil(n / bn), math.ceil(m / bm), batch * splits)))
+        for splits in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            kchunk = math.ceil(math.ceil(kt / splits) / bk) * bk
+            real = math.ceil(kt / kchunk)
+            if real < splits and splits > 1:
+                break
+            blocks = tiles * real
+            warps = 8 * min(8, math.ceil(blocks / sms))          # resident warps per SM
+            waves = math.ceil(blocks / (sms * 8))
+            per_ktile = max(bk * (tm * tn + tm + tn + 1) * warps / 4, 600)
+            reduce = tm * tn * math.ceil(real / 8) * 300 + 1000 if real > 1 else 0
+            cost = waves * (kchunk // bk * per_ktile + reduce)
+            key = (cost, real, -bm * bn)
+            if best is None or key < best[0]:
+                best = (key, Tiling(bm, bn, bk, real, kchunk, (math.ceil(n / bn), math.ceil(m / bm), batch * real)))
     return best[1]

@@ -7,7 +7,7 @@ from .. import kernels
 from ..registry import FILLER, F, Layer, Msg, ShapeError, fmt, register, spatial
 
 CONV = Msg("ConvolutionParameter", {
-    "num_output": F(int, None, required=True, doc="the number of filters = the output depth"),
+    "num_output": F(int, None, required=True, doc="the number of filters = the output depth", example="64"),
     "bias_term": F(bool, True),
     "pad": F(int, repeated=True), "kernel_size": F(int, repeated=True), "stride": F(int, repeated=True),
     "dilation": F(int, repeated=True),
@@ -70,10 +70,14 @@ class _ConvBase(Layer):
                              help="reshape the input to 4-D, or use InnerProduct for flat vectors")
         c, g = x[1], self.p.group
         if c is not None and c % g:
+            m = self.p.num_output or c
+            ok = max(d for d in range(1, g + 1) if c % d == 0 and m % d == 0)
             raise ShapeError("E0302", f"{self.type} '{self.name}': input depth {c} is not divisible by "
                              f"group {g}", field="group", involves=(0,),
-                             help=f"use a group that divides {c} (e.g. "
-                                  f"{max(d for d in range(1, g + 1) if c % d == 0)}), or change the input depth")
+                             notes=[f"group {g} splits the input's {c} channels and the {m} filters into {g} equal "
+                                    "groups"],
+                             help=f"use `group: {ok}` (it divides both the input depth {c} and num_output {m}), "
+                                  f"or make the input depth a multiple of {g}")
         fd = self.p.filter_depth
         if fd is not None and c is not None and fd != c // g:
             raise ShapeError("E0301", f"{self.type} '{self.name}' filter depth {fd} does not match input "
@@ -140,10 +144,12 @@ class Deconvolution(_ConvBase):
         for axis, n, k, s, p, d in (("height", x[2], kh, sh, ph, dh), ("width", x[3], kw, sw, pw, dw)):
             o = None if n is None else kernels.deconv_out_size(n, k, s, p, d)
             if o is not None and o <= 0:
-                raise ShapeError("E0401", f"Deconvolution '{self.name}' output {axis} is {o}", field="pad",
+                most = max((s * (n - 1) + d * (k - 1)) // 2, 0)
+                raise ShapeError("E0401", f"Deconvolution '{self.name}' output {axis} is {o}: pad {p} crops away "
+                                 f"all {o + 2 * p} pixels it makes", field="pad",
                                  involves=(0,), notes=[f"out = stride*(in-1) + dilation*(k-1)+1 - 2*pad = "
                                                        f"{s}*({n}-1) + {d * (k - 1) + 1} - 2*{p} = {o}"],
-                                 help="reduce `pad`")
+                                 help=f"use `pad: {most}`{' or less' if most else ''}, or a larger kernel or stride")
             out.append(o)
         m, g, c = self.p.num_output, self.p.group, x[1]
         self.param_shapes = [(c, m // g, kh, kw)] + ([(m,)] if self.p.bias_term else [])

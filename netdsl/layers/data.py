@@ -241,23 +241,25 @@ class DigitScenes(_DataLayer):
     def load_state(self, state):
         self.cursor = int(state["cursor"])
 
-    def feed(self, image, gt_boxes=None) -> None:
+    def feed(self, image, gt_boxes=None, im_size=None) -> None:
         """Make the next forward return `image` ((C, H, W) float in [0, 1], any H and W) with
-        `gt_boxes` (G x 5, default none) and im_info (H, W, 1) instead of the next scene; the
-        cursor does not move. Used by `netdsl propose --image`."""
+        `gt_boxes` (G x 5, default none) instead of the next scene; the cursor does not move.
+        im_info is (H, W, 1), or im_size (h, w) when the image is padded beyond the picture
+        (proposals are clipped to im_info). Used by `netdsl propose --image`."""
         image = np.asarray(image, np.float32)
         if image.ndim != 3 or image.shape[0] != self.p.channels:
             raise ValueError(f"DigitScenes '{self.name}' needs a ({self.p.channels}, H, W) image, got {image.shape}")
         gt = np.zeros((0, 5), np.float32) if gt_boxes is None else np.asarray(gt_boxes, np.float32).reshape(-1, 5)
-        self._fed = (image, gt)
+        self._fed = (image, gt, tuple(im_size) if im_size is not None else image.shape[1:])
 
     def forward(self, xp, bottoms, params):
         if getattr(self, "_fed", None) is not None:
-            (image, gt), self._fed = self._fed, None
+            (image, gt, (h, w)), self._fed = self._fed, None
         else:
             image, gt = self.scenes.scene(self.cursor)
             self.cursor += 1
-        info = np.array([[image.shape[1], image.shape[2], 1.0]], np.float32)
+            h, w = image.shape[1:]
+        info = np.array([[h, w, 1.0]], np.float32)
         return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..registry import FILLER, F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
 
 IP = Msg("InnerProductParameter", {
-    "num_output": F(int, None, required=True, doc="the number of outputs"),
+    "num_output": F(int, None, required=True, doc="the number of outputs", example="10"),
     "bias_term": F(bool, True), "weight_filler": F(FILLER), "bias_filler": F(FILLER),
     "axis": F(int, 1), "transpose": F(bool, False),
     # netdsl extension: pin the input size K so the checker catches a resolution change upstream

@@ -14,13 +14,18 @@ FLT_MIN = float(np.finfo(np.float32).tiny)
 
 def _label_count_error(layer, what: str, pred: tuple, axis: int, labels: tuple, need: int, have: int):
     outer, inner = count(pred, 0, axis), count(pred, axis + 1)
-    return ShapeError("E0360", f"{layer.type} '{layer.name}': {have} labels for {need} predictions",
-                      involves=(0, 1),
-                      notes=[f"predictions '{layer.spec.bottoms[0]}' {fmt(pred)} with classes on axis {axis}: "
-                             f"{outer} (axes before {axis}) x {inner} (axes after) = {need} {what}",
-                             f"labels '{layer.spec.bottoms[1]}' {fmt(labels)} hold {have} values"],
-                      help=f"give one label per prediction: reshape the labels to {need} values, or check "
-                           "that both come from the same batch size (and `axis`)")
+    p, lab = layer.spec.bottoms[0], layer.spec.bottoms[1]
+    notes = [f"the classes are on axis {axis} of '{p}' ({pred[axis]} classes), so it holds {outer} (the axes before "
+             f"{axis}) x {inner} (the axes after) = {need} {what}, each needing one label",
+             f"'{lab}' ({fmt(labels)}) holds {have} label{'s' if have != 1 else ''}"]
+    if pred and labels and pred[0] is not None and labels[0] is not None and pred[0] != labels[0]:
+        help = (f"the batch sizes differ ({pred[0]} vs {labels[0]}): read the scores and the labels from the same "
+                "batch (the same data layer, or equal batch_size)")
+    else:
+        help = (f"give one label per prediction: {need} labels, e.g. a blob of shape "
+                f"{fmt(tuple(pred[:axis]) + tuple(pred[axis + 1:]))}, or set `axis` to where the classes are")
+    return ShapeError("E0360", f"{layer.type} '{layer.name}': {have} labels for {need} {what}",
+                      involves=(0, 1), notes=notes, help=help)
 
 
 def _normalizer(mode: str, outer: int, inner: int, valid: int) -> float:

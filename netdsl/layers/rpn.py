@@ -231,19 +231,37 @@ class Python(Layer):
         try:
             v = ast.literal_eval("{" + self.p.param_str + "}") if self.p.param_str.strip() else {}
             return v if isinstance(v, dict) else {}
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):   # not a dict literal
             return {}
+
+    def anchor_scales(self) -> tuple:
+        """py-faster-rcnn's anchor layers take `'scales': (8, 16, 32)` in param_str; ratios are fixed."""
+        s = self.options().get("scales", DEFAULT_SCALES)
+        return tuple(s) if isinstance(s, (list, tuple)) else (s,)
+
+    def num_anchors(self) -> int:
+        return len(self.anchor_scales()) * len(DEFAULT_RATIOS)
+
+    def anchor_note(self) -> str:
+        n = len(self.anchor_scales())
+        return (f"A = {n} scales x {len(DEFAULT_RATIOS)} ratios = {self.num_anchors()} anchors per cell (Python layer "
+                f"'{self.name}', {self.qualname()})")
 
     def shape(self, bottoms):
         kind = KNOWN_PYTHON.get(self.qualname())
         opts = self.options()
         if kind == "AnchorTarget" or kind == "Proposal":
-            a = len(opts.get("scales", DEFAULT_SCALES)) * len(DEFAULT_RATIOS)
+            if not bottoms:
+                raise ShapeError("E0202", f"Python layer '{self.name}' ({self.qualname()}) reads the RPN scores as "
+                                 "its first bottom, but has no bottoms", field="module",
+                                 help="give it the bottoms of py-faster-rcnn's layer (scores first)")
+            a = self.num_anchors()
             score = bottoms[0]
             if len(score) == 4 and score[1] is not None and score[1] != 2 * a:
                 raise ShapeError("E0371", f"Python layer '{self.name}' ({self.qualname()}): score input "
                                  f"'{self.spec.bottoms[0]}' has {score[1]} channels but 2 x {a} anchors = {2 * a} "
-                                 "are needed", involves=(0,), help=f"set num_output: {2 * a} on the score head")
+                                 "are needed", involves=(0,), notes=[self.anchor_note()],
+                                 help=f"set num_output: {2 * a} on the score head")
             h, w = (score[2], score[3]) if len(score) == 4 else (None, None)
             if kind == "AnchorTarget":
                 return [(1, 1, None if h is None else a * h, w)] + [(1, 4 * a, h, w)] * 3
@@ -251,9 +269,15 @@ class Python(Layer):
         if kind == "RoIData":
             return [None, (1, 3), (None, 5)][: len(self.spec.tops)]
         if kind == "ProposalTarget":
-            k = int(opts.get("num_classes", 21))
+            k = opts.get("num_classes", 21)
+            k = k if isinstance(k, int) and k > 0 else 21
             return [(None, 5), (None,), (None, 4 * k), (None, 4 * k), (None, 4 * k)][: len(self.spec.tops)]
+        same = ",".join("?" if d is None else str(d) for d in bottoms[0]) if bottoms else "N,C,H,W"
+        flags = " ".join(f"--shape {t}={same}" for t in self.spec.tops)
         raise ShapeError("E0602", f"Python layer '{self.name}' ({self.qualname()}) cannot be checked: netdsl "
                          "does not import or run Python modules named by a net file", field="module",
-                         help="replace it with a built-in layer type, or give its tops' shapes with "
-                              f"--shape ({', '.join(self.spec.tops) or 'no tops'})")
+                         notes=["netdsl knows py-faster-rcnn's layers: "
+                                + ", ".join(sorted(KNOWN_PYTHON))],
+                         help=(f"give the shapes of its tops, e.g. `{flags}` if it keeps its input's shape, or "
+                               "replace it with a built-in layer type") if self.spec.tops else
+                              "replace it with a built-in layer type, or remove it")
