@@ -1,10 +1,9 @@
 """Benchmark: LeNet-sized conv and pooling kernels on the CPU, against PyTorch when it imports.
 
-Run: python benchmarks/kernels_cpu.py [--repeat 50] [--threads 2]
+Run: python -m benchmarks.kernels_cpu [--repeat 50] [--threads 2]   (from the repository root)
 Prints milliseconds per call (median and best of --repeat) of netdsl.kernels (NumPy, float32,
-batch 64) and of torch.nn.functional on the same inputs with the same thread count. The two are
-called alternately, so a load spike on this shared machine hits both; compare the medians when
-the machine is quiet, the bests when it is not.
+batch 64) and of torch.nn.functional on the same inputs with the same thread count. On a shared
+machine compare the medians when it is quiet, the bests when it is not.
 """
 from __future__ import annotations
 
@@ -54,6 +53,35 @@ def netdsl_steps(x, W, b, need_dx):
     return fwd, fwd_bwd
 
 
+def netdsl_chain(cases):
+    """conv1 -> pool1 -> conv2 -> pool2 forward, then backward in reverse, as in training."""
+    (_, x, W1, b1, _), _, (_, _, W2, b2, _), _ = cases
+
+    def step():
+        y1, c1 = K.conv2d_forward(np, x, W1, b1)
+        p1, q1 = K.pool2d_forward(np, y1, "max", 2, 2, 2, 2)
+        y2, c2 = K.conv2d_forward(np, p1, W2, b2)
+        p2, q2 = K.pool2d_forward(np, y2, "max", 2, 2, 2, 2)
+        d = K.pool2d_backward(np, np.ones_like(p2), q2)
+        d = K.conv2d_backward(np, d, c2, W2, True)[0]
+        d = K.pool2d_backward(np, d, q1)
+        K.conv2d_backward(np, d, c1, W1, False)
+    return step
+
+
+def torch_chain(torch, cases):
+    F = torch.nn.functional
+    (_, x, W1, b1, _), _, (_, _, W2, b2, _), _ = cases
+    tx = torch.from_numpy(x)
+    params = [torch.from_numpy(a).requires_grad_() for a in (W1, b1, W2, b2)]
+
+    def step():
+        y = F.max_pool2d(F.conv2d(tx, params[0], params[1]), 2, 2)
+        y = F.max_pool2d(F.conv2d(y, params[2], params[3]), 2, 2)
+        y.backward(torch.ones_like(y))
+    return step
+
+
 def torch_steps(torch, x, W, b, need_dx):
     F = torch.nn.functional
     tx = torch.from_numpy(x).requires_grad_(need_dx)
@@ -76,18 +104,17 @@ def torch_steps(torch, x, W, b, need_dx):
     return fwd, fwd_bwd
 
 
-def time_ms(fns, repeat: int) -> list[tuple[float, float]]:
-    """(median, best) ms per call of each function, called in turn so load spikes hit all alike."""
-    for fn in fns:
+def time_ms(fn, repeat: int) -> tuple[float, float]:
+    """(median, best) ms per call. Each library runs in its own block: OpenBLAS and torch's
+    OpenMP pool both spin-wait after a call, so interleaving them would time each other's spin."""
+    for _ in range(5):
         fn()
-        fn()
-    times = [[] for _ in fns]
+    times = []
     for _ in range(repeat):
-        for fn, ts in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - start)
-    return [(float(np.median(ts)) * 1e3, min(ts) * 1e3) for ts in times]
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3, min(times) * 1e3
 
 
 def main() -> None:
@@ -105,15 +132,20 @@ def main() -> None:
     print(f"{'kernel':22} {'pass':8} {'netdsl':>16} {'torch':>16} {'ratio':>12}")
     totals = np.zeros((2, 2))
     nan = (float("nan"), float("nan"))
-    for name, x, W, b, need_dx in lenet_cases(np.random.default_rng(0)):
+    cases = lenet_cases(np.random.default_rng(0))
+    for name, x, W, b, need_dx in cases:
         ours = netdsl_steps(x, W, b, need_dx)
         theirs = torch_steps(torch, x, W, b, need_dx) if torch else (None, None)
         for label, mine, peer in zip(("fwd", "fwd+bwd"), ours, theirs):
-            a, t = time_ms([mine, peer], args.repeat) if peer else (time_ms([mine], args.repeat)[0], nan)
+            a = time_ms(mine, args.repeat)
+            t = time_ms(peer, args.repeat) if peer else nan
             if label == "fwd+bwd":
                 totals += (a, t)
             print(row(name, label, a, t))
-    print(row("total", "fwd+bwd", *totals))
+    print(row("sum of the above", "fwd+bwd", *totals))
+    chain = time_ms(netdsl_chain(cases), args.repeat)
+    print(row("conv1..pool2 chained", "fwd+bwd", chain,
+              time_ms(torch_chain(torch, cases), args.repeat) if torch else nan))
 
 
 def row(name, label, ours, theirs) -> str:

@@ -25,12 +25,11 @@ os.environ.setdefault("CUPY_TF32", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from netdsl.backend import get_backend  # noqa: E402
-from netdsl.gpu.runtime import take_batches  # noqa: E402
-from netdsl.solver import learning_rate  # noqa: E402
-from netdsl.train import Trainer  # noqa: E402
+from netdsl.backend import get_backend
+from netdsl.gpu.runtime import take_batches
+from netdsl.train import Trainer
 
 SOLVER = str(ROOT / "nets" / "lenet_solver.net")
 BATCH = 64
@@ -212,37 +211,51 @@ def torch_eager_runner(torch, model, state, data):
     return step, reset
 
 
+def caffe_sgd_module(torch, model):
+    """Caffe's SGD update (lr on the device from an iteration tensor) as a module whose momentum
+    and iteration are buffers: static inputs, so reduce-overhead may capture their mutation."""
+    class CaffeSGD(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.mults = [2.0 if n.endswith("bias") else 1.0 for n, _ in model.named_parameters()]
+            for i, p in enumerate(model.parameters()):
+                self.register_buffer(f"h{i}", torch.zeros_like(p))
+            self.register_buffer("it", torch.zeros((), device="cuda"))
+
+        def forward(self, grads):
+            rate = 0.01 * (1 + 1e-4 * self.it) ** -0.75
+            for i, (p, g, m) in enumerate(zip(self.model.parameters(), grads, self.mults)):
+                h = getattr(self, f"h{i}")
+                h.mul_(0.9).add_((g + 5e-4 * p) * (rate * m))
+                p.sub_(h)
+            self.it.add_(1)
+
+        def reset(self):
+            for b in self.buffers():
+                b.zero_()
+    return CaffeSGD()
+
+
 def torch_compiled_runner(torch, model, state, data, mode):
-    """torch.compile of the forward+loss (its backward through AOTAutograd) and of a Caffe SGD
-    update whose lr is computed on the device from an iteration tensor (no recompiles)."""
+    """torch.compile of the forward+loss (its backward through AOTAutograd) and of the Caffe SGD
+    update module (no recompiles: the lr is a device tensor)."""
     x, y, _, _, idx = data
     F = torch.nn.functional
     params = list(model.parameters())
-    mults = [2.0 if n.endswith("bias") else 1.0 for n, _ in model.named_parameters()]
-    hist = [torch.zeros_like(p) for p in params]
-    it_t = torch.zeros((), device="cuda", dtype=torch.float32)
+    opt = caffe_sgd_module(torch, model)
 
     def fwd(b):
         return F.cross_entropy(model(x[b]), y[b])
 
-    def update(grads):
-        rate = 0.01 * (1 + 1e-4 * it_t) ** -0.75
-        for p, g, h, m in zip(params, grads, hist, mults):
-            d = (g + 5e-4 * p) * (rate * m)
-            h.mul_(0.9).add_(d)
-            p.sub_(h)
-        it_t.add_(1)
-
     kw = {} if mode == "default" else {"mode": mode}
     fwd_c = torch.compile(fwd, **kw)
-    upd_c = torch.compile(update, **kw)
+    upd_c = torch.compile(opt, **kw)
 
     def reset():
         with torch.no_grad():
             load_state(torch, model, state)
-            for h in hist:
-                h.zero_()
-            it_t.zero_()
+            opt.reset()
 
     def step(i):
         if mode == "reduce-overhead":
@@ -252,6 +265,47 @@ def torch_compiled_runner(torch, model, state, data, mode):
         with torch.no_grad():
             upd_c(grads)
         return loss
+    return step, reset
+
+
+def torch_graph_runner(torch, model, state, data):
+    """PyTorch's strongest hand: the whole step (gather, forward, backward, Caffe SGD with the lr
+    on the device) captured once with torch.cuda.graph and replayed; cuDNN and cuBLAS inside."""
+    x, y, _, _, idx = data
+    F = torch.nn.functional
+    params = list(model.parameters())
+    opt = caffe_sgd_module(torch, model)
+    at = torch.zeros(1, dtype=torch.long, device="cuda")        # the iteration, indexing idx
+
+    def body():
+        b = torch.index_select(idx, 0, at).squeeze(0)
+        loss = F.cross_entropy(model(x[b]), y[b])
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            opt(grads)
+            at.add_(1)
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                # warm-up off the capture stream, as the docs say
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = body()
+
+    def reset():
+        with torch.no_grad():
+            load_state(torch, model, state)
+            opt.reset()
+            at.zero_()
+
+    def step(i):
+        graph.replay()
+        return loss
+    reset()
     return step, reset
 
 
@@ -293,7 +347,7 @@ def torch_bench(name, torch, make, state, data, iters, full):
         model.eval()
         acc = torch_accuracy(torch, model, data)
         model.train()
-        RESULTS[name + " 10k"] = {"train_s": wall, "accuracy": acc, "last_loss": float(loss)}
+        RESULTS[name + " 10k"] = {"train_s": wall, "accuracy": acc, "last_loss": float(loss.detach())}
         print(f"{name}: 10,000 iterations in {wall:.2f} s; test accuracy {acc:.4f}", flush=True)
 
 
@@ -334,6 +388,7 @@ def main(argv=None):
                               lambda m: torch_compiled_runner(torch, m, state, data, "default"), False),
                              ("torch.compile reduce-overhead",
                               lambda m: torch_compiled_runner(torch, m, state, data, "reduce-overhead"), True)]
+            variants += [("PyTorch + manual CUDA graph", lambda m: torch_graph_runner(torch, m, state, data), True)]
             for label, make, full in variants:
                 try:
                     torch_bench(label, torch, make, state, data, args.iters, full)

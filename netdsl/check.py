@@ -29,7 +29,11 @@ def check(ast: Message, phase: str = "TRAIN", stages=(), level: int = 0, hints: 
     shapes = shapes_mod.infer(g, dict(hints or {}), c)
     shapes_mod.check_param_specs(g, c)
     shapes_mod.check_shared_params(g, c)
-    shapes_mod.check_anchors(g, c)
+    others = ()
+    if any(shapes_mod._anchor_layer(n.layer) for n in g.nodes):     # RPN nets: see every phase's heads
+        other = "TEST" if phase.upper() == "TRAIN" else "TRAIN"
+        others = (graph_mod.build(ast, other, tuple(stages), level, Collector()),)
+    shapes_mod.check_anchors(g, c, others)
     if weights:
         shapes_mod.check_weights(g, load_weights(weights), weights, c)
     if not c.errors:

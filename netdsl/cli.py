@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--werror", action="store_true", help="fail (exit 2) on warnings too")
     # the phase defaults to TEST for a net and TRAIN for a solver (see check.check_path)
     p.set_defaults(func=cmd_check, phase=None)
+    next(a for a in p._actions if a.dest == "phase").help = \
+        "which phase's net to build (default: test for a net, as Caffe's NetState; train for a solver)"
 
     from . import commands
     commands.add_parsers(sub, _common)

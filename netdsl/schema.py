@@ -189,15 +189,31 @@ def _span(af: AstField) -> Pos:
     return p
 
 
+_TEMPLATES: dict[int, tuple[dict, list]] = {}
+
+
+def _template(schema: Msg) -> tuple[dict, list]:
+    """A schema's default values (sub-messages as shared _Absent markers) and its repeated fields,
+    computed once per schema: a LayerParameter has ~60 fields and a net hundreds of layers."""
+    key = id(schema)
+    hit = _TEMPLATES.get(key)
+    if hit is None or hit[2] is not schema:
+        values = {name: None if f.repeated else (_Absent(f.type) if isinstance(f.type, Msg) else f.default)
+                  for name, f in schema.fields.items()}
+        hit = _TEMPLATES[key] = (values, [n for n, f in schema.fields.items() if f.repeated], schema)
+    return hit[0], hit[1]
+
+
 def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: Pos | None = None,
            label: str | None = None) -> Record:
     """Coerce an AST message against a schema; every problem goes to the collector, located.
     `where` prefixes messages (e.g. "layer 'conv1': "); `label` names the message as written
     (convolution_param), defaulting to its schema's name."""
-    values: dict[str, Any] = {}
+    template, repeated = _template(schema)
+    values: dict[str, Any] = dict(template)
+    for name in repeated:
+        values[name] = []
     poss: dict[str, Pos] = {}
-    for name, f in schema.fields.items():
-        values[name] = [] if f.repeated else (_Absent(f.type) if isinstance(f.type, Msg) else f.default)
     if m is None:                 # an absent message: all defaults, nothing required
         return Record(schema, values, poss, pos, None)
     label = label or schema.name

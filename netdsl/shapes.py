@@ -305,13 +305,19 @@ def _anchor_layer(layer):
     return None
 
 
+def _who(node, kind: str) -> str:
+    if node.layer.type == "Python":
+        return f"Python layer '{node.name}' (py-faster-rcnn's {kind}Layer)"
+    return f"{kind} '{node.name}'"
+
+
 def _anchor_note(reached) -> str:
     """'A = 4 scales x 3 ratios = 12 anchors per cell, set by AnchorTarget 'x' at f:1:2 and ...'"""
     seen = {}
     for r in reached:
         seen.setdefault(r[0].name, r)
     a, how = reached[0][1], reached[0][2]
-    who = " and ".join(f"{r[4]} '{name}' at {r[3]}" for name, r in seen.items())
+    who = " and ".join(f"{_who(r[0], r[4])} at {r[3]}" for name, r in seen.items())
     return f"A = {how} = {a} anchors per cell, set by {who}"
 
 
@@ -355,44 +361,39 @@ def _anchor_disagreement(g: Graph, anchors, c: Collector) -> None:
     for x in odd:
         if x[1] == ref[1]:
             continue
-        others = f"{ref[4]} '{ref[0].name}'" + (" and the RPN heads" if agree else "")
-        c.error("E0375", f"{x[4]} '{x[0].name}' uses {x[1]} anchors per cell, but {others} use {ref[1]}", x[3],
-                notes=[f"{y[4]} '{y[0].name}': A = {y[2]} = {y[1]} (at {y[3]})" for y in (ref, x)],
-                help=f"give {x[4]} '{x[0].name}' the same scales and ratios as {ref[4]} '{ref[0].name}' "
+        others = _who(ref[0], ref[4]) + (" and the RPN heads" if agree else "")
+        c.error("E0375", f"{_who(x[0], x[4])} uses {x[1]} anchors per cell, but {others} use {ref[1]}", x[3],
+                notes=[f"{_who(y[0], y[4])}: A = {y[2]} = {y[1]} (at {y[3]})" for y in (ref, x)],
+                help=f"give {_who(x[0], x[4])} the same scales and ratios as {_who(ref[0], ref[4])} "
                      f"({ref[2]}), or change every anchor layer and the heads together")
         if x[0] in g.failed and g.failed[x[0]].code == "E0371":      # the same mismatch, said better
             c.diagnostics[:] = [d for d in c.diagnostics if d is not g.failed[x[0]]]
 
 
-def check_anchors(g: Graph, c: Collector) -> None:
-    from .graph import _field_pos
+def _anchor_places(g: Graph):
+    """The anchor layers of a graph, and every place that hard-codes their count A."""
     anchors = []                                   # (node, A, how, pos, kind)
     for node in g.nodes:
         info = _anchor_layer(node.layer)
         if info is not None:
             anchors.append((node, *info))
-    if not anchors:
-        return
-    counts = {x[1] for x in anchors}
-    if len(counts) > 1:
-        _anchor_disagreement(g, anchors, c)
-    # place -> {"kind", "node", "per", "role", "reached": [(anchor node, A, how, pos, kind, via)]}
+    # place -> {"kind", "node", "per", "role", "reached": [(anchor node, A, how, pos, kind, target, via)]}
     places: dict = {}
 
     def add(key, reach, **kw):
         places.setdefault(key, {**kw, "reached": []})["reached"].append(reach)
 
     for node, a, how, apos, kind in anchors:
-        heads = [(node.bottoms[0], 2, "score head", f"{kind} '{node.name}' (bottom 0)")] if node.bottoms else []
+        who = _who(node, kind)
+        heads = [(node.bottoms[0], 2, "score head", f"{who} (bottom 0)")] if node.bottoms else []
         if kind == "Proposal" and len(node.bottoms) > 1:
-            heads.append((node.bottoms[1], 4, "box head", f"{kind} '{node.name}' (bottom 1)"))
+            heads.append((node.bottoms[1], 4, "box head", f"{who} (bottom 1)"))
         if kind == "AnchorTarget":
             for top in node.tops[1:2]:                  # the box targets meet the box head in the box loss
                 for user in g.consumers.get(top, []):
                     if user.bottoms and user.bottoms[0] != top:
                         heads.append((user.bottoms[0], 4, "box head",
-                                      f"{user.layer.type} '{user.name}', next to the box targets of {kind} "
-                                      f"'{node.name}'"))
+                                      f"{user.layer.type} '{user.name}', next to the box targets of {who}"))
         for blob, per, role, target in heads:
             conv, chain = _trace_head(g, blob)
             if conv is not None:
@@ -404,6 +405,33 @@ def check_anchors(g: Graph, c: Collector) -> None:
                     if _channel_dim(r) is not None:
                         add(("reshape", r), (node, a, how, apos, kind, target, chain[:chain.index(r)]),
                             kind="reshape", node=r, per=2, role=role)
+    return anchors, places
+
+
+def check_anchors(g: Graph, c: Collector, others: tuple[Graph, ...] = ()) -> None:
+    """The RPN pass. `others` are the same file's graphs in its other phases: a place to edit that
+    only they contain (the Reshape before a TEST-only Proposal) is reported too, so one check
+    lists every edit."""
+    anchors, places = _anchor_places(g)
+    if not anchors:
+        return
+    if len({x[1] for x in anchors}) > 1:
+        _anchor_disagreement(g, anchors, c)
+    here = {pl["node"].layer.spec.pos for pl in places.values()}
+    reported = _report_places(g, places, c)
+    # the errors the shape rules raised for the same mismatch are now explained better: drop them
+    stale = [g.failed[n] for n in reported if n in g.failed and g.failed[n].code in ("E0371", "E0341", "E0340",
+                                                                                   "E0374", "E0360")]
+    if stale:
+        c.diagnostics[:] = [d for d in c.diagnostics if not any(d is s for s in stale)]
+    for other in others:
+        more = {k: pl for k, pl in _anchor_places(other)[1].items() if pl["node"].layer.spec.pos not in here}
+        here |= {pl["node"].layer.spec.pos for pl in more.values()}
+        _report_places(other, more, c, note=f"layer '{{}}' is only in the {other.phase} net (checked here too, so "
+                                            "that every place to edit is listed)")
+
+
+def _report_places(g: Graph, places: dict, c: Collector, note: str | None = None) -> set:
     reported = set()
     for key, pl in places.items():
         wanted = {pl["per"] * r[1] for r in pl["reached"]}
@@ -412,7 +440,7 @@ def check_anchors(g: Graph, c: Collector) -> None:
         want = wanted.pop()
         a = want // pl["per"]
         node = pl["node"]
-        notes = [_anchor_note(pl["reached"])]
+        notes = [_anchor_note(pl["reached"])] + ([note.format(node.name)] if note else [])
         for *_, target, via in pl["reached"][:2]:
             notes.append(f"its output reaches {target}"
                          + (f" through {', '.join(repr(n.name) for n in reversed(via))}" if via else ""))
@@ -441,6 +469,7 @@ def check_anchors(g: Graph, c: Collector) -> None:
             reported.add(r[0])
             reported.update(r[6])
         reported.update(n for r in places.get(("conv", node), {"reached": []})["reached"] for n in r[6])
+    return reported
     # the errors the shape rules raised for the same mismatch are now explained better: drop them
     stale = [g.failed[n] for n in reported if n in g.failed and g.failed[n].code in ("E0371", "E0341", "E0340",
                                                                                    "E0374", "E0360")]

@@ -168,28 +168,37 @@ class _GiveUp(Exception):
     """The fast parser met something it does not expect: let Lark parse (and diagnose) it."""
 
 
+# one findall over the text: (whitespace before, token) pairs, kinds told apart by first character
+_SPLIT = re.compile(r"""([ \t\f\r\n]*)(\#[^\n]*|[-+]?0[xX][0-9a-fA-F]+|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?[fF]?"""
+                    r"""|[A-Za-z_][A-Za-z0-9_.]*|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|[:{}<>\[\],;-])""")
+_KIND = {**dict.fromkeys("0123456789+.", "NUMBER"), **dict.fromkeys('"\'', "STRING"), "#": "COMMENT",
+         **dict.fromkeys("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_", "NAME")}
+
+
 def _tokens(text: str) -> list[tuple]:
-    """(kind, text, line, column, end_column) for every significant token; no token spans lines."""
+    """(kind, text, line, column, end_column) for every significant token; no token spans lines.
+    Punctuation is its own kind ("{", ":", ...)."""
     out = []
     append = out.append
-    match = _TOKEN.match
-    pos, n, line, line_start = 0, len(text), 1, 0
-    while pos < n:
-        m = match(text, pos)
-        if m is None:
-            raise _GiveUp
-        kind = m.lastgroup
-        end = m.end()
-        if kind == "WS":
-            nl = text.count("\n", pos, end)
+    pos, line, line_start = 0, 1, 0
+    kinds = _KIND
+    for ws, tok in _SPLIT.findall(text):
+        if ws:
+            nl = ws.count("\n")
             if nl:
                 line += nl
-                line_start = text.rindex("\n", pos, end) + 1
-        elif kind != "COMMENT":
-            tok = text[pos:end]
+                line_start = pos + ws.rindex("\n") + 1
+            pos += len(ws)
+        n = len(tok)
+        kind = kinds.get(tok[0])
+        if kind is None:
+            kind = "NUMBER" if tok[0] == "-" and n > 1 else tok
+        if kind != "COMMENT":
             col = pos - line_start + 1
-            append((tok if kind == "P" else kind, tok, line, col, col + end - pos))
-        pos = end
+            append((kind, tok, line, col, col + n))
+        pos += n
+    if text[pos:].strip(" \t\f\r\n"):     # findall skipped a character no token matches
+        raise _GiveUp
     return out
 
 

@@ -13,14 +13,14 @@ import pytest
 os.environ.setdefault("CUPY_TF32", "0")          # FP32 GEMMs in CuPy (TF32 off), before cupy loads
 cp = pytest.importorskip("cupy")
 
-from netdsl.backend import cuda_available, get_backend  # noqa: E402
+from netdsl.backend import cuda_available, get_backend
 
 if not cuda_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from netdsl.cli import main  # noqa: E402
-from netdsl.gpu.runtime import CompiledNet  # noqa: E402
-from netdsl.train import Trainer  # noqa: E402
+from netdsl.cli import main
+from netdsl.gpu.runtime import CompiledNet
+from netdsl.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLVER = str(ROOT / "nets" / "lenet_solver.net")

@@ -51,8 +51,8 @@ def compile_trainer(trainer, mode: str):
 
 def run_compiled(tr):
     """Trainer.run for graph mode (same logs, tests, snapshots and result)."""
-    from ..train import Progress, TrainResult, _main_thread
     from ..solver import learning_rate
+    from ..train import Progress, TrainResult, _main_thread
     cfg, step = tr.sf.cfg, tr.compiled
     tr.log(f"Solving {tr.net.plan.name or 'net'} (seed {tr.seed}, {tr.backend.name}, graph mode)")
     tr.log(f"Learning Rate Policy: {cfg.lr_policy}")
