@@ -1,13 +1,18 @@
 """Benchmark: LeNet-sized conv and pooling kernels on the CPU, against PyTorch when it imports.
 
-Run: python -m benchmarks.kernels_cpu [--repeat 50] [--threads 2]   (from the repository root)
+Run: python -m benchmarks.kernels_cpu [--repeat 50] [--threads 2] [--default-malloc]
+(from the repository root)
 Prints milliseconds per call (median and best of --repeat) of netdsl.kernels (NumPy, float32,
 batch 64) and of torch.nn.functional on the same inputs with the same thread count. On a shared
 machine compare the medians when it is quiet, the bests when it is not.
+
+By default glibc malloc is told to keep freed memory (see keep_freed_memory): otherwise every
+large temporary comes back as fresh pages and the page faults cost more than the arithmetic.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import time
 
@@ -16,6 +21,16 @@ import numpy as np
 from netdsl import kernels as K
 
 N = 64
+
+
+def keep_freed_memory() -> bool:
+    """Stop glibc returning big freed blocks to the OS (mmap threshold 32 MiB, no trimming)."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def lenet_cases(rng):
@@ -70,6 +85,7 @@ def netdsl_chain(cases):
 
 
 def torch_chain(torch, cases):
+    """The same chain through torch.nn.functional and autograd."""
     F = torch.nn.functional
     (_, x, W1, b1, _), _, (_, _, W2, b2, _), _ = cases
     tx = torch.from_numpy(x)
@@ -117,17 +133,26 @@ def time_ms(fn, repeat: int) -> tuple[float, float]:
     return float(np.median(times)) * 1e3, min(times) * 1e3
 
 
+def row(name, label, ours, theirs) -> str:
+    pair = "{:7.3f} ({:6.3f})".format
+    ratio = f"{ours[0] / theirs[0]:5.2f} ({ours[1] / theirs[1]:4.2f})"
+    return f"{name:22} {label:8} {pair(*ours)} {pair(*theirs)} {ratio}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is")
     args = ap.parse_args()
+    tuned = not args.default_malloc and keep_freed_memory()
     try:
         import torch
         torch.set_num_threads(args.threads)
     except ImportError:
         torch = None
-    print(f"batch {N}, float32, {args.threads} threads; ms per call, median (best)"
+    print(f"batch {N}, float32, {args.threads} threads, {'tuned' if tuned else 'default'} malloc;"
+          " ms per call, median (best)"
           + ("" if torch else "; torch not importable: no comparison"))
     print(f"{'kernel':22} {'pass':8} {'netdsl':>16} {'torch':>16} {'ratio':>12}")
     totals = np.zeros((2, 2))
@@ -146,12 +171,6 @@ def main() -> None:
     chain = time_ms(netdsl_chain(cases), args.repeat)
     print(row("conv1..pool2 chained", "fwd+bwd", chain,
               time_ms(torch_chain(torch, cases), args.repeat) if torch else nan))
-
-
-def row(name, label, ours, theirs) -> str:
-    pair = "{:7.3f} ({:6.3f})".format
-    ratio = "{:5.2f} ({:4.2f})".format(ours[0] / theirs[0], ours[1] / theirs[1])
-    return f"{name:22} {label:8} {pair(*ours)} {pair(*theirs)} {ratio}"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ duplicate-top, order/cycle, loss-weight, propagate_down and no-loss checks."""
 from __future__ import annotations
 
 import difflib
-from functools import lru_cache
 from dataclasses import dataclass, field
 
 from .errors import Collector, Pos
@@ -18,10 +17,19 @@ SOLVER_FIELDS = {"base_lr", "lr_policy", "max_iter", "net", "train_net", "test_i
                  "snapshot_prefix", "momentum", "weight_decay", "display", "test_interval"}
 
 
-@lru_cache(maxsize=1)
+_NET_SCHEMA: list = [None, None]           # (the LayerParameter schema it was built on, the schema)
+
+
 def net_schema() -> Msg:
+    layer_schema = layer_parameter_schema()
+    if _NET_SCHEMA[0] is not layer_schema:
+        _NET_SCHEMA[:] = [layer_schema, _net_schema(layer_schema)]
+    return _NET_SCHEMA[1]
+
+
+def _net_schema(layer_schema: Msg) -> Msg:
     return Msg("NetParameter", {
-        "name": F(str, ""), "layer": F(layer_parameter_schema(), repeated=True),
+        "name": F(str, ""), "layer": F(layer_schema, repeated=True),
         "input": F(str, repeated=True), "input_shape": F(BLOB_SHAPE, repeated=True),
         "input_dim": F(int, repeated=True), "force_backward": F(bool, False), "debug_info": F(bool, False),
         "state": F(NET_STATE)})
@@ -93,7 +101,10 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
                 help="check the net it trains (its `net:` field), or run `netdsl train` on it")
         return Graph("", phase, file, [], {})
     if ast.get("layers"):
+        n = len(ast.get("layers"))
         c.error("E0206", "V1 `layers { }` blocks (Caffe before 2015) are not supported", ast.get("layers")[0].pos,
+                notes=[f"the file has {n} `layers` block{'s' if n != 1 else ''}; V1 names types by enum "
+                       "(`type: CONVOLUTION`) where current Caffe uses strings (`type: \"Convolution\"`)"],
                 help="upgrade the file with Caffe's upgrade_net_proto_text tool, which writes `layer { }` blocks")
         return Graph("", phase, file, [], {})
     before = len(c.errors)
@@ -138,7 +149,8 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
             continue
         invalid = layer.validate()
         for err in invalid:
-            c.error(err.code, err.message, layer.pos(err.field), notes=err.notes, help=err.help)
+            message = err.message if f"'{layer.name}'" in err.message else f"{layer.type} '{layer.name}': {err.message}"
+            c.error(err.code, message, layer.pos(err.field), notes=err.notes, help=err.help)
         bottoms = []
         ok = not invalid              # a layer with bad params is reported, not shape-checked
         for i, b in enumerate(spec.bottoms):
@@ -335,6 +347,8 @@ def _arity_ok(layer: Layer, c: Collector, known=()) -> bool:
             missing = [roles[i] for i in range(have, min(lo, len(roles)))] if roles else []
             help = (f"add {lo - have} more `{what}:` " + (f"({', '.join(missing)})" if missing else "")).rstrip()
             labels = [b for b in known if "label" in b and b not in names]
+            if layer.type in NARY and names:
+                help += f" (a blob shaped like '{names[0]}')"
             if "the labels" in missing and labels:
                 help += f', e.g. `bottom: "{labels[0]}"`'
             if what == "bottom" and layer.type in NARY:

@@ -69,11 +69,15 @@ def layer_types() -> dict[str, type["Layer"]]:
     return _REGISTRY
 
 
-@lru_cache(maxsize=1)
 def layer_parameter_schema() -> Msg:
     """Caffe's LayerParameter: the common fields plus every registered `<type>_param` message.
-    Built once (after every layer type has registered)."""
+    Built once, and again only if a layer type registers a new message later."""
     layer_types()
+    return _layer_parameter_schema(len(_MESSAGES))
+
+
+@lru_cache(maxsize=4)
+def _layer_parameter_schema(n_messages: int) -> Msg:
     fields = {
         "name": F(str, ""), "type": F(str, ""), "bottom": F(str, repeated=True), "top": F(str, repeated=True),
         "phase": F("enum", None, choices=("TRAIN", "TEST")), "loss_weight": F(float, repeated=True),

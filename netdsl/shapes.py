@@ -67,7 +67,8 @@ def _report(g: Graph, node: Node, e: ShapeError, c: Collector) -> None:
     layer = node.layer
     notes = list(e.notes) + [producer_note(g, node.bottoms[i], layer.bottom_shapes[i]) for i in e.involves
                              if i < len(node.bottoms)]
-    c.error(e.code, e.message, _error_pos(layer, e), notes=notes, help=e.help)
+    message = e.message if f"'{layer.name}'" in e.message else f"{layer.type} '{layer.name}': {e.message}"
+    c.error(e.code, message, _error_pos(layer, e), notes=notes, help=e.help)
     g.failed[node] = c.diagnostics[-1]
 
 
@@ -104,6 +105,12 @@ def _error_pos(layer, e: ShapeError):
     from .graph import _field_pos
     if e.field is None and e.involves:
         return _field_pos(layer.spec.record, "bottom", e.involves[-1]) or layer.spec.pos
+    if e.field and "." not in e.field and e.index is not None:
+        for r in getattr(layer.p, "_records", []):
+            if r.has(e.field) and r._ast is not None:
+                fields = r._ast.get(e.field)
+                if fields:
+                    return _span(fields[min(e.index, len(fields) - 1)])
     if e.field and "." in e.field:
         first, *rest = e.field.split(".")
         rec = getattr(layer.p, first, None) if layer.p.has(first) else None
@@ -219,22 +226,24 @@ def check_weights(g: Graph, weights: dict, path: str, c: Collector) -> None:
             if have == tuple(shape):
                 continue
             notes = [f"{path} has {key} as {fmt(have)}; the net needs {fmt(shape)}"]
+            at = layer.spec.record.pos("name") or layer.spec.pos          # weights are matched by layer name
             if layer.type == "Convolution" and i == 0 and len(have) == 4 and have[1] != shape[1]:
                 notes.append(producer_note(g, node.bottoms[0], layer.bottom_shapes[0]))
                 c.error("E0301", f"Convolution '{layer.name}': the loaded filters have depth {have[1]} but the input "
                         f"depth is {shape[1] * layer.p.group}" + (f" / group {layer.p.group}" if layer.p.group > 1
-                                                                  else ""), layer.spec.pos, notes=notes,
+                                                                  else ""), at, notes=notes,
                         help=f"the weights were trained on a {have[1] * layer.p.group}-deep input: restore that "
                              "input, or rename the layer to learn it from scratch")
             elif layer.type == "InnerProduct" and i == 0 and have[0] == shape[0]:
                 c.error("E0311", f"InnerProduct '{layer.name}': the loaded weights expect {have[-1 if not layer.p.transpose else 0]} "
-                        f"inputs per sample but the net gives {shape[1]}", layer.spec.pos,
+                        f"inputs per sample but the net gives {shape[1]}", at,
                         notes=notes + [producer_note(g, node.bottoms[0], layer.bottom_shapes[0])],
                         help="the input resolution or an upstream num_output changed since training: restore it, "
                              "or rename the layer to learn it from scratch")
             else:
+                only_m = have[1:] == tuple(shape[1:]) and layer.p.has("num_output")
                 c.error("E0305", f"cannot load param {i} of {layer.type} '{layer.name}': shape mismatch",
-                        layer.spec.pos, notes=notes,
+                        layer.pos("num_output") if only_m else at, notes=notes,
                         help="to learn this layer from scratch rather than load it, rename the layer"
                              + (f" (or set num_output: {have[0]})" if have[1:] == tuple(shape[1:]) else ""))
 

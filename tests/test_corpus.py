@@ -294,3 +294,39 @@ def test_cli_subprocess_no_traceback(tmp_path):
                          cwd=REPO, timeout=60)
     assert res.returncode == 2
     assert "error[E0210]" in res.stderr and "Traceback" not in res.stderr and "\033[" not in res.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "nets").glob("*.net")), ids=lambda p: p.name)
+@pytest.mark.parametrize("phase", ["train", "test"])
+def test_repo_nets_check_clean(path, phase):
+    """nets/*.net (solvers included: their train net is checked) have no errors in either phase."""
+    code, out = check_json(path, "--phase", phase)
+    assert code == 0 and out["ok"], out["diagnostics"]
+
+
+def test_solver_checks_its_train_net():
+    code, out = check_json(REPO / "nets" / "lenet_solver.net")
+    assert code == 0 and out["phase"] == "train" and Path(out["net"]).name == "lenet.net"
+    assert any(layer["type"] == "SoftmaxWithLoss" for layer in out["layers"])
+
+
+def test_weights_are_checked_against_param_shapes(tmp_path):
+    np = pytest.importorskip("numpy")
+    w = tmp_path / "w.npz"
+    np.savez(w, **{"conv1/0": np.zeros((20, 3, 5, 5), "f"), "ip1/0": np.zeros((500, 1000), "f"),
+                   "ip2/0": np.zeros((12, 500), "f"), "conv2/0": np.zeros((50, 20, 5, 5), "f")})
+    code, out = check_json(LENET, "--weights", w)
+    assert code == 2
+    got = [(d["code"], d["line"]) for d in out["diagnostics"]]
+    text = LENET.read_text().splitlines()
+    assert [c for c, _ in got] == ["E0301", "E0311", "E0305"]
+    assert 'name: "conv1"' in text[got[0][1] - 1] and 'name: "ip1"' in text[got[1][1] - 1]
+    assert "num_output: 10" in text[got[2][1] - 1]
+    assert "num_output: 12" in out["diagnostics"][2]["help"]
+
+
+def test_compile_reports_check_errors(tmp_path):
+    bad = tmp_path / "bad.net"
+    bad.write_text('layer { name: "a" type: "ReLU" bottom: "nope" top: "a" }\n')
+    code, out, err = run("compile", bad)
+    assert code == 2 and "error[E0210]" in err and not out

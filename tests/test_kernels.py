@@ -13,7 +13,7 @@ xp = np
 # Naive references (float64, written the way Caffe's CPU loops are)
 
 def conv_ref(x, W, b, stride, pad, dil, group):
-    N, C, H, Wd = x.shape
+    N, _, H, Wd = x.shape
     M, Cg, kh, kw = W.shape
     (sh, sw), (ph, pw), (dh, dw) = stride, pad, dil
     oh, ow = K.conv_out_size(H, kh, sh, ph, dh), K.conv_out_size(Wd, kw, sw, pw, dw)
@@ -80,7 +80,7 @@ def max_pool_backward_ref(dy, mask, x_shape):
 
 
 def lrn_across_ref(x, n, alpha, beta, k):
-    N, C, H, W = x.shape
+    C = x.shape[1]
     y = np.zeros_like(x)
     for c in range(C):
         lo, hi = max(0, c - (n - 1) // 2), min(C, c + (n - 1) // 2 + 1)
@@ -408,8 +408,11 @@ def test_softmax_is_stable_for_large_inputs():
 def _cuda():
     try:
         import cupy
+    except ImportError:
+        return None
+    try:
         return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
-    except Exception:            # not installed, or no driver / device
+    except cupy.cuda.runtime.CUDARuntimeError:       # no driver or no device
         return None
 
 

@@ -65,7 +65,7 @@ class _ConvBase(Layer):
 
     def _check_input(self, x):
         if len(x) != 4:
-            raise ShapeError("E0210", f"{self.type} '{self.name}' needs a 4-D N x C x H x W input, "
+            raise ShapeError("E0221", f"{self.type} '{self.name}' needs a 4-D N x C x H x W input, "
                              f"got {len(x)}-D {fmt(x)}", involves=(0,),
                              help="reshape the input to 4-D, or use InnerProduct for flat vectors")
         c, g = x[1], self.p.group
@@ -223,7 +223,7 @@ class Pooling(Layer):
     def shape(self, bottoms):
         x = bottoms[0]
         if len(x) != 4:
-            raise ShapeError("E0210", f"Pooling '{self.name}' needs a 4-D N x C x H x W input, got "
+            raise ShapeError("E0221", f"Pooling '{self.name}' needs a 4-D N x C x H x W input, got "
                              f"{len(x)}-D {fmt(x)}", involves=(0,), help="pool a convolution's output")
         (kh, kw), (sh, sw), (ph, pw) = self.geometry(x)
         ceil = self.p.round_mode == "CEIL"

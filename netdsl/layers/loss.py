@@ -175,7 +175,7 @@ class SmoothL1Loss(_Loss):
 
     def validate(self):
         if len(self.spec.bottoms) == 3:
-            return [ShapeError("E0201", f"SmoothL1Loss '{self.name}' has 3 bottoms; it takes 2 (prediction, "
+            return [ShapeError("E0202", f"SmoothL1Loss '{self.name}' has 3 bottoms; it takes 2 (prediction, "
                                "target) or 4 (and inside and outside weights)",
                                help="add the outside weights as a 4th bottom, or drop the inside weights")]
         return []

@@ -23,7 +23,7 @@ class LRN(Layer):
     def shape(self, bottoms):
         x = bottoms[0]
         if len(x) != 4:
-            raise ShapeError("E0210", f"LRN '{self.name}' needs a 4-D input, got {fmt(x)}", involves=(0,),
+            raise ShapeError("E0221", f"LRN '{self.name}' needs a 4-D input, got {fmt(x)}", involves=(0,),
                              help="apply LRN to a convolution's output")
         return [x]
 
@@ -58,7 +58,7 @@ class BatchNorm(Layer):
     def shape(self, bottoms):
         x = bottoms[0]
         if len(x) < 2:
-            raise ShapeError("E0210", f"BatchNorm '{self.name}' needs at least N x C, got {fmt(x)}", involves=(0,),
+            raise ShapeError("E0221", f"BatchNorm '{self.name}' needs at least N x C, got {fmt(x)}", involves=(0,),
                              help="normalise a 2-D or 4-D blob")
         self.param_shapes = [(x[1],), (x[1],), (1,)]
         return [x]

@@ -104,6 +104,11 @@ class Eltwise(Layer):
             if len(s) != len(ref) or any(a is not None and b is not None and a != b for a, b in zip(s, ref)):
                 notes, hint = [], (f"make every bottom {fmt(ref)}: check num_output and strides of the "
                                    f"branch producing '{self.spec.bottoms[i]}'")
+                src = _source(self, i)
+                if len(s) == len(ref) > 1 and s[1] != ref[1] and s[0] == ref[0] and src is not None \
+                        and src.type in ("Convolution", "InnerProduct") and s[2:] == ref[2:]:
+                    hint = (f"set `num_output: {ref[1]}` on {src.type} '{src.name}', or project '"
+                            f"{self.spec.bottoms[0]}' to {s[1]} channels (e.g. a 1x1 Convolution) before the sum")
                 for ax in range(2, min(len(s), len(ref))):
                     r = _rounding_hint(self, 0, i, ax)
                     if r:
@@ -214,10 +219,17 @@ class Slice(Layer):
             if len(pts) != ntop - 1:
                 raise ShapeError("E0330", f"Slice '{self.name}' has {len(pts)} slice_point for {ntop} tops",
                                  field="slice_point", help=f"give {ntop - 1} slice points for {ntop} tops")
-            if any(b <= a for a, b in zip(pts, pts[1:])) or pts[0] <= 0 or (n is not None and pts[-1] >= n):
-                raise ShapeError("E0331", f"Slice '{self.name}': slice points {pts} are out of range for "
-                                 f"axis {ax} of size {n} ({fmt(x)})", field="slice_point", involves=(0,),
-                                 help=f"use increasing points strictly between 0 and {n}")
+            bad = next((k for k, p in enumerate(pts) if p <= (pts[k - 1] if k else 0)
+                        or (n is not None and p >= n)), None)
+            if bad is not None:
+                p = pts[bad]
+                why = (f"not after the previous point {pts[bad - 1]}" if bad and p <= pts[bad - 1] else
+                       f"outside axis {ax} of size {n}, whose points lie strictly between 0 and {n}")
+                raise ShapeError("E0331", f"Slice '{self.name}': slice_point {p} is {why}", field="slice_point",
+                                 index=bad, involves=(0,),
+                                 notes=[f"slice points {pts} cut axis {ax} of {fmt(x)} into {ntop} pieces"],
+                                 help=f"use increasing points strictly between 0 and {n}"
+                                      + (f", e.g. `slice_point: {n // ntop}`" if ntop == 2 and n and n > 1 else ""))
             sizes = [b - a for a, b in zip([0] + pts, pts + [n])] if n is not None else [None] * ntop
         else:
             if n is not None and n % ntop:
