@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import graph as graph_mod, shapes as shapes_mod
+from . import graph as graph_mod
+from . import shapes as shapes_mod
 from .errors import Collector, Diagnostic, NetdslError
 from .graph import Graph
 from .registry import Shape

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import tune_host_allocator
 from .errors import NetdslError
 from .fillers import fill
 from .plan import Plan
@@ -45,6 +46,8 @@ class Net:
     def __init__(self, plan: Plan, xp=np, dtype=np.float32, seed: int = 0, data_dir: str | None = None,
                  share_from: "Net | None" = None):
         self.plan, self.xp, self.dtype, self.seed = plan, xp, np.dtype(dtype), seed
+        if xp is np:
+            tune_host_allocator()
         shared = share_from.slots if share_from is not None else {}
         self.slots: dict[str, ParamBlob] = {}
         for i, slot in enumerate(plan.params):

@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from .errors import Collector, Pos
-from .registry import BLOB_SHAPE, STATE_RULE, Layer, LayerSpec, layer_parameter_schema, layer_types
+from .registry import BLOB_SHAPE, Layer, LayerSpec, layer_parameter_schema, layer_types
 from .schema import F, Msg, Record, suggest
 from .syntax import Message
 

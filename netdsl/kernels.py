@@ -28,11 +28,12 @@ def deconv_out_size(in_: int, k: int, s: int = 1, p: int = 0, d: int = 1) -> int
     return s * (in_ - 1) + d * (k - 1) + 1 - 2 * p
 
 
-def pool_out_size(in_: int, k: int, s: int = 1, p: int = 0, ceil: bool = True) -> int:
-    """Caffe pooling rounds up by default, so the last window may hang over the input's end."""
+def pool_out_size(in_: int, k: int, s: int = 1, p: int = 0, ceil: bool = True, padded: bool | None = None) -> int:
+    """Caffe pooling rounds up by default, so the last window may hang over the input's end.
+    `padded`: whether the layer pads at all (either axis); Caffe corrects both axes then."""
     span = in_ + 2 * p - k
     out = (-(-span // s) if ceil else span // s) + 1
-    if p > 0 and (out - 1) * s >= in_ + p:
+    if (p > 0 if padded is None else padded) and (out - 1) * s >= in_ + p:
         out -= 1          # but the last window must start inside the input or its leading pad
     return out
 
@@ -324,7 +325,7 @@ def pool2d_forward(xp, x, mode, kh=1, kw=1, sh=1, sw=1, ph=0, pw=0, ceil=True, g
     if global_:
         kh, kw, sh, sw, ph, pw = H, W, 1, 1, 0, 0
     g = PoolGeom(kh, kw, sh, sw, ph, pw, H, W,
-                 pool_out_size(H, kh, sh, ph, ceil), pool_out_size(W, kw, sw, pw, ceil))
+                 pool_out_size(H, kh, sh, ph, ceil, ph or pw), pool_out_size(W, kw, sw, pw, ceil, ph or pw))
     if g.oh == 1 and g.ow == 1 and (kh, kw, ph, pw) == (H, W, 0, 0):
         path = "global"
     elif (kh, kw, sh, sw, ph, pw) == (2, 2, 2, 2, 0, 0) and H % 2 == 0 and W % 2 == 0:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Collector, Pos
-from .syntax import Field as AstField, Message, Scalar, Word
+from .syntax import Field as AstField
+from .syntax import Message, Scalar, Word
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Msg:
     context: tuple[str, str] | None = None
 
     def coerce(self, m: Message | None, c: Collector, where: str = "", pos: Pos | None = None,
-               label: str | None = None) -> "Record":
+               label: str | None = None) -> Record:
         return coerce(self, m, c, where, pos, label)
 
 
@@ -71,7 +72,7 @@ class _Absent:
     messages and a layer reads one or two, so their default records are built only when read."""
     __slots__ = ("schema",)
 
-    def __init__(self, schema: "Msg"):
+    def __init__(self, schema: Msg):
         self.schema = schema
 
 
@@ -253,7 +254,7 @@ def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: P
             if af.name in poss:
                 c.error("E0105", f"{where}`{af.name}` is given twice in {label}", _span(af),
                         notes=[f"first given at {poss[af.name]}"],
-                        help=f"keep one of them; only repeated fields (like `bottom` or `dim`) may be given "
+                        help="keep one of them; only repeated fields (like `bottom` or `dim`) may be given "
                              "more than once")
             values[af.name] = v
             poss[af.name] = _span(af)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .errors import Collector
 from .graph import Graph, Node
-from .registry import ShapeError, Shape, fmt
+from .registry import Shape, ShapeError, fmt
 from .schema import _span, suggest
 
 

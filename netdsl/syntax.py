@@ -27,7 +27,7 @@ class Scalar(NamedTuple):
 
 class Field(NamedTuple):
     name: str
-    value: "Scalar | Message"
+    value: Scalar | Message
     pos: Pos                      # the field name; value.pos is the value
 
 
@@ -46,7 +46,7 @@ def _grammar_path() -> Path:
 
 @lru_cache(maxsize=1)
 def _parser():
-    from lark import Lark          # imported only when needed: the fast path below does not use it
+    from lark import Lark  # imported only when needed: the fast path below does not use it
     return Lark(_grammar_path().read_text(), parser="lalr", propagate_positions=True,
                 maybe_placeholders=False, cache=True)
 
@@ -159,7 +159,7 @@ _TOKEN = re.compile(r"""
 | (?P<NAME>[A-Za-z_][A-Za-z0-9_.]*)
 | (?P<STRING>"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')
 | (?P<P>[:{}<>\[\],;-])
-""", re.X)
+""", re.VERBOSE)
 _CLOSE = {"{": "}", "<": ">"}
 MAX_DEPTH = 100               # deeper nesting is certainly a mistake (and would exhaust the stack)
 

@@ -252,8 +252,8 @@ class _Tty(io.StringIO):
 
 
 def test_colour_only_on_a_terminal(monkeypatch):
-    from netdsl.errors import render_all
     from netdsl.check import check_path
+    from netdsl.errors import render_all
     monkeypatch.delenv("NO_COLOR", raising=False)
     try:
         check_path(str(REPO / "tests" / "diagnostics" / "unknown_bottom.net"))

@@ -7,6 +7,7 @@ NETDSL_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py   # a longer hunt
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import json
@@ -16,7 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from netdsl import syntax
 from netdsl.cli import main
@@ -40,13 +42,14 @@ if REFERENCE.is_dir():
 TEXTS = {p: p.read_text() for p, _ in SOURCES}
 
 TOKEN = re.compile(r"""\s+|\#[^\n]*|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|[A-Za-z_][\w.]*"""
-                   r"""|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|.""", re.S)
+                   r"""|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|.""", re.DOTALL)
 NUMBERS = ["0", "-1", "1", "2", "3", "7", "16", "1000", "2.5", "-5", "1e9", "0x10", "99999999", "-0"]
 WORDS = ["layer", "{", "}", ":", "top", "bottom", '"data"', '"conv1"', "MAX", "true", "[", "]", ",", "-", '"',
          "num_output", "kernel_size", "include", "phase", "TRAIN", "dim", "type", '"Reshape"', '"Python"',
          '"Concat"', '"Eltwise"', "reshape_param", "shape", "pad", "stride", "group", "axis", "scales"]
 
 WORKDIR = Path(tempfile.mkdtemp(prefix="netdsl-fuzz-"))
+atexit.register(shutil.rmtree, WORKDIR, True)
 shutil.copy(REPO / "nets" / "lenet.net", WORKDIR / "lenet.net")       # lenet_solver.net's net
 
 

@@ -597,10 +597,6 @@ def _pool_geom(layer, x):
     return (kh, kw, sh, sw, ph, pw)
 
 
-@pytest.mark.xfail(strict=True, reason="kernels.pool_out_size applies Caffe's last-window correction per axis "
-                   "(`p > 0`), but Caffe applies it to both axes when either pad is non-zero "
-                   "(`if (pad_h_ || pad_w_)`); with pad_h > 0, pad_w = 0 and stride_w > kernel_w netdsl makes one "
-                   "extra column whose window lies wholly outside the input (-inf for MAX)")
 def test_pooling_pad_correction_applies_to_both_axes_when_either_is_padded():
     shape = (1, 1, 4, 5)
     layer = build_layer("Pooling", "pooling_param { pool: MAX kernel_h: 2 kernel_w: 1 stride_h: 1 stride_w: 3 "

@@ -232,7 +232,7 @@ class Pooling(Layer):
             if n is None:
                 out.append(None)
                 continue
-            o = kernels.pool_out_size(n, k, s, p, ceil)
+            o = kernels.pool_out_size(n, k, s, p, ceil, bool(ph or pw))
             if o <= 0 or n + 2 * p < k:
                 rnd = "ceil" if ceil else "floor"
                 raise ShapeError("E0401", f"Pooling '{self.name}' output {axis} is {max(o, 0) if n + 2 * p >= k else 0}:"
