@@ -103,8 +103,8 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
     if ast.get("layers"):
         n = len(ast.get("layers"))
         c.error("E0206", "V1 `layers { }` blocks (Caffe before 2015) are not supported", ast.get("layers")[0].pos,
-                notes=[f"the file has {n} `layers` block{'s' if n != 1 else ''}; V1 names types by enum "
-                       "(`type: CONVOLUTION`) where current Caffe uses strings (`type: \"Convolution\"`)"],
+                notes=[(f"the file has {n} `layers` block{'s' if n != 1 else ''}; V1 names types by enum "
+                        "(`type: CONVOLUTION`) where current Caffe uses strings (`type: \"Convolution\"`)")],
                 help="upgrade the file with Caffe's upgrade_net_proto_text tool, which writes `layer { }` blocks")
         return Graph("", phase, file, [], {})
     before = len(c.errors)
@@ -123,8 +123,8 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
         rec = spec.record
         if rec.include and rec.exclude:
             c.error("E0203", f"layer '{spec.name}' has both include and exclude rules", rec.pos("exclude"),
-                    notes=[f"include at {rec.pos('include')}; Caffe takes one or the other: a layer is either "
-                           "included by rules or excluded by them"],
+                    notes=[(f"include at {rec.pos('include')}; Caffe takes one or the other: a layer is either "
+                            "included by rules or excluded by them")],
                     help="keep only the include rules, or only the exclude rules")
             _keep_names(spec, current)
             continue
@@ -371,8 +371,8 @@ def _unknown_bottom(spec, i, b, current, specs, phase, in_phase, producer_of, c:
         c.error("E0212", f"layer '{spec.name}' reads '{b}' before layer '{producer.name}' produces it"
                 + (" (a cycle)" if cyc else ""), pos,
                 notes=[f"'{b}' is produced by {producer.type} '{producer.name}' at {producer.pos}, later in the file"] +
-                      ([f"layer '{producer.name}' in turn reads '{next(t for t in spec.tops if t in producer.bottoms)}'"
-                        f", an output of layer '{spec.name}': the graph has a cycle"] if cyc else []),
+                      ([(f"layer '{producer.name}' in turn reads '{next(t for t in spec.tops if t in producer.bottoms)}'"
+                         f", an output of layer '{spec.name}': the graph has a cycle")] if cyc else []),
                 help=(f"layers run in file order: move layer '{spec.name}' after layer '{producer.name}'" if not cyc
                       else f"nets are acyclic: one of '{spec.name}' and '{producer.name}' must read another blob"))
         return
@@ -380,8 +380,8 @@ def _unknown_bottom(spec, i, b, current, specs, phase, in_phase, producer_of, c:
     if elsewhere:
         s = elsewhere[0]
         c.error("E0210", f"layer '{spec.name}' reads '{b}', which no layer of the {phase} net produces", pos,
-                notes=[f"'{b}' is produced by {s.type} '{s.name}' at {s.pos}, which is not in the {phase} net "
-                       "(its include/exclude rules leave it out)"],
+                notes=[(f"'{b}' is produced by {s.type} '{s.name}' at {s.pos}, which is not in the {phase} net "
+                        "(its include/exclude rules leave it out)")],
                 help=f"include layer '{s.name}' in the {phase} phase too, or leave layer '{spec.name}' out of it "
                      f"(`include {{ phase: {'TRAIN' if phase == 'TEST' else 'TEST'} }}`)")
         return

@@ -140,7 +140,7 @@ def _type_help(f: F, name: str, v) -> str:
                 return f"remove the quotes: `{name}: {inner}`"
         except ValueError:
             pass
-    if f.type is int and isinstance(v, float) and v == v and abs(v) != float("inf"):
+    if f.type is int and isinstance(v, float) and math.isfinite(v):
         lo, hi = int(v // 1), int(v // 1) + 1
         return f"use a whole number: `{name}: {lo}` or `{name}: {hi}`"
     if f.type is str and isinstance(v, (int, float)):

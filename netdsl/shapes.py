@@ -276,8 +276,8 @@ def check_usage(g: Graph, c: Collector) -> None:
         if learned and not node.layer.frozen_params and node not in reaches:
             c.warning("W0702", f"{node.layer.type} '{node.name}' reaches no loss: its params get no gradient",
                       node.layer.spec.record.pos("type") or node.layer.spec.pos,
-                      notes=[f"nothing that reads its output{'s' if len(node.tops) > 1 else ''} "
-                             f"({', '.join(repr(t) for t in node.layer.spec.tops)}) leads to a loss layer"],
+                      notes=[(f"nothing that reads its output{'s' if len(node.tops) > 1 else ''} "
+                              f"({', '.join(repr(t) for t in node.layer.spec.tops)}) leads to a loss layer")],
                       help="connect its output to a loss, or freeze it with `param { lr_mult: 0 }` (one per param)")
 
 
@@ -442,7 +442,7 @@ def check_anchors(g: Graph, c: Collector, others: tuple[Graph, ...] = ()) -> Non
 
 def _report_places(g: Graph, places: dict, c: Collector, note: str | None = None) -> set:
     reported = set()
-    for key, pl in places.items():
+    for pl in places.values():
         wanted = {pl["per"] * r[1] for r in pl["reached"]}
         if len(wanted) != 1:
             continue                                    # the anchor layers disagree: E0375 says so
@@ -470,8 +470,7 @@ def _report_places(g: Graph, places: dict, c: Collector, note: str | None = None
             pos = _span(fields[k]) if k < len(fields) else node.layer.pos("shape")
             c.error("E0371", f"Reshape '{node.name}' gives the RPN scores {have} channels, but 2 x {a} anchors = "
                     f"{want} are needed", pos,
-                    notes=notes + ["it turns the 2-class softmax view (1 x 2 x A*H x W) back into "
-                                   "1 x 2A x H x W"],
+                    notes=[*notes, "it turns the 2-class softmax view (1 x 2 x A*H x W) back into 1 x 2A x H x W"],
                     help=f"set `dim: {want}` (2 x {a} anchors)")
         reported.add(node)
         for r in pl["reached"]:

@@ -435,8 +435,8 @@ def _syntax_error(e, text: str, file: str) -> NetdslError:
         if "NAME" in expected:
             _, _, last_closed = _structure(toks)
             closed = last_closed[at] if at < len(last_closed) else None
-            notes = [f"every message is already closed here: the last one, `{closed[0][1]}`, was closed at "
-                     f"{_tokpos(file, closed[1])}"] if closed else []
+            notes = [(f"every message is already closed here: the last one, `{closed[0][1]}`, was closed at "
+                      f"{_tokpos(file, closed[1])}")] if closed else []
             return NetdslError("E0001", f"unmatched '{tok}'", pos, notes=notes,
                                help="remove it, or open its message with `name {`")
     if prev is not None and prev[0] == ":" and tok.type not in ("NUMBER", "STRING", "NAME"):
@@ -490,8 +490,7 @@ def _eof_error(text: str, file: str, toks: list[tuple]) -> NetdslError:
         return NetdslError("E0002", f"unexpected end of file: {n} {noun} not closed; `{name[1]} {opener[1]}` "
                            f"is probably missing its '{closer}'", _tokpos(file, name),
                            notes=[f"still open at the end of the file: {chain}",
-                                  f"line {first[2]} (`{first[1]}`) is indented as if `{name[1]}` were already "
-                                  "closed"],
+                                  f"line {first[2]} (`{first[1]}`) is indented as if `{name[1]}` were already closed"],
                            help=f"add '{closer}' to close `{name[1]}` before line {first[2]}")
     name, opener, _ = open_[-1]
     closer = _CLOSE[opener[0]]

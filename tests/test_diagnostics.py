@@ -57,7 +57,7 @@ def run_case(name: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("name", CASES)
 def test_golden(name):
-    code, out, err = run_case(name)
+    code, _, err = run_case(name)
     _, want_code = header(HERE / name)
     expected = HERE / (Path(name).stem + ".expected")
     if UPDATE:

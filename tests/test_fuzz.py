@@ -148,5 +148,5 @@ def test_fast_parser_agrees_with_the_grammar(case):
 def test_deep_nesting_is_an_error_not_a_crash(tmp_path):
     deep = tmp_path / "deep.net"
     deep.write_text("a { " * 5000 + "}" * 5000)
-    code, out, err = run_check(deep.read_text(), "deep.net", [])
+    code, out, _ = run_check(deep.read_text(), "deep.net", [])
     assert code == 2 and "nested more than" in json.loads(out)["diagnostics"][0]["message"]

@@ -74,8 +74,7 @@ class _ConvBase(Layer):
             ok = max(d for d in range(1, g + 1) if c % d == 0 and m % d == 0)
             raise ShapeError("E0302", f"{self.type} '{self.name}': input depth {c} is not divisible by "
                              f"group {g}", field="group", involves=(0,),
-                             notes=[f"group {g} splits the input's {c} channels and the {m} filters into {g} equal "
-                                    "groups"],
+                             notes=[f"group {g} splits the input's {c} channels and the {m} filters into {g} groups"],
                              help=f"use `group: {ok}` (it divides both the input depth {c} and num_output {m}), "
                                   f"or make the input depth a multiple of {g}")
         fd = self.p.filter_depth

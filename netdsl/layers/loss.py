@@ -15,8 +15,8 @@ FLT_MIN = float(np.finfo(np.float32).tiny)
 def _label_count_error(layer, what: str, pred: tuple, axis: int, labels: tuple, need: int, have: int):
     outer, inner = count(pred, 0, axis), count(pred, axis + 1)
     p, lab = layer.spec.bottoms[0], layer.spec.bottoms[1]
-    notes = [f"the classes are on axis {axis} of '{p}' ({pred[axis]} classes), so it holds {outer} (the axes before "
-             f"{axis}) x {inner} (the axes after) = {need} {what}, each needing one label",
+    notes = [(f"the classes are on axis {axis} of '{p}' ({pred[axis]} classes), so it holds {outer} (the axes "
+              f"before {axis}) x {inner} (the axes after) = {need} {what}, each needing one label"),
              f"'{lab}' ({fmt(labels)}) holds {have} label{'s' if have != 1 else ''}"]
     if pred and labels and pred[0] is not None and labels[0] is not None and pred[0] != labels[0]:
         help = (f"the batch sizes differ ({pred[0]} vs {labels[0]}): read the scores and the labels from the same "

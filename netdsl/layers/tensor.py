@@ -52,8 +52,7 @@ def _rounding_hint(layer, i: int, j: int, axis: int) -> tuple[list[str], str] | 
     f_pool = _size_formula(pool, axis)
     if f_pool is None:
         return None
-    notes = [f"off by one in the {name}: Pooling rounds its output size up (ceil, Caffe's default) while "
-             f"Convolution rounds down (floor)",
+    notes = [f"off by one in the {name}: Pooling rounds up (ceil, Caffe's default), Convolution rounds down (floor)",
              f"Pooling '{pool.name}' at {pool.spec.pos} gives {f_pool[0]}"]
     fixes = []
     from .. import kernels
@@ -354,8 +353,7 @@ class Reshape(Layer):
                 raise ShapeError("E0341", f"Reshape '{self.name}' changes the element count: input {fmt(x)} "
                                  f"has {total} values but shape {{{' '.join(f'dim: {d}' for d in dims)}}} has {prod}",
                                  field="shape", involves=(0,),
-                                 notes=["Reshape keeps every value: the product of the new dims must equal the "
-                                        "input's count"],
+                                 notes=["Reshape keeps every value: the new dims' product must equal the input's count"],
                                  help=help)
         return [x[:axis] + tuple(out) + x[end:]]
 
