@@ -8,6 +8,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+from lark import Lark, Transformer
+from lark.exceptions import UnexpectedInput
+
 from .errors import NetdslError, Pos, remember_source
 
 
@@ -44,10 +47,57 @@ def _grammar_path() -> Path:
     return installed if installed.exists() else Path(__file__).parent.parent / "grammars" / "net.lark"
 
 
+class _ToAst(Transformer):
+    """Lark's embedded transformer (LALR callbacks build the AST while parsing, no parse tree):
+    tokens carry their positions; `key: [a, b]` lists become repeated fields."""
+
+    file = "<string>"            # set by parse() before each run
+
+    def _pos(self, first, last=None) -> Pos:
+        last = last or first
+        return Pos(self.file, first.line, first.column, last.end_line, last.end_column)
+
+    @staticmethod
+    def _fields(items) -> tuple:
+        out = []
+        for f in items:
+            out.extend(f) if isinstance(f, list) else out.append(f)
+        return tuple(out)
+
+    def start(self, items):
+        return Message(self._fields(items), Pos(self.file, 1, 1))
+
+    def scalar(self, items):
+        name, value = items
+        return Field(str(name), value, self._pos(name))
+
+    def message(self, items):
+        name, opener, *fields, closer = items
+        return Field(str(name), Message(self._fields(fields), self._pos(name, closer)), self._pos(name))
+
+    def list(self, items):
+        name, *values = items
+        return [Field(str(name), v, self._pos(name)) for v in values]
+
+    def number(self, items):
+        return Scalar(_number(str(items[0])), self._pos(items[0]))
+
+    def string(self, items):
+        return Scalar("".join(_unescape(str(t)) for t in items), self._pos(items[0], items[-1]))
+
+    def word(self, items):
+        return Scalar(Word(str(items[0])), self._pos(items[0]))
+
+    def neg_word(self, items):
+        return Scalar(Word("-" + str(items[0])), self._pos(items[0]))
+
+
+_TRANSFORMER = _ToAst()
+
+
 @lru_cache(maxsize=1)
-def _parser():
-    from lark import Lark  # imported only when needed: the fast path below does not use it
-    return Lark(_grammar_path().read_text(), parser="lalr", propagate_positions=True,
+def _parser() -> Lark:
+    return Lark(_grammar_path().read_text(), parser="lalr", transformer=_TRANSFORMER,
                 maybe_placeholders=False, cache=True)
 
 
@@ -71,69 +121,6 @@ def _number(text: str) -> int | float:
         return float(t)
 
 
-@lru_cache(maxsize=1)
-def _to_ast():
-    """Lark tree -> AST (the reference path; the fast parser below builds the same AST directly)."""
-    from lark import Transformer, v_args
-
-    class ToAst(Transformer):
-        def __init__(self, file: str):
-            super().__init__()
-            self.file = file
-
-        def _pos(self, meta_or_tok) -> Pos:
-            m = meta_or_tok
-            return Pos(self.file, m.line, m.column, m.end_line, m.end_column)
-
-        def start(self, items):
-            return Message(tuple(items), Pos(self.file, 1, 1))
-
-        @v_args(meta=True)
-        def scalar(self, meta, items):
-            name, value = items
-            return Field(str(name), value, self._pos(name))
-
-        @v_args(meta=True)
-        def message(self, meta, items):
-            name, *fields = items
-            return Field(str(name), Message(tuple(fields), self._pos(meta)), self._pos(name))
-
-        @v_args(meta=True)
-        def list(self, meta, items):
-            # `key: [a, b]` is sugar for repeating `key: a  key: b`
-            name, *values = items
-            return [Field(str(name), v, self._pos(name)) for v in values]
-
-        @v_args(meta=True)
-        def number(self, meta, items):
-            return Scalar(_number(str(items[0])), self._pos(meta))
-
-        @v_args(meta=True)
-        def string(self, meta, items):
-            return Scalar("".join(_unescape(str(t)) for t in items), self._pos(meta))
-
-        @v_args(meta=True)
-        def word(self, meta, items):
-            return Scalar(Word(str(items[0])), self._pos(meta))
-
-        @v_args(meta=True)
-        def neg_word(self, meta, items):
-            return Scalar(Word("-" + str(items[0])), self._pos(meta))
-
-    return ToAst
-
-
-def _flatten(msg: Message) -> Message:
-    """Expand list fields (`key: [a, b]`) into repeated fields, recursively."""
-    out: list[Field] = []
-    for f in msg.fields:
-        for g in (f if isinstance(f, list) else [f]):
-            if isinstance(g.value, Message):
-                g = Field(g.name, _flatten(g.value), g.pos)
-            out.append(g)
-    return Message(tuple(out), msg.pos)
-
-
 _EXPECT_NAMES = {"NAME": "a field name", "NUMBER": "a number", "STRING": "a string",
                  "LBRACE": "'{'", "RBRACE": "'}'", "COLON": "':'", "LSQB": "'['", "RSQB": "']'",
                  "COMMA": "','", "MINUS": "'-'", "LESSTHAN": "'<'", "MORETHAN": "'>'",
@@ -144,13 +131,6 @@ def _describe_expected(expected) -> str:
     names = sorted({_EXPECT_NAMES.get(e, e) for e in expected})
     return ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1] if names else "?"
 
-
-# ------------------------------------------------------------------------------ fast path
-# The Lark grammar above is the definition of the language. Parsing a 36 KB GoogLeNet with Lark
-# costs ~60 ms (LALR + tree + transform), so well-formed text goes through this hand-written
-# scanner and parser for the same grammar (~5x faster), which builds the identical AST. On the
-# first thing it does not expect it gives up and the text is parsed again by Lark, whose error
-# is what the user sees. tests/test_fuzz.py checks that both accept the same texts and agree.
 
 _TOKEN = re.compile(r"""
   (?P<WS>[ \t\f\r\n]+)
@@ -164,153 +144,18 @@ _CLOSE = {"{": "}", "<": ">"}
 MAX_DEPTH = 100               # deeper nesting is certainly a mistake (and would exhaust the stack)
 
 
-class _GiveUp(Exception):
-    """The fast parser met something it does not expect: let Lark parse (and diagnose) it."""
-
-
-# one findall over the text: (whitespace before, token) pairs, kinds told apart by first character
-_SPLIT = re.compile(r"""([ \t\f\r\n]*)(\#[^\n]*|[-+]?0[xX][0-9a-fA-F]+|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?[fF]?"""
-                    r"""|[A-Za-z_][A-Za-z0-9_.]*|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|[:{}<>\[\],;-])""")
-_KIND = {**dict.fromkeys("0123456789+.", "NUMBER"), **dict.fromkeys('"\'', "STRING"), "#": "COMMENT",
-         **dict.fromkeys("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_", "NAME")}
-
-
-def _tokens(text: str) -> list[tuple]:
-    """(kind, text, line, column, end_column) for every significant token; no token spans lines.
-    Punctuation is its own kind ("{", ":", ...)."""
-    out = []
-    append = out.append
-    pos, line, line_start = 0, 1, 0
-    kinds = _KIND
-    for ws, tok in _SPLIT.findall(text):
-        if ws:
-            nl = ws.count("\n")
-            if nl:
-                line += nl
-                line_start = pos + ws.rindex("\n") + 1
-            pos += len(ws)
-        n = len(tok)
-        kind = kinds.get(tok[0])
-        if kind is None:
-            kind = "NUMBER" if tok[0] == "-" and n > 1 else tok
-        if kind != "COMMENT":
-            col = pos - line_start + 1
-            append((kind, tok, line, col, col + n))
-        pos += n
-    if text[pos:].strip(" \t\f\r\n"):     # findall skipped a character no token matches
-        raise _GiveUp
-    return out
-
-
-def _parse_fast(text: str, file: str) -> Message:
-    toks = _tokens(text)
-    toks.append(("$END", "", 0, 0, 0))
-    i = 0
-    top: list[Field] = []
-    # open messages: (name token, fields, closer)
-    stack: list[tuple[tuple, list[Field], str]] = []
-    fields = top
-    while True:
-        kind = toks[i][0]
-        if kind == "NAME":
-            name = toks[i]
-            npos = Pos(file, name[2], name[3], name[2], name[4])
-            i += 1
-            kind = toks[i][0]
-            if kind == ":":
-                i += 1
-                kind = toks[i][0]
-            if kind in _CLOSE:                       # `name {` or `name: {` (or < >)
-                if len(stack) >= MAX_DEPTH:
-                    raise _GiveUp
-                stack.append((name, fields, _CLOSE[kind]))
-                fields = []
-                i += 1
-                continue
-            if toks[i - 1][0] != ":":
-                raise _GiveUp
-            if kind == "[":                          # `name: [a, b]` = `name: a  name: b`
-                i += 1
-                if toks[i][0] != "]":
-                    while True:
-                        value, i = _value(toks, i, file)
-                        fields.append(Field(name[1], value, npos))
-                        if toks[i][0] == ",":
-                            i += 1
-                            continue
-                        if toks[i][0] != "]":
-                            raise _GiveUp
-                        break
-                i += 1
-            else:
-                value, i = _value(toks, i, file)
-                fields.append(Field(name[1], value, npos))
-            if toks[i][0] in (",", ";"):
-                i += 1
-        elif stack and kind == stack[-1][2]:
-            name, parent, _ = stack.pop()
-            close = toks[i]
-            npos = Pos(file, name[2], name[3], name[2], name[4])
-            parent.append(Field(name[1], Message(tuple(fields), Pos(file, name[2], name[3], close[2], close[4])),
-                                npos))
-            fields = parent
-            i += 1
-            if toks[i][0] in (",", ";"):
-                i += 1
-        elif kind == "$END" and not stack:
-            return Message(tuple(top), Pos(file, 1, 1))
-        else:
-            raise _GiveUp
-
-
-def _value(toks, i, file):
-    kind, text, line, col, end = toks[i]
-    if kind == "NUMBER":
-        return Scalar(_number(text), Pos(file, line, col, line, end)), i + 1
-    if kind == "NAME":
-        return Scalar(Word(text), Pos(file, line, col, line, end)), i + 1
-    if kind == "-":
-        nxt = toks[i + 1]
-        if nxt[0] != "NAME":
-            raise _GiveUp
-        return Scalar(Word("-" + nxt[1]), Pos(file, line, col, nxt[2], nxt[4])), i + 2
-    if kind == "STRING":
-        parts = [text]
-        last = toks[i]
-        i += 1
-        while toks[i][0] == "STRING":
-            last = toks[i]
-            parts.append(last[1])
-            i += 1
-        return Scalar("".join(_unescape(t) for t in parts), Pos(file, line, col, last[2], last[4])), i
-    raise _GiveUp
-
-
-def parse_lark(text: str, file: str = "<string>") -> Message:
-    """The reference parser (the grammar in grammars/net.lark); raises NetdslError E0001/E0002."""
-    from lark.exceptions import UnexpectedInput
-    try:
-        tree = _parser().parse(text)
-    except UnexpectedInput as e:
-        raise _syntax_error(e, text, file) from None
-    except RecursionError:
-        raise _too_deep(text, file) from None
-    try:
-        return _flatten(_to_ast()(file).transform(tree))
-    except RecursionError:
-        raise _too_deep(text, file) from None
-
-
 def parse(text: str, file: str = "<string>") -> Message:
-    """Parse netdsl / protobuf text into a Message; syntax errors are NetdslError E0001.."""
+    """Parse netdsl / protobuf text with the Lark grammar into a Message; syntax errors are
+    NetdslError E0001 (and E0002 at end of file), explained with the scan below."""
     remember_source(file, text)
+    parser = _parser()
+    _TRANSFORMER.file = file
     try:
-        return _parse_fast(text, file)
-    except _GiveUp:
-        pass
-    if _depth(text) > MAX_DEPTH:
-        raise _too_deep(text, file)
-    return parse_lark(text, file)
+        return parser.parse(text)
+    except UnexpectedInput as e:
+        if _depth(text) > MAX_DEPTH:
+            raise _too_deep(text, file) from None
+        raise _syntax_error(e, text, file) from None
 
 
 def _depth(text: str) -> int:
