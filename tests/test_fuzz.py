@@ -1,7 +1,6 @@
 """Property tests: mutated real nets (tokens deleted, duplicated, swapped or replaced, numbers
 changed, files cut short) never crash the checker. Every outcome is exit 0, or exit 2 with located
-diagnostics; never exit 1 (an internal error). Also: the fast parser and the Lark grammar accept
-exactly the same texts and build the same AST.
+diagnostics; never exit 1 (an internal error).
 
 NETDSL_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py   # a longer hunt
 """
