@@ -135,3 +135,27 @@ def test_missing_net_file_is_located(tmp_path):
     r = run_cli("train", str(path))
     assert r.returncode == 2
     assert "error[E0704]" in r.stderr and "nowhere.net" in r.stderr
+
+
+def test_time_reports_every_layer(mnist_dir):
+    r = run_cli("time", str(LENET), "--iterations", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [x["name"] for x in report["layers"]] == ["mnist", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1",
+                                                     "ip2", "loss"]
+    assert report["forward_ms"] > 0 and report["backward_ms"] > 0
+    r = run_cli("time", str(LENET), "--iterations", "2")
+    assert "Average Forward-Backward:" in r.stdout
+
+
+def test_plot_writes_png_or_explains(tmp_path, mnist_dir):
+    assert main(["train", solver(tmp_path, max_iter=20, display=5)]) == 0
+    out = tmp_path / "curves.png"
+    r = run_cli("plot", str(tmp_path / "run"), "-o", str(out))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert r.returncode == 2 and "pip install" in r.stderr and "Traceback" not in r.stderr
+        return
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
