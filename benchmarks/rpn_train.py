@@ -45,6 +45,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("NETDSL_DATA", str(ROOT.parent / "shared" / "data"))
     import numpy as np
+
     from netdsl.backend import CPU
     from netdsl.evaluate import evaluate_recall, format_recall
     from netdsl.solverfile import load_solver
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
 
 def _last_loss(metrics: str):
     try:
-        rows = [json.loads(line) for line in open(metrics)]
+        with open(metrics, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
     except OSError:
         return None
     rows = [r for r in rows if r.get("kind") == "train"]

@@ -142,8 +142,8 @@ def format_recall(r: dict) -> str:
     """A small table: one row per IoU threshold, one column per top K."""
     tops = sorted({int(k.split("@")[1].split("/")[0]) for k in r if k.startswith("recall@")})
     ious = sorted({float(k.split("/iou")[1]) for k in r if k.startswith("recall@")})
-    lines = [f"proposal recall over {r['scenes']} scenes ({r['gt_boxes']} gt boxes, "
-             f"{r['proposals_per_scene']:.0f} proposals per scene)",
+    lines = [(f"proposal recall over {r['scenes']} scenes ({r['gt_boxes']} gt boxes, "
+              f"{r['proposals_per_scene']:.0f} proposals per scene)"),
              "IoU   " + "".join(f"{'top ' + str(k):>10}" for k in tops)]
     for t in ious:
         lines.append(f"{t:<6g}" + "".join(f"{r[recall_key(k, t)]:>10.4f}" for k in tops))
@@ -156,6 +156,7 @@ def format_recall(r: dict) -> str:
 def cmd_test_recall(args) -> int:
     """`netdsl test` for a net with a Proposal layer: recall over --iterations held-out scenes."""
     import json
+
     from .backend import get_backend
     r = evaluate_recall(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
                         args.seed)

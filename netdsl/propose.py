@@ -133,7 +133,7 @@ PAD_MULTIPLE = 32
 
 def pad_to(image: np.ndarray, multiple: int) -> np.ndarray:
     """(C, H, W) zero-padded at the bottom and right to multiples of `multiple`."""
-    c, h, w = image.shape
+    _, h, w = image.shape
     ph, pw = -h % multiple, -w % multiple
     return np.pad(image, ((0, 0), (0, ph), (0, pw))) if ph or pw else image
 

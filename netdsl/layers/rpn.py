@@ -142,8 +142,8 @@ class Proposal(_AnchorLayer):
 def nms(dets, scores, thresh: float, limit: int = 0) -> np.ndarray:
     """boxes.nms (greedy, +1 convention, IoU > thresh suppresses, ties by lower index) that stops
     once `limit` boxes are kept (limit <= 0: no limit). The kept list is a prefix of boxes.nms's,
-    so with limit = post_nms_top_n the proposals are identical, without the NMS loop running on
-    over every surviving box (thousands for an RPN with 6000 pre-NMS boxes)."""
+    so with limit = post_nms_top_n the proposals are identical, and the Python loop stops after
+    post_nms_top_n rounds instead of one round per surviving box (thousands for 6000 pre-NMS boxes)."""
     dets = np.asarray(dets, np.float64)
     x1, y1, x2, y2 = (np.ascontiguousarray(dets[:, k]) for k in range(4))
     areas = (x2 - x1 + 1.0) * (y2 - y1 + 1.0)
