@@ -581,9 +581,6 @@ def test_pooling_max_ties_take_the_first_max_like_caffe():
         assert_close(dx, ref, 1e-15)
 
 
-@pytest.mark.xfail(reason="checker gap (Pooling.shape/validate, not forward): Caffe's Pooling allows a 2nd "
-                   "(mask) top only for MAX (MaxTopBlobs = 2 for MAX, else 1); netdsl accepts it for AVE and the "
-                   "forward then raises ValueError('only MAX pooling has a mask')")
 def test_pooling_mask_top_is_rejected_for_ave():
     from netdsl.errors import NetdslError
     with pytest.raises(NetdslError):

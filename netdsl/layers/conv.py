@@ -198,6 +198,10 @@ class Pooling(Layer):
         if p.pool == "STOCHASTIC":
             errs.append(ShapeError("E0109", f"Pooling '{self.name}': STOCHASTIC pooling is not supported",
                                    field="pool", help="use `pool: MAX` or `pool: AVE`"))
+        if len(self.spec.tops) == 2 and p.pool != "MAX":
+            errs.append(ShapeError("E0202", f"Pooling '{self.name}' has 2 tops, but only MAX pooling has the "
+                                   "second (mask) top", field="pool",
+                                   help=f"remove the second top '{self.spec.tops[1]}', or use `pool: MAX`"))
         if p.global_pooling:
             if p.has("kernel_size") or p.has("kernel_h"):
                 errs.append(ShapeError("E0108", f"Pooling '{self.name}': global_pooling takes the whole map; "
