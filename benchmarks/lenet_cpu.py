@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def netdsl_stepper(seed=1):
-    from netdsl.solverfile import load_solver
-    from netdsl.train import build_net
     from netdsl.backend import CPU
     from netdsl.solver import Solver
+    from netdsl.solverfile import load_solver
+    from netdsl.train import build_net
     sf = load_solver(str(ROOT / "nets" / "lenet_solver.net"))
     net = build_net(sf.train_net, "TRAIN", CPU, seed, None)
     solver = Solver(sf.cfg, net.learnable)
@@ -46,6 +46,7 @@ def torch_stepper(threads, seed=1):
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
+
     from netdsl.data.mnist import load_mnist
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

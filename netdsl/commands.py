@@ -129,8 +129,8 @@ def cmd_train(args) -> int:
 
 def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> dict[str, float]:
     """Average each scalar output of the TEST net over `iterations` batches."""
-    from .executor import Net
     from .check import check_file
+    from .executor import Net
     from .plan import lower
     net = Net(lower(check_file(model, phase="TEST"), runnable=True), backend.xp, seed=seed, data_dir=data_dir)
     net.load(weights)
@@ -143,8 +143,8 @@ def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> 
 
 
 def cmd_test(args) -> int:
-    from .backend import get_backend
     from . import evaluate
+    from .backend import get_backend
     if evaluate.has_proposal(args.model):       # an RPN: proposal recall over held-out scenes
         return evaluate.cmd_test_recall(args)
     means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
@@ -159,7 +159,7 @@ def cmd_test(args) -> int:
 
 def cmd_time(args) -> int:
     from .backend import get_backend
-    from .timing import time_net, render_timing
+    from .timing import render_timing, time_net
     report = time_net(args.model, args.phase.upper(), args.iterations, get_backend(args.device), args.data_dir)
     print(json.dumps(report) if args.json else render_timing(report))
     return 0

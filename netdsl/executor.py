@@ -44,7 +44,7 @@ class Net:
     """A runnable net: `forward(**inputs)`, `backward()`, `blobs`, `params`, `save`, `load`."""
 
     def __init__(self, plan: Plan, xp=np, dtype=np.float32, seed: int = 0, data_dir: str | None = None,
-                 share_from: "Net | None" = None):
+                 share_from: Net | None = None):
         self.plan, self.xp, self.dtype, self.seed = plan, xp, np.dtype(dtype), seed
         if xp is np:
             tune_host_allocator()
@@ -73,7 +73,7 @@ class Net:
         return {s.node.name: ps for s, ps in zip(self.plan.steps, self.step_params) if ps}
 
     @property
-    def blobs(self) -> dict[str, "Blob"]:
+    def blobs(self) -> dict[str, Blob]:
         """Every blob by the name the user wrote (its latest version), with .data and .grad
         (the gradient from the last backward, or None)."""
         out = {}

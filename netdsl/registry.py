@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, ClassVar
 
 from .errors import Pos
@@ -49,12 +49,12 @@ LOSS = Msg("LossParameter", {
     "normalize": F(bool, None),
 })
 
-_REGISTRY: dict[str, type["Layer"]] = {}
+_REGISTRY: dict[str, type[Layer]] = {}
 # every `<x>_param` message any registered layer reads, for LayerParameter's schema
 _MESSAGES: dict[str, Msg] = {"transform_param": TRANSFORM, "loss_param": LOSS}
 
 
-def register(cls: type["Layer"]) -> type["Layer"]:
+def register(cls: type[Layer]) -> type[Layer]:
     """Class decorator: make a layer type known by its `type` name."""
     assert cls.type not in _REGISTRY, cls.type
     _REGISTRY[cls.type] = cls
@@ -64,7 +64,7 @@ def register(cls: type["Layer"]) -> type["Layer"]:
     return cls
 
 
-def layer_types() -> dict[str, type["Layer"]]:
+def layer_types() -> dict[str, type[Layer]]:
     from . import layers  # noqa: F401  (importing the package registers every layer)
     return _REGISTRY
 

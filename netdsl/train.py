@@ -105,7 +105,7 @@ class Trainer:
         self.tests = [build_net(src, "TEST", backend, self.seed, data_dir, share_from=self.net)
                       for src in self.sf.test_nets]
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
-        from .gpu.loop import compile_trainer      # graph mode (GPU): None means eager
+        from .gpu.loop import compile_trainer  # graph mode (GPU): None means eager
         self.compiled = compile_trainer(self, graph)
         self.iter = 0
         self.losses: deque = deque(maxlen=max(cfg.average_loss, 1))
@@ -216,70 +216,83 @@ class Trainer:
                 if t in self.net.plan.outputs and v is not None and v.size == 1:
                     yield u, float(v.reshape(-1)[0]), w
 
+    def display(self, k: int, smoothed: float, lr: float, rate: float, outputs=()) -> None:
+        """Caffe's display lines for iteration k, and the metrics record."""
+        self.log(f"Iteration {k} ({rate:.1f} iter/s), loss = {smoothed:.6g}")
+        for j, (name, value, w) in enumerate(outputs):
+            self.log(f"    Train net output #{j}: {name} = {value:.6g}" + (f" (* {w:g} = {value * w:.6g} loss)" if w else ""))
+        self.log(f"Iteration {k}, lr = {lr:.6g}")
+        self.metrics.write(json.dumps({"kind": "train", "iter": k, "loss": smoothed, "lr": lr}) + "\n")
+        self.metrics.flush()
+
     def run(self) -> TrainResult:
-        if self.compiled is not None:
-            from .gpu.loop import run_compiled
-            return run_compiled(self)
-        cfg, net = self.sf.cfg, self.net
-        self.log(f"Solving {net.plan.name or 'net'} (seed {self.seed}, {self.backend.name})")
+        """Caffe's Solve: the loop (eager, or replayed CUDA graphs), then the final snapshot and test."""
+        cfg = self.sf.cfg
+        mode = ", graph mode" if self.compiled is not None else ""
+        self.log(f"Solving {self.net.plan.name or 'net'} (seed {self.seed}, {self.backend.name}{mode})")
         self.log(f"Learning Rate Policy: {cfg.lr_policy}")
         start, t0 = self.iter, time.time()
         progress = Progress(cfg.max_iter, self.progress_on)
         old = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
         try:
-            while self.iter < cfg.max_iter and not self.stop_requested:
-                self._maybe_test()
-                net.zero_grad()
-                loss = 0.0
-                for _ in range(cfg.iter_size):
-                    net.forward()
-                    loss += net.loss()
-                    net.backward()
-                loss /= cfg.iter_size
-                bad = self._non_finite(loss)
-                if bad:
-                    snap = self.snapshot()
-                    raise NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced "
-                                      "NaN or Inf", notes=[f"the last good weights are in {snap}.npz (resume with "
-                                                           f"--snapshot {snap}.solverstate.npz)"],
-                                      help="lower base_lr, add clip_gradients, or check the input scaling")
-                self.losses.append(loss)
-                smoothed = sum(self.losses) / len(self.losses)
-                lr = learning_rate(cfg, self.iter)
-                if cfg.display and self.iter % cfg.display == 0:
-                    rate = (self.iter - start) / max(time.time() - t0, 1e-9)
-                    self.log(f"Iteration {self.iter} ({rate:.1f} iter/s), loss = {smoothed:.6g}")
-                    for j, (name, value, w) in enumerate(self._train_outputs()):
-                        self.log(f"    Train net output #{j}: {name} = {value:.6g}"
-                                 + (f" (* {w:g} = {value * w:.6g} loss)" if w else ""))
-                    self.log(f"Iteration {self.iter}, lr = {lr:.6g}")
-                    self.metrics.write(json.dumps({"kind": "train", "iter": self.iter, "loss": smoothed,
-                                                   "lr": lr}) + "\n")
-                    self.metrics.flush()
-                self.solver.step(self.iter)
-                self.iter += 1
-                progress.update(self.iter, smoothed, lr, start)
-                if cfg.snapshot and self.iter % cfg.snapshot == 0:
-                    progress.clear()
-                    self.snapshot()
-            progress.clear()
-            if self.stop_requested:
-                self.snapshot()
-                self.log(f"Interrupted at iteration {self.iter}; resume with --snapshot "
-                         f"{self.last_snapshot}.solverstate.npz", echo=True)
+            if self.compiled is not None:
+                from .gpu.loop import train_compiled
+                train_compiled(self, progress, start, t0)
             else:
-                if cfg.snapshot_after_train and (not cfg.snapshot or self.iter % cfg.snapshot):
-                    self.snapshot()
-                if cfg.test_interval and self.iter % cfg.test_interval == 0:
-                    for i in range(len(self.tests)):
-                        self.test(i)
-                self.log("Optimization Done.")
+                self._train_eager(progress, start, t0)
+            progress.clear()
+            self._finish()
         finally:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
             self.log.close()
             self.metrics.close()
         return TrainResult(self.iter, self.last_snapshot, self.test_results, self.stop_requested, time.time() - t0)
+
+    def _train_eager(self, progress: Progress, start: int, t0: float) -> None:
+        cfg, net = self.sf.cfg, self.net
+        while self.iter < cfg.max_iter and not self.stop_requested:
+            self._maybe_test()
+            net.zero_grad()
+            loss = 0.0
+            for _ in range(cfg.iter_size):
+                net.forward()
+                loss += net.loss()
+                net.backward()
+            loss /= cfg.iter_size
+            bad = self._non_finite(loss)
+            if bad:
+                snap = self.snapshot()
+                raise NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced "
+                                  "NaN or Inf", notes=[f"the last good weights are in {snap}.npz (resume with "
+                                                       f"--snapshot {snap}.solverstate.npz)"],
+                                  help="lower base_lr, add clip_gradients, or check the input scaling")
+            self.losses.append(loss)
+            smoothed = sum(self.losses) / len(self.losses)
+            lr = learning_rate(cfg, self.iter)
+            if cfg.display and self.iter % cfg.display == 0:
+                rate = (self.iter - start) / max(time.time() - t0, 1e-9)
+                self.display(self.iter, smoothed, lr, rate, self._train_outputs())
+            self.solver.step(self.iter)
+            self.iter += 1
+            progress.update(self.iter, smoothed, lr, start)
+            if cfg.snapshot and self.iter % cfg.snapshot == 0:
+                progress.clear()
+                self.snapshot()
+
+    def _finish(self) -> None:
+        cfg = self.sf.cfg
+        if self.stop_requested:
+            self.snapshot()
+            self.log(f"Interrupted at iteration {self.iter}; resume with --snapshot "
+                     f"{self.last_snapshot}.solverstate.npz", echo=True)
+            return
+        if cfg.snapshot_after_train and (not cfg.snapshot or self.iter % cfg.snapshot):
+            self.snapshot()
+        if cfg.test_interval and self.iter % cfg.test_interval == 0:
+            for i in range(len(self.tests)):
+                self.test(i)
+        self.log("Optimization Done.")
 
     def _on_sigint(self, signum, frame):
         if self.stop_requested:          # a second Ctrl-C: stop now (the snapshot is being written)

@@ -4,8 +4,18 @@ import math
 import numpy as np
 import pytest
 
-from netdsl.boxes import (anchor_targets, bbox_overlaps, bbox_transform, bbox_transform_inv,
-                          clip_boxes, generate_anchors, nms, proposals, recall, shift_anchors)
+from netdsl.boxes import (
+    anchor_targets,
+    bbox_overlaps,
+    bbox_transform,
+    bbox_transform_inv,
+    clip_boxes,
+    generate_anchors,
+    nms,
+    proposals,
+    recall,
+    shift_anchors,
+)
 
 # §1: the exact table (not the +1 MATLAB values of the original file's comment).
 GOLDEN_ANCHORS = [

@@ -19,9 +19,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from netdsl import syntax
 from netdsl.cli import main
-from netdsl.errors import NetdslError, render
+from netdsl.errors import render
 
 REPO = Path(__file__).parents[1]
 REFERENCE = Path(__file__).parents[2] / "shared" / "reference"

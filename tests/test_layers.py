@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netdsl import check as check_mod, plan as plan_mod, syntax
+from netdsl import check as check_mod
+from netdsl import plan as plan_mod
+from netdsl import syntax
 from netdsl.executor import Net
 from netdsl.registry import layer_types, spatial
 
@@ -630,9 +632,9 @@ def test_softmax_loss_every_normalization_by_hand():
     p = np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)
     nll = 0.0
     for n, h, w in itertools.product(range(2), range(2), range(2)):
-        l = int(lab[n, 0, h, w])
-        if l >= 0:
-            nll -= math.log(p[n, l, h, w])
+        k = int(lab[n, 0, h, w])
+        if k >= 0:
+            nll -= math.log(p[n, k, h, w])
     expect = {"FULL": nll / 8, "VALID": nll / 5, "BATCH_SIZE": nll / 2, "NONE": nll}
     for mode, value in expect.items():
         _, (loss,), _ = run("SoftmaxWithLoss", f"loss_param {{ ignore_label: -1 normalization: {mode} }}", x, lab)

@@ -236,14 +236,14 @@ def _draw_box(canvas: np.ndarray, box, colour, thickness: int) -> None:
     h, w, _ = canvas.shape
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     for t in range(thickness):
-        l, r, top, bot = x1 + t, x2 - t, y1 + t, y2 - t
-        if l > r or top > bot:
+        left, right, top, bot = x1 + t, x2 - t, y1 + t, y2 - t
+        if left > right or top > bot:
             break
-        cols = slice(max(l, 0), min(r, w - 1) + 1)
+        cols = slice(max(left, 0), min(right, w - 1) + 1)
         rows = slice(max(top, 0), min(bot, h - 1) + 1)
         for y in (top, bot):
             if 0 <= y < h:
                 canvas[y, cols] = colour
-        for x in (l, r):
+        for x in (left, right):
             if 0 <= x < w:
                 canvas[rows, x] = colour

@@ -350,7 +350,8 @@ __device__ __forceinline__ void nd_relu_fwd(const float* __restrict__ x, float* 
 
 // The mask comes from the output y: with slope >= 0, y > 0 exactly where x > 0.
 template <int CNT, bool ACC>
-__device__ __forceinline__ void nd_relu_bwd(const float* __restrict__ dy, const float* __restrict__ y, float* __restrict__ dx, float slope) {
+__device__ __forceinline__ void nd_relu_bwd(const float* __restrict__ dy, const float* __restrict__ y,
+                                            float* __restrict__ dx, float slope) {
     ND_FOR(e, CNT) { const float g = y[e] > 0.f ? dy[e] : dy[e] * slope; dx[e] = ACC ? dx[e] + g : g; }
 }
 

@@ -6,9 +6,7 @@ per chunk: no host synchronisation inside a chunk.
 """
 from __future__ import annotations
 
-import json
 import math
-import signal
 import time
 
 from ..errors import NetdslError
@@ -49,64 +47,34 @@ def compile_trainer(trainer, mode: str):
     return compiled
 
 
-def run_compiled(tr):
-    """Trainer.run for graph mode (same logs, tests, snapshots and result)."""
+def train_compiled(tr, progress, start: int, t0: float) -> None:
+    """Trainer's loop in graph mode: chunks of replays between tests and snapshots."""
     from ..solver import learning_rate
-    from ..train import Progress, TrainResult, _main_thread
     cfg, step = tr.sf.cfg, tr.compiled
-    tr.log(f"Solving {tr.net.plan.name or 'net'} (seed {tr.seed}, {tr.backend.name}, graph mode)")
-    tr.log(f"Learning Rate Policy: {cfg.lr_policy}")
-    start, t0 = tr.iter, time.time()
-    progress = Progress(cfg.max_iter, tr.progress_on)
-    old = signal.signal(signal.SIGINT, tr._on_sigint) if _main_thread() else None
-    try:
-        while tr.iter < cfg.max_iter and not tr.stop_requested:
-            tr._maybe_test()
-            end = min(cfg.max_iter, tr.iter + CHUNK)
-            for every in (cfg.test_interval, cfg.snapshot):
-                if every:
-                    end = min(end, (tr.iter // every + 1) * every)
-            first = tr.iter
-            losses = step.train_chunk(first, end - first)
-            tr.net.forward_count += end - first
-            now = time.time()
-            for k, loss in zip(range(first, end), losses.tolist()):
-                if not math.isfinite(loss):
-                    tr.iter = end
-                    raise NetdslError("E0710", f"training diverged at iteration {k}: the loss is NaN or Inf",
-                                      notes=["graph mode checks the loss once per chunk of iterations; "
-                                             "rerun with --graph off to find the first layer that produced it"]
-                                      + ([f"the last snapshot is {tr.last_snapshot}.npz"] if tr.last_snapshot else []),
-                                      help="lower base_lr, add clip_gradients (eager), or check the input scaling")
-                tr.losses.append(loss)
-                if cfg.display and k % cfg.display == 0:
-                    smoothed = sum(tr.losses) / len(tr.losses)
-                    lr = learning_rate(cfg, k)
-                    rate = (end - start) / max(now - t0, 1e-9)
-                    tr.log(f"Iteration {k} ({rate:.1f} iter/s), loss = {smoothed:.6g}")
-                    tr.log(f"Iteration {k}, lr = {lr:.6g}")
-                    tr.metrics.write(json.dumps({"kind": "train", "iter": k, "loss": smoothed, "lr": lr}) + "\n")
-            tr.metrics.flush()
-            tr.iter = end
-            progress.update(tr.iter, sum(tr.losses) / max(len(tr.losses), 1), learning_rate(cfg, tr.iter - 1), start)
-            if cfg.snapshot and tr.iter % cfg.snapshot == 0:
-                progress.clear()
-                tr.snapshot()
-        progress.clear()
-        if tr.stop_requested:
+    while tr.iter < cfg.max_iter and not tr.stop_requested:
+        tr._maybe_test()
+        end = min(cfg.max_iter, tr.iter + CHUNK)
+        for every in (cfg.test_interval, cfg.snapshot):
+            if every:
+                end = min(end, (tr.iter // every + 1) * every)
+        first = tr.iter
+        losses = step.train_chunk(first, end - first)
+        tr.net.forward_count += end - first
+        now = time.time()
+        for k, loss in zip(range(first, end), losses.tolist()):
+            if not math.isfinite(loss):
+                tr.iter = end
+                raise NetdslError("E0710", f"training diverged at iteration {k}: the loss is NaN or Inf",
+                                  notes=["graph mode checks the loss once per chunk of iterations; "
+                                         "rerun with --graph off to find the first layer that produced it"]
+                                  + ([f"the last snapshot is {tr.last_snapshot}.npz"] if tr.last_snapshot else []),
+                                  help="lower base_lr, add clip_gradients (eager), or check the input scaling")
+            tr.losses.append(loss)
+            if cfg.display and k % cfg.display == 0:
+                smoothed = sum(tr.losses) / len(tr.losses)
+                tr.display(k, smoothed, learning_rate(cfg, k), (end - start) / max(now - t0, 1e-9))
+        tr.iter = end
+        progress.update(tr.iter, sum(tr.losses) / max(len(tr.losses), 1), learning_rate(cfg, tr.iter - 1), start)
+        if cfg.snapshot and tr.iter % cfg.snapshot == 0:
+            progress.clear()
             tr.snapshot()
-            tr.log(f"Interrupted at iteration {tr.iter}; resume with --snapshot "
-                   f"{tr.last_snapshot}.solverstate.npz", echo=True)
-        else:
-            if cfg.snapshot_after_train and (not cfg.snapshot or tr.iter % cfg.snapshot):
-                tr.snapshot()
-            if cfg.test_interval and tr.iter % cfg.test_interval == 0:
-                for i in range(len(tr.tests)):
-                    tr.test(i)
-            tr.log("Optimization Done.")
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
-        tr.log.close()
-        tr.metrics.close()
-    return TrainResult(tr.iter, tr.last_snapshot, tr.test_results, tr.stop_requested, time.time() - t0)

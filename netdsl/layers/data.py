@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..registry import BLOB_SHAPE, FILLER, TRANSFORM, F, Layer, Msg, ShapeError, fmt, register
+from ..registry import BLOB_SHAPE, FILLER, TRANSFORM, F, Layer, Msg, ShapeError, register
 
 
 class _DataLayer(Layer):

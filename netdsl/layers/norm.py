@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .. import kernels
-from ..registry import FILLER, F, filler_record, Layer, Msg, ShapeError, canonical_axis, fmt, register
+from ..registry import FILLER, F, Layer, Msg, ShapeError, canonical_axis, filler_record, fmt, register
 
 
 @register

@@ -2,8 +2,6 @@
 Reshape, Permute, Crop, Silence."""
 from __future__ import annotations
 
-import math
-
 from ..registry import F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
 
 
