@@ -3,13 +3,13 @@ params, need-backward pruning, propagate_down, loss_weight; params as data/grad 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import tune_host_allocator
 from .errors import NetdslError
+from .files import write_atomic
 from .fillers import fill
 from .plan import Plan
 
@@ -202,18 +202,6 @@ def _host(a) -> np.ndarray:
 
 
 def save_npz(path: str, arrays: dict) -> None:
-    """Atomic: write a temporary file beside the target, then rename over it, so a crash mid-write
-    never leaves a truncated snapshot (or destroys the previous one)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Weights and solver state as .npz, written atomically (see files.write_atomic)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_atomic(path, lambda f: np.savez(f, **arrays))

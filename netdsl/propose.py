@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from .errors import NetdslError
+from .files import write_atomic
 
 # Error codes of this module and netdsl.evaluate:
 #   E0630 the net has no Proposal layer (TEST)      E0632 an invalid argument value
@@ -202,12 +203,9 @@ def _mkdir(path: str) -> None:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".part"
+    text = json.dumps(obj, indent=1) + "\n"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:
         raise NetdslError("E0633", f"cannot write {path}: {e.strerror or e}",
                           help="check that the directory is writable") from None

@@ -82,7 +82,7 @@ def test_snapshots_load_without_pickle(tmp_path, mnist_dir):
         assert w["conv1/0"].shape == (20, 1, 5, 5)
         st = load(tmp_path / "run" / f"lenet_iter_{n}.solverstate.npz")
         assert int(st["iter"]) == n
-    assert not list((tmp_path / "run").glob(".tmp-*"))       # atomic writes leave no temporaries
+    assert not list((tmp_path / "run").glob(".*.part"))       # atomic writes leave no temporaries
 
 
 def test_sigint_snapshots_and_stops(tmp_path, mnist_dir):

@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from netdsl.data import mnist
 from netdsl.errors import Collector, NetdslError
+from netdsl.files import write_atomic
 
 # Error codes of this module:
 #   E0907 a file could not be fetched from any mirror (network / HTTP errors only)
@@ -146,17 +146,8 @@ def _size(n: int) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and rename, so a crash never leaves a
-    half-written file under the final name."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(path, lambda f: f.write(data))
     except OSError as e:
         raise _unwritable(path.parent, e) from None
 

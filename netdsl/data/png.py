@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from netdsl.errors import NetdslError
+from netdsl.files import write_atomic
 
 # Error codes of this module:
 #   E0913 cannot read the file, or it is not a PNG    E0915 the PNG is corrupt
@@ -38,16 +38,8 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     rows = np.concatenate([np.zeros((h, 1), np.uint8), image.reshape(h, -1)], axis=1)
     png = (_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0))
            + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + _chunk(b"IEND", b""))
-    path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(png)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(path, lambda f: f.write(png))
     except OSError as e:
         raise NetdslError("E0916", f"cannot write PNG {path}: {e.strerror or e}",
                           help="check that the directory exists and is writable") from None
