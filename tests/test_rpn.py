@@ -18,7 +18,6 @@ from netdsl.check import check_file
 from netdsl.data.png import read_png
 from netdsl.errors import NetdslError
 from netdsl.evaluate import RecallCounter, evaluate_recall, recall_key
-from netdsl.layers import rpn
 from netdsl.solver import Solver, SolverConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,20 +200,22 @@ def test_proposals_shape_and_order(weights):
     assert (rois[:, 1] <= rois[:, 3]).all() and (rois[:, 2] <= rois[:, 4]).all()
     assert rois[:, 1:].min() >= 0 and rois[:, [1, 3]].max() <= 223 and rois[:, [2, 4]].max() <= 223
     assert (np.diff(scores[:, 0]) <= 0).all()                          # best first
-    # the layer's early-stopping NMS gives exactly boxes.proposals' output
+    # the layer gives exactly boxes.proposals' output
     kw = dict(feat_stride=prop.p.feat_stride, anchors=prop.anchors(), pre_nms_top_n=6000,
               post_nms_top_n=prop.top_n()[1], nms_thresh=prop.p.nms_thresh, min_size=prop.p.min_size)
     args = (b["rpn_cls_prob_reshape"].data, b["rpn_bbox_pred"].data, b["im_info"].data)
     ref = boxes.proposals(*args, **kw)
     assert np.array_equal(ref[0], rois) and np.array_equal(ref[1], scores)
+
+
+def test_nms_limit_keeps_the_unlimited_prefix():
     rng = np.random.default_rng(0)
-    a = prop.num_anchors()
-    for post in (5, 50, -1):
-        prob = rng.random((1, 2 * a, 6, 7))
-        deltas = rng.normal(0, 0.3, (1, 4 * a, 6, 7))
-        kw.update(post_nms_top_n=post, min_size=2)
-        fast, ref = rpn.proposals(prob, deltas, [48, 56, 1], **kw), boxes.proposals(prob, deltas, [48, 56, 1], **kw)
-        assert all(np.array_equal(x, y) for x, y in zip(fast, ref))
+    xy = rng.uniform(0, 100, (500, 2))
+    dets = np.concatenate([xy, xy + rng.uniform(5, 40, (500, 2))], axis=1)
+    scores = rng.random(500)
+    full = boxes.nms(dets, scores, 0.5)
+    for limit in (1, 7, 50, len(full), len(full) + 10):
+        assert np.array_equal(boxes.nms(dets, scores, 0.5, limit=limit), full[:limit])
 
 
 def test_recall_counter():

@@ -130,63 +130,13 @@ class Proposal(_AnchorLayer):
         p = self.p
         prob, deltas, info = (np.asarray(b.get() if hasattr(b, "get") else b) for b in bottoms)
         pre, post = self.top_n()
-        rois, scores = proposals(prob, deltas, info.reshape(-1), feat_stride=p.feat_stride,
-                                 anchors=self.anchors(), pre_nms_top_n=pre, post_nms_top_n=post,
-                                 nms_thresh=p.nms_thresh, min_size=p.min_size)
+        rois, scores = boxes.proposals(prob, deltas, info.reshape(-1), feat_stride=p.feat_stride,
+                                       anchors=self.anchors(), pre_nms_top_n=pre, post_nms_top_n=post,
+                                       nms_thresh=p.nms_thresh, min_size=p.min_size)
         return [xp.asarray(rois), xp.asarray(scores)][: len(self.spec.tops)], None
 
     def backward(self, xp, saved, dtops, params, need):
         return [None] * 3, []
-
-
-def nms(dets, scores, thresh: float, limit: int = 0) -> np.ndarray:
-    """boxes.nms (greedy, +1 convention, IoU > thresh suppresses, ties by lower index) that stops
-    once `limit` boxes are kept (limit <= 0: no limit). The kept list is a prefix of boxes.nms's,
-    so with limit = post_nms_top_n the proposals are identical, and the Python loop stops after
-    post_nms_top_n rounds instead of one round per surviving box (thousands for 6000 pre-NMS boxes)."""
-    dets = np.asarray(dets, np.float64)
-    x1, y1, x2, y2 = (np.ascontiguousarray(dets[:, k]) for k in range(4))
-    areas = (x2 - x1 + 1.0) * (y2 - y1 + 1.0)
-    order = boxes._score_order(np.asarray(scores, np.float64))
-    keep = []
-    while order.size and (limit <= 0 or len(keep) < limit):
-        top, rest = order[0], order[1:]
-        keep.append(top)
-        iw = np.minimum(x2[top], x2[rest]) - np.maximum(x1[top], x1[rest]) + 1.0
-        ih = np.minimum(y2[top], y2[rest]) - np.maximum(y1[top], y1[rest]) + 1.0
-        inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
-        order = rest[inter / (areas[top] + areas[rest] - inter) <= thresh]
-    return np.asarray(keep, dtype=np.int64)
-
-
-def proposals(cls_prob, bbox_pred, im_info, *, feat_stride: int, anchors, pre_nms_top_n: int,
-              post_nms_top_n: int, nms_thresh: float = 0.7, min_size: float = 16):
-    """boxes.proposals (rpn_spec 6, same steps, same float64 arithmetic) with the NMS stopped at
-    post_nms_top_n kept boxes: identical rois and scores (tests/test_rpn.py compares the two)."""
-    base = np.asarray(anchors, np.float64)
-    a = base.shape[0]
-    cls_prob, bbox_pred = np.asarray(cls_prob), np.asarray(bbox_pred)
-    if cls_prob.ndim != 4 or cls_prob.shape[:2] != (1, 2 * a) or bbox_pred.shape != (1, 4 * a) + cls_prob.shape[2:]:
-        return boxes.proposals(cls_prob, bbox_pred, im_info, feat_stride=feat_stride, anchors=anchors,
-                               pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
-                               nms_thresh=nms_thresh, min_size=min_size)      # raises its ValueError
-    height, width = cls_prob.shape[2:]
-    im_h, im_w, im_scale = boxes._im_info(im_info)
-    scores = boxes._from_blob(cls_prob[:, a:].astype(np.float64), 1)[:, 0]
-    deltas = boxes._from_blob(bbox_pred.astype(np.float64), 4)
-    dets = boxes.bbox_transform_inv(boxes.shift_anchors(base, height, width, feat_stride), deltas)
-    dets = boxes.clip_boxes(dets, im_h, im_w)
-    w, h, _, _ = boxes._whctr(dets)
-    keep = np.flatnonzero((w >= min_size * im_scale) & (h >= min_size * im_scale))
-    dets, scores = dets[keep], scores[keep]
-    order = boxes._score_order(scores)
-    if pre_nms_top_n > 0:
-        order = order[:pre_nms_top_n]
-    dets, scores = dets[order], scores[order]
-    keep = nms(dets, scores, nms_thresh, post_nms_top_n)
-    rois = np.zeros((keep.size, 5), dtype=np.float32)
-    rois[:, 1:] = dets[keep]
-    return rois, scores[keep].astype(np.float32)[:, None]
 
 
 @register
