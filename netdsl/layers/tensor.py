@@ -264,16 +264,8 @@ class Split(Layer):
         return [g], []
 
 
-@register
-class Flatten(Layer):
-    type = "Flatten"
-    messages = {"flatten_param": Msg("FlattenParameter", {"axis": F(int, 1), "end_axis": F(int, -1)})}
-
-    def shape(self, bottoms):
-        x = bottoms[0]
-        a = canonical_axis(self.p.axis, len(x))
-        e = canonical_axis(self.p.end_axis, len(x), "end_axis", "end_axis")
-        return [x[:a] + (count(x, a, e + 1),) + x[e + 1:]]
+class _View(Layer):
+    """A new shape over the same values (Flatten, Reshape): forward and backward are reshapes."""
 
     def forward(self, xp, bottoms, params):
         x = bottoms[0]
@@ -284,7 +276,20 @@ class Flatten(Layer):
 
 
 @register
-class Reshape(Layer):
+class Flatten(_View):
+    type = "Flatten"
+    messages = {"flatten_param": Msg("FlattenParameter", {"axis": F(int, 1), "end_axis": F(int, -1)})}
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        a = canonical_axis(self.p.axis, len(x))
+        e = canonical_axis(self.p.end_axis, len(x), "end_axis", "end_axis")
+        return [x[:a] + (count(x, a, e + 1),) + x[e + 1:]]
+
+
+
+@register
+class Reshape(_View):
     type = "Reshape"
     messages = {"reshape_param": Msg("ReshapeParameter", {
         "shape": F(Msg("BlobShape", {"dim": F(int, repeated=True)})), "axis": F(int, 0), "num_axes": F(int, -1)})}
@@ -355,12 +360,6 @@ class Reshape(Layer):
                                  help=help)
         return [x[:axis] + tuple(out) + x[end:]]
 
-    def forward(self, xp, bottoms, params):
-        x = bottoms[0]
-        return [x.reshape(self.shape([tuple(x.shape)])[0])], x.shape
-
-    def backward(self, xp, shape, dtops, params, need):
-        return [dtops[0].reshape(shape)], []
 
 
 @register
