@@ -32,7 +32,8 @@ def add_parsers(sub, common) -> None:
                    help="GPU: capture the whole iteration as one CUDA graph (auto: when the net allows)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss)")
+    p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), or proposal "
+                                    "recall for a region proposal net")
     p.add_argument("model")
     p.add_argument("--weights", required=True, help="trained weights (.npz)")
     p.add_argument("--iterations", type=int, default=50, help="test batches to average (default 50, as Caffe)")
