@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from .errors import Collector, Pos
-from .registry import BLOB_SHAPE, Layer, LayerSpec, layer_parameter_schema, layer_types
+from .registry import BLOB_SHAPE, FILLER_TYPES, Layer, LayerSpec, layer_parameter_schema, layer_types
 from .schema import F, Msg, Record, suggest
 from .syntax import Message
 
@@ -151,8 +151,9 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
         for err in invalid:
             message = err.message if f"'{layer.name}'" in err.message else f"{layer.type} '{layer.name}': {err.message}"
             c.error(err.code, message, layer.pos(err.field), notes=err.notes, help=err.help)
+        bad_filler = _check_fillers(layer, c)
         bottoms = []
-        ok = not invalid              # a layer with bad params is reported, not shape-checked
+        ok = not invalid and not bad_filler     # a layer with bad params is reported, not shape-checked
         for i, b in enumerate(spec.bottoms):
             if b in current:
                 bottoms.append(current[b])
@@ -236,6 +237,17 @@ def _mark_broken(specs: list[LayerSpec], errors) -> None:
             continue
         start, end = (ast.pos.line, ast.pos.column), (ast.pos.end_line, ast.pos.end_column)
         spec.broken = any(d.pos is not None and start <= (d.pos.line, d.pos.column) <= end for d in errors)
+
+
+def _check_fillers(layer: Layer, c: Collector) -> bool:
+    """An unknown filler type would only fail when the weights are drawn: report it here."""
+    bad = False
+    for f in layer.fillers():
+        if f is not None and f.type not in FILLER_TYPES:
+            c.error("E0104", f"{layer.type} '{layer.name}': unknown filler type \"{f.type}\"", f.pos("type"),
+                    help=suggest(f.type, FILLER_TYPES) or f"use one of: {', '.join(FILLER_TYPES)}")
+            bad = True
+    return bad
 
 
 def _field_pos(rec: Record, name: str, index: int) -> Pos | None:

@@ -268,9 +268,3 @@ def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: P
 def defaults(schema: Msg) -> Record:
     """The record of an absent message: every field at its default."""
     return coerce(schema, None, Collector())
-
-
-def check_finite(rec: Record, name: str, c: Collector, where: str) -> None:
-    v = getattr(rec, name)
-    if isinstance(v, float) and not math.isfinite(v):
-        c.error("E0103", f"{where}`{name}` must be finite, got {v}", rec.pos(name), help=f"set `{name}` to a finite number")

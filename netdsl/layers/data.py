@@ -261,12 +261,3 @@ class DigitScenes(_DataLayer):
             h, w = image.shape[1:]
         info = np.array([[h, w, 1.0]], np.float32)
         return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
-
-
-def describe_hint(layer) -> str:
-    """The --shape flags a user should pass for a data layer whose shape needs its data."""
-    n = layer.p.batch_size if hasattr(layer.p, "batch_size") and layer.p.batch_size else "N"
-    crop = layer.p.crop_size if layer.messages.get("transform_param") and layer.p.crop_size else None
-    side = f"{crop},{crop}" if crop else "H,W"
-    flags = [f"--shape {layer.spec.tops[0]}={n},C,{side}"]
-    return " ".join(flags) + (f"  (the label '{layer.spec.tops[1]}' is then {n})" if len(layer.spec.tops) > 1 else "")
