@@ -1,8 +1,8 @@
 """Kernels: naive-loop references, central-difference gradient checks and Caffe's out sizes."""
-import itertools
 
 import numpy as np
 import pytest
+from reference import conv_ref, deconv_ref, lrn_across_ref, lrn_within_ref, max_pool_backward_ref, pool_ref
 
 from netdsl import kernels as K
 
@@ -11,89 +11,6 @@ xp = np
 
 # ---------------------------------------------------------------------------------------------
 # Naive references (float64, written the way Caffe's CPU loops are)
-
-def conv_ref(x, W, b, stride, pad, dil, group):
-    N, _, H, Wd = x.shape
-    M, Cg, kh, kw = W.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dil
-    oh, ow = K.conv_out_size(H, kh, sh, ph, dh), K.conv_out_size(Wd, kw, sw, pw, dw)
-    Mg = M // group
-    y = np.zeros((N, M, oh, ow))
-    for n, m, r, c in itertools.product(range(N), range(M), range(oh), range(ow)):
-        gi = m // Mg
-        acc = 0.0 if b is None else b[m]
-        for ci, i, j in itertools.product(range(Cg), range(kh), range(kw)):
-            h, w = r * sh - ph + i * dh, c * sw - pw + j * dw
-            if 0 <= h < H and 0 <= w < Wd:
-                acc += x[n, gi * Cg + ci, h, w] * W[m, ci, i, j]
-        y[n, m, r, c] = acc
-    return y
-
-
-def deconv_ref(x, W, b, stride, pad, dil, group):
-    N, C, H, Wd = x.shape
-    _, Mg, kh, kw = W.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, pad, dil
-    oh, ow = K.deconv_out_size(H, kh, sh, ph, dh), K.deconv_out_size(Wd, kw, sw, pw, dw)
-    Cg = C // group
-    y = np.zeros((N, Mg * group, oh, ow))
-    for n, c, r, q in itertools.product(range(N), range(C), range(H), range(Wd)):
-        gi = c // Cg
-        for m, i, j in itertools.product(range(Mg), range(kh), range(kw)):
-            h, w = r * sh - ph + i * dh, q * sw - pw + j * dw
-            if 0 <= h < oh and 0 <= w < ow:
-                y[n, gi * Mg + m, h, w] += x[n, c, r, q] * W[c, m, i, j]
-    if b is not None:
-        y += b.reshape(1, -1, 1, 1)
-    return y
-
-
-def pool_ref(x, mode, kh, kw, sh, sw, ph, pw, ceil=True):
-    """Caffe's PoolingLayer::Forward_cpu; also returns the MAX argmax as flat h*W+w."""
-    N, C, H, W = x.shape
-    oh, ow = K.pool_out_size(H, kh, sh, ph, ceil), K.pool_out_size(W, kw, sw, pw, ceil)
-    y = np.zeros((N, C, oh, ow))
-    mask = -np.ones((N, C, oh, ow), int)
-    for n, c, r, q in itertools.product(range(N), range(C), range(oh), range(ow)):
-        hs, ws = r * sh - ph, q * sw - pw
-        he, we = min(hs + kh, H + ph), min(ws + kw, W + pw)
-        pool_size = (he - hs) * (we - ws)
-        hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, H), min(we, W)
-        if mode == "max":
-            best = -np.inf
-            for h, w in itertools.product(range(hs, he), range(ws, we)):
-                if x[n, c, h, w] > best:
-                    best, mask[n, c, r, q] = x[n, c, h, w], h * W + w
-            y[n, c, r, q] = best
-        else:
-            y[n, c, r, q] = x[n, c, hs:he, ws:we].sum() / pool_size
-    return y, mask
-
-
-def max_pool_backward_ref(dy, mask, x_shape):
-    dx = np.zeros(x_shape)
-    N, C = x_shape[:2]
-    for n, c in itertools.product(range(N), range(C)):
-        for r, q in np.ndindex(*dy.shape[2:]):
-            dx[n, c].flat[mask[n, c, r, q]] += dy[n, c, r, q]
-    return dx
-
-
-def lrn_across_ref(x, n, alpha, beta, k):
-    C = x.shape[1]
-    y = np.zeros_like(x)
-    for c in range(C):
-        lo, hi = max(0, c - (n - 1) // 2), min(C, c + (n - 1) // 2 + 1)
-        s = k + alpha / n * (x[:, lo:hi] ** 2).sum(axis=1)
-        y[:, c] = x[:, c] * s ** -beta
-    return y
-
-
-def lrn_within_ref(x, n, alpha, beta):
-    half = (n - 1) // 2
-    avg, _ = pool_ref(x * x, "ave", n, n, 1, 1, half, half)
-    return x * (1 + alpha * avg) ** -beta
-
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

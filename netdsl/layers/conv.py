@@ -23,6 +23,18 @@ CONV = Msg("ConvolutionParameter", {
 
 class _ConvBase(Layer):
     messages = {"convolution_param": CONV}
+    kernel_forward = staticmethod(kernels.conv2d_forward)      # Deconvolution swaps in its pair
+    kernel_backward = staticmethod(kernels.conv2d_backward)
+
+    def forward(self, xp, bottoms, params):
+        _, st, pad, dil = self.geometry()
+        y, cache = self.kernel_forward(xp, bottoms[0], params[0], params[1] if self.p.bias_term else None,
+                                       st, pad, dil, self.p.group)
+        return [y], cache
+
+    def backward(self, xp, cache, dtops, params, need):
+        dx, dw, db = self.kernel_backward(xp, dtops[0], cache, params[0], need[0])
+        return [dx], [dw] + ([db] if self.p.bias_term else [])
 
     def geometry(self):
         p = self.p
@@ -120,20 +132,13 @@ class Convolution(_ConvBase):
         _, cg, kh, kw = self.param_shapes[0]
         return n * m * oh * ow * cg * kh * kw
 
-    def forward(self, xp, bottoms, params):
-        (kh, kw), st, pad, dil = self.geometry()
-        y, cache = kernels.conv2d_forward(xp, bottoms[0], params[0], params[1] if self.p.bias_term else None,
-                                          st, pad, dil, self.p.group)
-        return [y], cache
-
-    def backward(self, xp, cache, dtops, params, need):
-        dx, dw, db = kernels.conv2d_backward(xp, dtops[0], cache, params[0], need[0])
-        return [dx], [dw] + ([db] if self.p.bias_term else [])
 
 
 @register
 class Deconvolution(_ConvBase):
     type = "Deconvolution"
+    kernel_forward = staticmethod(kernels.deconv2d_forward)
+    kernel_backward = staticmethod(kernels.deconv2d_backward)
 
     def shape(self, bottoms):
         x = bottoms[0]
@@ -159,15 +164,6 @@ class Deconvolution(_ConvBase):
         _, mg, kh, kw = self.param_shapes[0]
         return n * c * h * w * mg * kh * kw
 
-    def forward(self, xp, bottoms, params):
-        (kh, kw), st, pad, dil = self.geometry()
-        y, cache = kernels.deconv2d_forward(xp, bottoms[0], params[0], params[1] if self.p.bias_term else None,
-                                            st, pad, dil, self.p.group)
-        return [y], cache
-
-    def backward(self, xp, cache, dtops, params, need):
-        dx, dw, db = kernels.deconv2d_backward(xp, dtops[0], cache, params[0], need[0])
-        return [dx], [dw] + ([db] if self.p.bias_term else [])
 
 
 POOL = Msg("PoolingParameter", {
