@@ -98,3 +98,17 @@ def lrn_within_ref(x, n, alpha, beta):
     half = (n - 1) // 2
     avg, _ = pool_ref(x * x, "ave", n, n, 1, 1, half, half)
     return x * (1 + alpha * avg) ** -beta
+
+
+def numeric_grad(loss, arr: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of the scalar loss() with respect to every element of arr (in place)."""
+    g = np.zeros_like(arr)
+    for idx in np.ndindex(*arr.shape):
+        old = arr[idx]
+        arr[idx] = old + eps
+        up = loss()
+        arr[idx] = old - eps
+        down = loss()
+        arr[idx] = old
+        g[idx] = (up - down) / (2 * eps)
+    return g

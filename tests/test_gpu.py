@@ -18,6 +18,8 @@ from netdsl.backend import cuda_available, get_backend
 if not cuda_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
+from support import eager_iterations
+
 from netdsl.cli import main
 from netdsl.gpu.runtime import CompiledNet
 from netdsl.train import Trainer
@@ -115,14 +117,7 @@ def test_cuda_kernels_match_the_numpy_twins(tmp_path, mnist):
 def test_graph_mode_matches_eager_training(tmp_path, mnist):
     eager, graph = _lenet(tmp_path, "e", graph="off"), _lenet(tmp_path, "g", graph="on")
     assert eager.compiled is None and graph.compiled is not None
-    losses = []
-    for _ in range(20):
-        eager.net.zero_grad()
-        eager.net.forward()
-        losses.append(eager.net.loss())
-        eager.net.backward()
-        eager.solver.step(eager.iter)
-        eager.iter += 1
+    losses = eager_iterations(eager, 20)
     got = np.concatenate([graph.compiled.train_chunk(0, 7), graph.compiled.train_chunk(7, 13)])
     np.testing.assert_allclose(got, losses, rtol=2e-3)
     for key in eager.net.slots:

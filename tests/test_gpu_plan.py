@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import eager_iterations
 
 from netdsl import syntax
 from netdsl.backend import get_backend
@@ -55,18 +56,6 @@ def tiny_mnist(tmp_path_factory) -> str:
 def trainer(tmp_path, data, name, **kw) -> Trainer:
     return Trainer(str(ROOT / "nets" / "lenet_solver.net"), get_backend("cpu"), data_dir=data,
                    out=str(tmp_path / name), progress=False, graph="off", **kw)
-
-
-def eager_iterations(tr: Trainer, n: int) -> list[float]:
-    losses = []
-    for _ in range(n):
-        tr.net.zero_grad()
-        tr.net.forward()
-        losses.append(tr.net.loss())
-        tr.net.backward()
-        tr.solver.step(tr.iter)
-        tr.iter += 1
-    return losses
 
 
 def plan_of(text: str, phase="TRAIN"):

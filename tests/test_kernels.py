@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from reference import conv_ref, deconv_ref, lrn_across_ref, lrn_within_ref, max_pool_backward_ref, pool_ref
+from reference import conv_ref, deconv_ref, lrn_across_ref, lrn_within_ref, max_pool_backward_ref, numeric_grad, pool_ref
 
 from netdsl import kernels as K
 
@@ -22,19 +22,6 @@ def rand(rng, *shape):
 def distinct(rng, *shape):
     """Values at least 0.01 apart, so max pooling has no kink within a finite difference."""
     return rng.permutation(int(np.prod(shape))).reshape(shape) * 0.01 + rng.uniform(0, 1e-3, shape)
-
-
-def numeric_grad(loss, arr, eps=1e-6):
-    g = np.zeros_like(arr)
-    for idx in np.ndindex(*arr.shape):
-        old = arr[idx]
-        arr[idx] = old + eps
-        up = loss()
-        arr[idx] = old - eps
-        down = loss()
-        arr[idx] = old
-        g[idx] = (up - down) / (2 * eps)
-    return g
 
 
 def check_grads(forward, backward, inputs, rng, atol=1e-6):

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import conv_ref, deconv_ref, pool_ref
+from reference import conv_ref, deconv_ref, numeric_grad, pool_ref
+from support import needs_mnist, shared_data_dir
 
 from netdsl import check as check_mod
 from netdsl import plan as plan_mod
@@ -352,18 +351,6 @@ def forward(layer, bottoms, params, seed: int = 0):
         layer.rng = np.random.default_rng(seed)
     return layer.forward(np, bottoms, params)
 
-
-def numeric_grad(f, arr: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(arr)
-    for idx in np.ndindex(*arr.shape):
-        old = arr[idx]
-        arr[idx] = old + eps
-        up = f()
-        arr[idx] = old - eps
-        down = f()
-        arr[idx] = old
-        g[idx] = (up - down) / (2 * eps)
-    return g
 
 
 def assert_close(actual, expected, tol=1e-6, what=""):
@@ -792,15 +779,6 @@ def test_silence_backward_is_zero_and_keeps_dtype():
 # =============================================================================================
 # Data and region-proposal layers: the shape rule equals forward's shapes
 
-def shared_data_dir() -> str | None:
-    from netdsl.data.mnist import verify_mnist
-    here = Path(__file__).resolve().parents[1]
-    for base in (os.environ.get("NETDSL_DATA"), here.parent / "shared" / "data", "/work/shared/data"):
-        if base and Path(base, "mnist").is_dir() and not verify_mnist(Path(base) / "mnist"):
-            return str(base)
-    return None
-
-
 def _compatible(rule, actual) -> bool:
     return len(rule) == len(actual) and all(r is None or r == a for r, a in zip(rule, actual))
 
@@ -832,8 +810,7 @@ def test_input_and_dummydata_shapes():
     assert net.blobs["e"].data.shape == (1, 2, 3, 4) and np.all(net.blobs["e"].data == 7)
 
 
-DATA_DIR = shared_data_dir()
-needs_mnist = pytest.mark.skipif(DATA_DIR is None, reason="no MNIST copy (set NETDSL_DATA=/work/shared/data)")
+DATA_DIR = str(shared_data_dir())
 
 
 @needs_mnist

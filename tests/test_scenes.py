@@ -4,28 +4,14 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
+from support import needs_mnist, shared_data_dir
 
-from netdsl.data.mnist import verify_mnist
 from netdsl.data.png import read_png, write_png
 from netdsl.data.scenes import DigitScenes, make_scene, render_scene_png, resample
 from netdsl.errors import NetdslError
-
-
-def shared_data_dir() -> Path | None:
-    """The shared MNIST copy: $NETDSL_DATA, else shared/data beside the repo, else /work/shared."""
-    here = Path(__file__).resolve().parents[1]
-    for base in (os.environ.get("NETDSL_DATA"), here.parent / "shared" / "data",
-                 "/work/shared/data"):
-        if base and not verify_mnist(Path(base) / "mnist"):
-            return Path(base)
-    return None
-
-
-needs_mnist = pytest.mark.skipif(shared_data_dir() is None, reason="no shared MNIST copy")
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,6 @@ class Convolution(_ConvBase):
         return n * m * oh * ow * cg * kh * kw
 
 
-
 @register
 class Deconvolution(_ConvBase):
     type = "Deconvolution"
