@@ -10,12 +10,6 @@ def load(path: str, phase: str = "train", device: str = "cpu", weights: str | No
          seed: int = 0, data_dir: str | None = None, shapes: dict | None = None, stages=(), dtype="float32"):
     """Check, lower and instantiate a net (pycaffe's caffe.Net). `shapes` gives data-blob shapes
     that can't be known without their data ({"data": (64, 3, 227, 227)})."""
-    from .backend import get_backend
-    from .check import check_file
-    from .executor import Net
-    from .plan import lower
-    plan = lower(check_file(path, phase=phase.upper(), stages=stages, hints=shapes), runnable=True)
-    net = Net(plan, get_backend(device).xp, dtype=dtype, seed=seed, data_dir=data_dir)
-    if weights:
-        net.load(weights)
-    return net
+    from .executor import build_net
+    return build_net(path, phase, device, weights=weights, seed=seed, data_dir=data_dir, stages=stages,
+                     hints=shapes, dtype=dtype)

@@ -48,6 +48,12 @@ def tune_host_allocator() -> None:
         pass
 
 
+def to_host(a) -> np.ndarray:
+    """A blob (pycaffe-style `.data`) or array, NumPy or CuPy, as a host NumPy array."""
+    a = getattr(a, "data", a)
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
 def get_backend(device: str) -> Backend:
     if device == "cpu":
         return CPU

@@ -1,49 +1,64 @@
-"""The checker's front door: file -> parsed, built and shape-inferred graph, with every diagnostic."""
+"""The checker: file -> parsed, built and shape-inferred graph (a ShapedGraph) with every
+diagnostic, and the checks that span layers: param specs, shared params, loaded weights, unused
+tops and layers reaching no loss. Checks that concern one layer type are its `check_net`."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import graph as graph_mod
 from . import shapes as shapes_mod
-from .errors import Collector, Diagnostic, NetdslError
+from .errors import Collector, NetdslError
 from .graph import Graph
-from .registry import Shape
+from .registry import fmt
+from .shapes import Inference, ShapedGraph, producer_note
 from .syntax import Message, parse_file
 
 
 @dataclass
-class Checked:
+class Checking:
+    """What net-level checks read (a layer type's `check_net` included): the graph, inference so
+    far, the collector, and the same file's graph in the other phase, built when first asked."""
     graph: Graph
-    shapes: dict[str, Shape]
-    diagnostics: list[Diagnostic] = field(default_factory=list)
+    inference: Inference
+    c: Collector
+    _other: Callable[[], Graph]
+    _done: set = field(default_factory=set)
 
-    @property
-    def warnings(self) -> list[Diagnostic]:
-        return [d for d in self.diagnostics if d.severity == "warning"]
+    def once(self, key: str) -> bool:
+        """True the first time a check named `key` asks (a pass shared by several layer types)."""
+        first = key not in self._done
+        self._done.add(key)
+        return first
+
+    def other_phase(self) -> Graph:
+        if not isinstance(self._other, Graph):
+            self._other = self._other()
+        return self._other
 
 
 def check(ast: Message, phase: str = "TRAIN", stages=(), level: int = 0, hints: dict | None = None,
-          weights: str | None = None) -> Checked:
+          weights: str | None = None) -> ShapedGraph:
     """Build and shape-check one phase; raises Errors with every diagnostic when any is an error."""
     c = Collector()
-    g = graph_mod.build(ast, phase.upper(), tuple(stages), level, c)
-    shapes = shapes_mod.infer(g, dict(hints or {}), c)
-    shapes_mod.check_param_specs(g, c)
-    shapes_mod.check_shared_params(g, c)
-    others = ()
-    if any(shapes_mod._anchor_layer(n.layer) for n in g.nodes):     # RPN nets: see every phase's heads
-        other = "TEST" if phase.upper() == "TRAIN" else "TRAIN"
-        others = (graph_mod.build(ast, other, tuple(stages), level, Collector()),)
-    shapes_mod.check_anchors(g, c, others)
+    phase, stages = phase.upper(), tuple(stages)
+    g = graph_mod.build(ast, phase, stages, level, c)
+    inf = shapes_mod.infer(g, dict(hints or {}), c)
+    check_param_specs(inf, c)
+    check_shared_params(inf, c)
+    other = "TEST" if phase == "TRAIN" else "TRAIN"
+    checking = Checking(g, inf, c, lambda: graph_mod.build(ast, other, stages, level, Collector()))
+    for cls in dict.fromkeys(type(n.layer) for n in g.nodes):
+        cls.check_net(checking)
     if weights:
-        shapes_mod.check_weights(g, load_weights(weights), weights, c)
+        check_weights(inf, load_weights(weights), weights, c)
     if not c.errors:
-        shapes_mod.check_usage(g, c)
+        check_usage(inf, c)
     c.raise_if_errors()
-    return Checked(g, shapes, sorted(c.diagnostics, key=lambda d: (d.pos.line, d.pos.column) if d.pos else (0, 0)))
+    return inf.freeze(sorted(c.diagnostics, key=lambda d: (d.pos.line, d.pos.column) if d.pos else (0, 0)))
 
 
-def check_file(path: str, **kw) -> Checked:
+def check_file(path: str, **kw) -> ShapedGraph:
     return check(parse_file(path), **kw)
 
 
@@ -53,7 +68,7 @@ def is_solver(ast: Message) -> bool:
         and not ast.get("layers")
 
 
-def check_path(path: str, phase: str | None = None, **kw) -> tuple[Checked, str, str]:
+def check_path(path: str, phase: str | None = None, **kw) -> tuple[ShapedGraph, str, str]:
     """`netdsl check PATH`: a net, or a solver whose net is then checked. Returns the result, the
     net file checked and its phase. A net's phase defaults to TEST (Caffe's NetState default);
     a solver's to TRAIN (the phase its train net runs in; TEST checks its first test net)."""
@@ -124,3 +139,124 @@ def load_weights(path: str):
     except (OSError, ValueError) as e:
         raise NetdslError("E0802", f"cannot read weights {path}: {e}",
                           help="pass an .npz written by `netdsl train` (…_iter_N.npz)") from None
+
+
+# ------------------------------------------------------------------------- net-level checks
+
+def check_param_specs(inf: Inference, c: Collector) -> None:
+    for node, shapes in inf.nodes.items():
+        n_params = len(shapes.params)
+        if len(node.param_specs) > n_params:
+            c.error("E0306", f"layer '{node.name}' has {len(node.param_specs)} `param {{ }}` blocks but "
+                    f"{node.layer.type} has {n_params} learnable blobs",
+                    node.param_specs[n_params].pos() or node.layer.spec.pos,
+                    help=f"remove the extra `param {{ }}` blocks (keep {n_params})"
+                         + (" or set bias_term: true" if n_params == 1 else ""))
+
+
+def check_shared_params(inf: Inference, c: Collector) -> None:
+    """Layers sharing a param by name must agree on its shape (STRICT) or count (PERMISSIVE)."""
+    g = inf.graph
+    owners: dict[str, tuple] = {}
+    for node, shapes in inf.nodes.items():
+        for i, spec in enumerate(node.param_specs[:len(shapes.params)]):
+            if not spec.name:
+                continue
+            if spec.name not in owners:
+                owners[spec.name] = (node, i)
+                continue
+            first, j = owners[spec.name]
+            a, b = inf.nodes[first].params[j], shapes.params[i]
+            same = a == b if spec.share_mode == "STRICT" else _count(a) == _count(b)
+            if same:
+                continue
+            notes = [f"{first.layer.type} '{first.name}' at {first.layer.spec.pos} has it as {fmt(a)}",
+                     f"{node.layer.type} '{node.name}' needs {fmt(b)}"]
+            ax = node.layer.filter_depth_axis
+            if i == 0 and ax is not None and len(a) == len(b) > ax and a[ax] != b[ax]:
+                notes += [producer_note(g, first.bottoms[0], inf.nodes[first].bottoms[0]),
+                          producer_note(g, node.bottoms[0], shapes.bottoms[0])]
+                c.error("E0304", f"shared filter '{spec.name}' has depth {a[ax]} in '{first.name}' but '{node.name}' "
+                        f"needs depth {b[ax]}: their inputs differ in depth", spec.pos("name"), notes=notes,
+                        help="a filter spans its input's full depth; share filters only between layers whose "
+                             "inputs have the same depth, or give this param its own name")
+            else:
+                c.error("E0304", f"shared param '{spec.name}' is {fmt(a)} in '{first.name}' but {fmt(b)} in "
+                        f"'{node.name}'", spec.pos("name"), notes=notes,
+                        help="make both layers' num_output and inputs agree, or give this param its own name")
+
+
+def _count(s):
+    n = 1
+    for d in s:
+        if d is None:
+            return None
+        n *= d
+    return n
+
+
+def check_weights(inf: Inference, weights: dict, path: str, c: Collector) -> None:
+    """Loaded weights (`<layer>/<i>` arrays) must match the net's param shapes; a layer may
+    explain a mismatch better (a filter's depth, an InnerProduct's input size)."""
+    for node, shapes in inf.nodes.items():
+        layer = node.layer
+        for i, shape in enumerate(shapes.params):
+            key = f"{layer.name}/{i}"
+            if key not in weights or None in shape:
+                continue
+            have = tuple(weights[key].shape)
+            if have == tuple(shape):
+                continue
+            notes = [f"{path} has {key} as {fmt(have)}; the net needs {fmt(shape)}"]
+            at = layer.spec.record.pos("name") or layer.spec.pos          # weights are matched by layer name
+            e = layer.explain_weights(i, have, shape)
+            if e is not None:
+                notes += e.notes + [producer_note(inf.graph, node.bottoms[0], shapes.bottoms[0])]
+                c.error(e.code, e.message, at, notes=notes, help=e.help)
+                continue
+            only_m = have[1:] == tuple(shape[1:]) and layer.p.has("num_output")
+            c.error("E0305", f"cannot load param {i} of {layer.type} '{layer.name}': shape mismatch",
+                    layer.pos("num_output") if only_m else at, notes=notes,
+                    help="to learn this layer from scratch rather than load it, rename the layer"
+                         + (f" (or set num_output: {have[0]})" if have[1:] == tuple(shape[1:]) else ""))
+
+
+def check_usage(inf: Inference, c: Collector) -> None:
+    """Warnings: tops nobody reads (but that are not net outputs by design); layers with params
+    whose outputs reach no loss in TRAIN."""
+    g = inf.graph
+    last = g.nodes[-1] if g.nodes else None
+    for node in g.nodes:
+        layer = node.layer
+        if layer.is_loss or layer.is_sink or node is last:
+            continue
+        for i, (user, top) in enumerate(zip(layer.spec.tops, node.tops)):
+            if g.consumers.get(top):
+                continue
+            if layer.is_data or any(g.consumers.get(t) for t in node.tops):
+                c.warning("W0701", f"top '{user}' of {layer.type} '{layer.name}' is never used",
+                          layer.spec.record.item_pos("top", i) or layer.spec.pos,
+                          notes=[f"the other tops of '{layer.name}' are read, so this one looks forgotten"]
+                          if len(node.tops) > 1 else [],
+                          help=f"feed it to a layer, or pass it to a Silence layer to make that explicit "
+                               f'(`layer {{ type: "Silence" bottom: "{user}" }}`)')
+    if g.phase != "TRAIN":
+        return
+    reaches = _reaches_loss(g)
+    for node, shapes in inf.nodes.items():
+        learned = [i for i, _ in enumerate(shapes.params)
+                   if not (i < len(node.param_specs) and node.param_specs[i].lr_mult == 0)]
+        if learned and not node.layer.frozen_params and node not in reaches:
+            c.warning("W0702", f"{node.layer.type} '{node.name}' reaches no loss: its params get no gradient",
+                      node.layer.spec.record.pos("type") or node.layer.spec.pos,
+                      notes=[(f"nothing that reads its output{'s' if len(node.tops) > 1 else ''} "
+                              f"({', '.join(repr(t) for t in node.layer.spec.tops)}) leads to a loss layer")],
+                      help="connect its output to a loss, or freeze it with `param { lr_mult: 0 }` (one per param)")
+
+
+def _reaches_loss(g: Graph) -> set:
+    reach = set()
+    for node in reversed(g.nodes):
+        if any(node.loss_weights) or any(c in reach for t in node.tops for c in g.consumers.get(t, [])):
+            reach.add(node)
+    return reach

@@ -97,7 +97,7 @@ def to_dot(ch) -> str:
         for b in n.bottoms:
             lines.append(f"  {q('B:' + b)} -> {q('L:' + n.name)};")
         for t in n.tops:
-            shape = fmt(ch.shapes[t]) if t in ch.shapes else "?"
+            shape = fmt(ch.blobs[t]) if t in ch.blobs else "?"
             lines.append(f"  {q('B:' + t)} [shape=ellipse, label={q(g.display(t) + chr(10) + shape)}];")
             lines.append(f"  {q('L:' + n.name)} -> {q('B:' + t)};")
     lines.append("}")
@@ -130,11 +130,8 @@ def cmd_train(args) -> int:
 
 def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> dict[str, float]:
     """Average each scalar output of the TEST net over `iterations` batches."""
-    from .check import check_file
-    from .executor import Net
-    from .plan import lower
-    net = Net(lower(check_file(model, phase="TEST"), runnable=True), backend.xp, seed=seed, data_dir=data_dir)
-    net.load(weights)
+    from .executor import build_net
+    net = build_net(model, "TEST", backend, weights=weights, seed=seed, data_dir=data_dir)
     sums: dict[str, float] = {}
     for _ in range(iterations):
         for k, v in net.forward().items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import boxes
+from .backend import to_host
 from .errors import NetdslError
 
 TOPS = (50, 100, 300)
@@ -74,44 +75,26 @@ def _rows(a) -> np.ndarray:
     return a.reshape(0, 5) if a.size == 0 else a.reshape(-1, a.shape[-1])
 
 
-def _find(plan, kind: str):
-    for s in plan.steps:
-        if s.layer.type == kind:
-            return s
-    return None
-
-
 def build_test_net(model: str, weights, backend=None, data_dir=None, seed: int = 0):
     """The TEST-phase net of `model` with `weights` (a path or {name: array}) loaded."""
-    from .backend import CPU
-    from .check import check_file
-    from .executor import Net
-    from .plan import lower
-    backend = backend or CPU
-    net = Net(lower(check_file(model, phase="TEST"), runnable=True), backend.xp, seed=seed, data_dir=data_dir)
-    if weights is not None:
-        net.load(weights)
-    return net
+    from .executor import build_net
+    return build_net(model, "TEST", backend or "cpu", weights=weights, seed=seed, data_dir=data_dir)
 
 
 def proposal_blobs(net) -> tuple[str, str | None, str]:
     """(rois, scores or None, gt_boxes) blob names of a TEST net: the Proposal layer's tops and the
     DigitScenes layer's third top."""
-    prop = _find(net.plan, "Proposal")
+    prop = net.plan.find("Proposal")
     if prop is None:
         raise NetdslError("E0630", f"net '{net.plan.name}' has no Proposal layer in its TEST phase",
                           help="recall is measured on the rois of a Proposal layer (see nets/rpn.net)")
-    data = _find(net.plan, "DigitScenes")
+    data = net.plan.find("DigitScenes")
     if data is None or len(data.layer.spec.tops) < 3:
         raise NetdslError("E0631", f"net '{net.plan.name}' has no DigitScenes layer giving gt_boxes in its TEST "
                           "phase", help="recall needs ground truth: feed the net from a DigitScenes layer")
     tops = prop.layer.spec.tops
     return tops[0], (tops[1] if len(tops) > 1 else None), data.layer.spec.tops[2]
 
-
-def _host(a) -> np.ndarray:
-    a = getattr(a, "data", a)              # a net.blobs entry (pycaffe-style .data) or an array
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def evaluate_recall(model: str, weights, scenes: int, backend=None, data_dir=None, seed: int = 0,
@@ -129,9 +112,9 @@ def evaluate_recall(model: str, weights, scenes: int, backend=None, data_dir=Non
         t0 = time.perf_counter()
         net.forward()
         blobs = net.blobs
-        rois = _host(blobs[rois_name])
+        rois = to_host(blobs[rois_name])
         seconds += time.perf_counter() - t0
-        counter.add(rois, _host(blobs[gt_name]))
+        counter.add(rois, to_host(blobs[gt_name]))
     out = counter.result()
     out.update(seconds=seconds, ms_per_scene=1e3 * seconds / scenes,
                proposals_per_second=counter.proposals / seconds if seconds else 0.0)

@@ -1,5 +1,7 @@
 """Run: a Plan on a backend. Forward, backward with gradient accumulation for fan-out and shared
-params, need-backward pruning, propagate_down, loss_weight; params as data/grad pairs."""
+params, need-backward pruning, propagate_down, loss_weight; params as data/grad pairs. The Net owns
+all run state (param blobs, stateful layers' RNG streams and data sources, saved tensors), so any
+number of Nets can run one plan. `build_net` is the one way from a net file to a Net."""
 from __future__ import annotations
 
 import os
@@ -7,11 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import tune_host_allocator
+from .backend import to_host, tune_host_allocator
 from .errors import NetdslError
 from .files import write_atomic
 from .fillers import fill
 from .plan import Plan
+from .registry import RunState
 
 
 @dataclass
@@ -62,10 +65,25 @@ class Net:
         self._saved: list = [None] * len(plan.steps)
         self.forward_count = 0
         ctx = RunContext(data_dir, seed)
-        for i, s in enumerate(plan.steps):
-            s.layer.index = i
-            if s.layer.is_data and s.layer.type != "Input":
-                s.layer.bind(ctx)
+        self.states = [RunState([plan.blob_shapes[t] for t in s.node.tops], s.layer.open(ctx))
+                       if s.layer.stateful else None for s in plan.steps]
+
+    def source(self, layer_name: str):
+        """The data source (and cursor) of a stateful layer, by layer name."""
+        for s, state in zip(self.plan.steps, self.states):
+            if s.node.name == layer_name and state is not None:
+                return state.source
+        raise KeyError(layer_name)
+
+    def data_state(self) -> dict[str, dict]:
+        """Each data source's cursor by layer name, for snapshots (a resumed run reads the same batches)."""
+        return {s.node.name: state.source.state() for s, state in zip(self.plan.steps, self.states)
+                if state is not None and hasattr(state.source, "state")}
+
+    def load_data_state(self, states: dict[str, dict]) -> None:
+        for s, state in zip(self.plan.steps, self.states):
+            if s.node.name in states and state is not None:
+                state.source.load_state(states[s.node.name])
 
     # -- pycaffe-style views ---------------------------------------------------------------
     @property
@@ -99,16 +117,20 @@ class Net:
         rng_base = self.forward_count
         for i, step in enumerate(plan.steps):
             layer = step.layer
-            if layer.type == "Input":
+            if layer.fed_by_caller:
                 for u, t in zip(layer.spec.tops, step.node.tops):
                     values[t] = xp.asarray(inputs[u], dtype=self.dtype)
                 continue
-            if layer.random:
-                layer.rng = np.random.default_rng([self.seed, i, rng_base])
             bottoms = [values[b] for b in step.node.bottoms]
+            params = [p.data for p in self.step_params[i]]
+            state = self.states[i]
             if _hooks:
                 _hooks.before(i)
-            tops, saved = layer.forward(xp, bottoms, [p.data for p in self.step_params[i]])
+            if state is None:
+                tops, saved = layer.forward(xp, bottoms, params)
+            else:
+                state.rng = np.random.default_rng([self.seed, i, rng_base])
+                tops, saved = layer.forward(xp, bottoms, params, state)
             if _hooks:
                 _hooks.after(i, False)
             for t, v in zip(step.node.tops, tops):
@@ -168,7 +190,7 @@ class Net:
         out = {}
         for name, ps in self.params.items():
             for i, p in enumerate(ps):
-                out[f"{name}/{i}"] = _host(p.data)
+                out[f"{name}/{i}"] = to_host(p.data)
         return out
 
     def save(self, path: str) -> None:
@@ -197,11 +219,27 @@ class Net:
         return sorted(set(loaded))
 
 
-def _host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def save_npz(path: str, arrays: dict) -> None:
     """Weights and solver state as .npz, written atomically (see files.write_atomic)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def build_net(source, phase: str = "TRAIN", device="cpu", *, weights=None, seed: int = 0,
+              data_dir: str | None = None, stages=(), level: int = 0, hints: dict | None = None,
+              share_from: Net | None = None, dtype=np.float32) -> Net:
+    """Check, lower and instantiate one phase of a net: what every command and `netdsl.load` do.
+    `source` is a path, or (path, an inline NetParameter AST or None) as a solver file gives it;
+    `device` "cpu", "gpu" or a Backend; `weights` a path or {"<layer>/<i>": array}."""
+    from .backend import get_backend
+    from .check import check
+    from .plan import lower
+    from .syntax import parse_file
+    path, inline = source if isinstance(source, tuple) else (source, None)
+    ast = inline if inline is not None else parse_file(path)
+    plan = lower(check(ast, phase=phase.upper(), stages=stages, level=level, hints=hints), runnable=True)
+    backend = get_backend(device) if isinstance(device, str) else device
+    net = Net(plan, backend.xp, dtype=dtype, seed=seed, data_dir=data_dir, share_from=share_from)
+    if weights is not None:
+        net.load(weights)
+    return net

@@ -60,7 +60,6 @@ class Graph:
     consumers: dict[str, list[Node]] = field(default_factory=dict)
     blob_pos: dict[str, Pos] = field(default_factory=dict)
     force_backward: bool = False
-    failed: dict = field(default_factory=dict)   # Node -> the Diagnostic of its failed shape rule
 
     def display(self, blob: str) -> str:
         """The name the user wrote (conv1#2 -> conv1)."""
@@ -163,7 +162,7 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
         tops = []
         for k, t in enumerate(spec.tops):
             if t in spec.tops[:k]:
-                c.error("E0211", f"layer '{spec.name}' lists top '{t}' twice", _field_pos(rec, "top", k) or spec.pos,
+                c.error("E0211", f"layer '{spec.name}' lists top '{t}' twice", rec.item_pos("top", k) or spec.pos,
                         notes=[f"tops: {', '.join(repr(x) for x in spec.tops)}"],
                         help="each top is a different output: give it its own name, or remove the repeat")
                 ok = False
@@ -171,7 +170,7 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
             first = g.producer.get(current[t]) if t in current and t not in spec.bottoms else None
             if first is not None:
                 c.error("E0211", f"top '{t}' of layer '{spec.name}' is already produced by layer '{first.name}'",
-                        _field_pos(rec, "top", spec.tops.index(t)) or spec.pos,
+                        rec.item_pos("top", spec.tops.index(t)) or spec.pos,
                         notes=[f"'{t}' is produced by {first.layer.type} '{first.name}' at {first.layer.spec.pos}"],
                         help=f"give this top a new name (e.g. '{spec.name}'), or write it in place by also "
                              f"listing it as a bottom")
@@ -207,7 +206,7 @@ def _no_loss(g: Graph, c: Collector) -> None:
     if shown:
         notes.append(f"its outputs: {shown}")
     # the scores a loss should read: the input of a final Softmax, else the last output
-    scores = last.bottoms[0] if last.layer.type == "Softmax" and last.bottoms else (outputs[-1] if outputs else None)
+    scores = last.bottoms[0] if last.layer.normalizes_scores and last.bottoms else (outputs[-1] if outputs else None)
     labels = [t for n in g.nodes if n.layer.is_data for t in n.tops if "label" in t]
     if scores is not None:
         example = (f'layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "{g.display(scores)}" bottom: '
@@ -248,11 +247,6 @@ def _check_fillers(layer: Layer, c: Collector) -> bool:
                     help=suggest(f.type, FILLER_TYPES) or f"use one of: {', '.join(FILLER_TYPES)}")
             bad = True
     return bad
-
-
-def _field_pos(rec: Record, name: str, index: int) -> Pos | None:
-    fields = rec._ast.get(name) if rec._ast else []
-    return fields[index].value.pos if index < len(fields) else None
 
 
 def _legacy_inputs(net: Record, c: Collector) -> list[LayerSpec]:
@@ -317,22 +311,6 @@ def _foreign_params(spec: LayerSpec, cls: type[Layer], c: Collector) -> None:
                       help=f"{spec.type} reads {mine}; remove {key} or fix the layer type")
 
 
-# what each bottom of a layer type is for, to make arity errors concrete
-BOTTOM_ROLES = {
-    "SoftmaxWithLoss": ("the scores", "the labels"), "Accuracy": ("the scores", "the labels"),
-    "SigmoidCrossEntropyLoss": ("the scores", "the targets"), "EuclideanLoss": ("the predictions", "the targets"),
-    "SmoothL1Loss": ("the predictions", "the targets", "the inside weights", "the outside weights"),
-    "Crop": ("the blob to crop", "the reference blob whose size it takes"),
-    "ROIPooling": ("the feature map", "the rois"),
-    "AnchorTarget": ("the RPN score map", "gt_boxes", "im_info"),
-    "Proposal": ("the RPN class probabilities", "the RPN box deltas", "im_info"),
-}
-
-
-NARY = {"Eltwise": "Eltwise combines 2 or more blobs of one shape element by element",
-        "Concat": "Concat joins blobs along an axis"}
-
-
 def _arity_ok(layer: Layer, c: Collector, known=()) -> bool:
     ok = True
     spec = layer.spec
@@ -344,27 +322,27 @@ def _arity_ok(layer: Layer, c: Collector, known=()) -> bool:
         want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
         plural = what if (hi if lo == hi else lo) == 1 and lo == hi else what + "s"
         given = ", ".join(f"'{n}'" for n in names) or "none"
-        roles = BOTTOM_ROLES.get(layer.type) if what == "bottom" else None
+        roles = layer.bottom_roles if what == "bottom" else ()
         notes = [f"it has {have} {what}{'s' if have != 1 else ''}: {given}"]
         if roles:
             notes.append(f"{layer.type} reads " + ", ".join(f"{r} (bottom {i})" for i, r in enumerate(roles)))
         if hi is not None and have > hi:
             extra = names[hi:]
-            pos = _field_pos(spec.record, what, hi) or spec.pos
+            pos = spec.record.item_pos(what, hi) or spec.pos
             shown = ", ".join(f'`{what}: "{n}"`' for n in extra)
             help = f"remove {shown}" + (f", or use a layer type that takes {have} {what}s" if what == "bottom"
                                         else "")
         else:
-            pos = (_field_pos(spec.record, what, have - 1) if have else spec.record.pos("type")) or spec.pos
+            pos = (spec.record.item_pos(what, have - 1) if have else spec.record.pos("type")) or spec.pos
             missing = [roles[i] for i in range(have, min(lo, len(roles)))] if roles else []
             help = (f"add {lo - have} more `{what}:` " + (f"({', '.join(missing)})" if missing else "")).rstrip()
             labels = [b for b in known if "label" in b and b not in names]
-            if layer.type in NARY and names:
+            if layer.arity_note and names:
                 help += f" (a blob shaped like '{names[0]}')"
             if "the labels" in missing and labels:
                 help += f', e.g. `bottom: "{labels[0]}"`'
-            if what == "bottom" and layer.type in NARY:
-                notes.append(NARY[layer.type])
+            if what == "bottom" and layer.arity_note:
+                notes.append(layer.arity_note)
             if what == "top" and have == 0:
                 help = f'add `top: "{layer.name or layer.type.lower()}"`'
         c.error("E0202", f"{layer.type} '{layer.name}' takes {want} {plural}, got {have}", pos,
@@ -373,7 +351,7 @@ def _arity_ok(layer: Layer, c: Collector, known=()) -> bool:
 
 
 def _unknown_bottom(spec, i, b, current, specs, phase, in_phase, producer_of, c: Collector) -> None:
-    pos = _field_pos(spec.record, "bottom", i) or spec.pos
+    pos = spec.record.item_pos("bottom", i) or spec.pos
     here = specs.index(spec)
     makers = [s for s in specs if b in s.tops and s is not spec]
     after = [s for s in makers if specs.index(s) > here and in_phase(s)]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .check import Checked
 from .errors import NetdslError
 from .graph import Node
 from .registry import fmt
+from .shapes import ShapedGraph
 
 
 @dataclass
@@ -58,6 +58,10 @@ class Plan:
     peak_bytes: int
     train_peak_bytes: int
 
+    def find(self, layer_type: str) -> Step | None:
+        """The first step of a layer type (for commands that need one data layer, by type)."""
+        return next((s for s in self.steps if s.layer.type == layer_type), None)
+
     def render(self) -> str:
         out = [f"plan '{self.name}' ({self.phase}): {len(self.steps)} steps, {len(self.params)} param blobs"]
         out.append("steps:")
@@ -102,14 +106,14 @@ def _nbytes(shape) -> int:
     return 4 * math.prod(d if d is not None else 0 for d in shape)
 
 
-def lower(ch: Checked, runnable: bool = False) -> Plan:
+def lower(shaped: ShapedGraph, runnable: bool = False) -> Plan:
     """Lower a checked graph. With runnable=True, layers that can only be checked are errors."""
-    g = ch.graph
+    g = shaped.graph
     if runnable:
         for n in g.nodes:
-            if not getattr(n.layer, "runnable", True) or n.layer.type == "Data":
+            if not n.layer.runnable:
                 raise NetdslError("E0610", f"{n.layer.type} layer '{n.name}' can be checked but not run by netdsl",
-                                  n.layer.spec.pos, help=_run_help(n.layer))
+                                  n.layer.spec.pos, help=n.layer.run_help)
     params: list[ParamSlot] = []
     by_key: dict[str, int] = {}
     steps: list[Step] = []
@@ -118,7 +122,7 @@ def lower(ch: Checked, runnable: bool = False) -> Plan:
         layer = node.layer
         idx = []
         fillers = layer.fillers()
-        for i, shape in enumerate(layer.param_shapes):
+        for i, shape in enumerate(shaped.params(node)):
             spec = node.param_specs[i] if i < len(node.param_specs) else None
             key = spec.name if spec is not None and spec.name else f"{layer.name}/{i}"
             if key not in by_key:
@@ -135,20 +139,12 @@ def lower(ch: Checked, runnable: bool = False) -> Plan:
             needs_grad.update(node.tops)
         steps.append(Step(node, idx, need, prop, list(node.loss_weights)))
     _prune_to_loss(g, steps)
-    inputs = [t for s in steps if s.layer.type == "Input" for t in s.node.tops]
-    shapes = {b: s for b, s in ch.shapes.items()}
+    inputs = [t for s in steps if s.layer.fed_by_caller for t in s.node.tops]
+    shapes = dict(shaped.blobs)
     buffers, assignment, peak = _plan_forward(steps, shapes, g)
     train_peak = _train_peak(steps, shapes)
     naive = sum(_nbytes(s) for s in shapes.values())
     return Plan(g.name, g.phase, steps, params, shapes, g.outputs, inputs, buffers, assignment, naive, peak, train_peak)
-
-
-def _run_help(layer) -> str:
-    if layer.type == "Data":
-        return "netdsl does not read LMDB/LevelDB: use the MNIST layer or an Input layer fed from Python"
-    if layer.type == "Python":
-        return "use the built-in AnchorTarget / Proposal layers in place of py-faster-rcnn's Python layers"
-    return "remove it from the nets you train or run"
 
 
 def _prune_to_loss(g, steps: list[Step]) -> None:

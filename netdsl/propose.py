@@ -108,22 +108,23 @@ def image_blob(png: np.ndarray, channels: int) -> np.ndarray:
 def run_proposals(net, feed=None) -> dict:
     """One forward of a TEST net with a Proposal layer: image (C, H, W), gt (G, 5), rois (R, 4)
     and scores (R,), best first. `feed` (image, gt) replaces the next scene of its DigitScenes layer."""
-    from .evaluate import _find, _host, proposal_blobs
+    from .backend import to_host
+    from .evaluate import proposal_blobs
     rois_name, scores_name, gt_name = proposal_blobs(net)
-    data = _find(net.plan, "DigitScenes")
+    data = net.plan.find("DigitScenes")
     size = None
     if feed is not None:
         image, gt = feed
         size = image.shape[1:]
-        data.layer.feed(pad_to(image, PAD_MULTIPLE), gt, im_size=size)
+        net.source(data.node.name).feed(pad_to(image, PAD_MULTIPLE), gt, im_size=size)
     net.forward()
     blobs = net.blobs
-    rois = _host(blobs[rois_name]).reshape(-1, 5)
-    scores = _host(blobs[scores_name]).reshape(-1) if scores_name else np.zeros(len(rois), np.float32)
-    image = _host(blobs[data.layer.spec.tops[0]])[0]
+    rois = to_host(blobs[rois_name]).reshape(-1, 5)
+    scores = to_host(blobs[scores_name]).reshape(-1) if scores_name else np.zeros(len(rois), np.float32)
+    image = to_host(blobs[data.layer.spec.tops[0]])[0]
     if size is not None:
         image = image[:, :size[0], :size[1]]
-    return {"image": image, "gt": _host(blobs[gt_name]).reshape(-1, 5), "rois": rois[:, 1:5], "scores": scores}
+    return {"image": image, "gt": to_host(blobs[gt_name]).reshape(-1, 5), "rois": rois[:, 1:5], "scores": scores}
 
 
 # An image of any size is zero-padded (bottom and right) to a multiple of this before the forward
@@ -145,11 +146,11 @@ def propose(model: str, weights: str, out: str, scenes: int | None = None, image
     per input (gt green; the top `top` proposals red to yellow by score) and proposals.json."""
     from .data.png import read_png
     from .data.scenes import render_scene_png
-    from .evaluate import _find, build_test_net
+    from .evaluate import build_test_net
     if top < 0:
         raise NetdslError("E0632", f"--top must be >= 0, got {top}", help="e.g. --top 10")
     net = build_test_net(model, weights, backend, data_dir, seed)
-    data = _find(net.plan, "DigitScenes")
+    data = net.plan.find("DigitScenes")
     if images:
         channels = data.layer.p.channels if data is not None else 1
         inputs = [(os.path.splitext(os.path.basename(p))[0] + "_proposals.png", p,

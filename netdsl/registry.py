@@ -95,11 +95,13 @@ class ShapeError(Exception):
     indices whose shapes (and producers) the diagnostic should show."""
 
     def __init__(self, code: str, message: str, *, field: str | None = None, help: str | None = None,
-                 notes: list[str] | None = None, involves: tuple[int, ...] = (), index: int | None = None):
+                 notes: list[str] | None = None, involves: tuple[int, ...] = (), index: int | None = None,
+                 hintable: bool = False):
         super().__init__(message)
         self.code, self.message, self.field, self.help = code, message, field, help
         self.notes, self.involves = list(notes or []), tuple(involves)
         self.index = index            # with a dotted field ("shape.dim"): which repetition to point at
+        self.hintable = hintable      # --shape for every top of the layer replaces its shape rule
 
 
 @dataclass
@@ -117,59 +119,115 @@ class LayerSpec:
 
 
 class Layer:
-    """Base class. A subclass declares Caffe's params (`messages`) and arity, and defines
-    shape (pure integer arithmetic), forward and backward next to each other."""
+    """Base class of a layer type. A Layer object is the layer as written (its name, phase and
+    Caffe params) and never changes after construction: shapes come out of inference as a
+    ShapedGraph, and run state (RNG streams, data cursors) lives in the Net.
+
+    A subclass declares Caffe's params (`messages`), arity and bottom roles, and defines next to
+    each other: `shape` and `param_shapes` (pure integer arithmetic), `forward` and `backward`
+    (xp-generic). Optional hooks, each asked by one part of the core: `validate` and `check_net`
+    (the checker), `macs` (the summary), `open` (the Net, for stateful layers), `explain_*`
+    (diagnostics with more context), and `lower_*` (graph mode on the GPU, see gpu/lower.py)."""
     type: ClassVar[str]
     messages: ClassVar[dict[str, Msg]] = {}
     n_bottoms: ClassVar[tuple[int, int | None]] = (1, 1)    # (min, max); None = unbounded
     n_tops: ClassVar[tuple[int, int | None]] = (1, 1)
+    bottom_roles: ClassVar[tuple[str, ...]] = ()   # what each bottom is for, for arity errors
+    arity_note: ClassVar[str] = ""            # said when a variadic layer gets too few bottoms
     is_loss: ClassVar[bool] = False       # top 0 gets loss_weight 1 unless set
     is_data: ClassVar[bool] = False
+    is_sink: ClassVar[bool] = False       # its tops are outputs by design (Accuracy) or it has none (Silence)
+    fed_by_caller: ClassVar[bool] = False # its tops are the net's inputs, given to forward() (Input)
+    shape_from_hints: ClassVar[bool] = False  # --shape may give its tops (data layers, Python)
     in_place: ClassVar[bool] = False      # may write its top over its bottom
+    keeps_layout: ClassVar[bool] = False  # top = bottom's shape and layout, element by element or per channel
+    normalizes_scores: ClassVar[bool] = False  # its bottom is the scores a loss should read (Softmax)
     no_backward: ClassVar[bool] = False   # never propagates gradients (data, accuracy, targets)
     frozen_params: ClassVar[bool] = False # params are statistics, not learned (BatchNorm)
-    random: ClassVar[bool] = False        # draws random numbers: the executor seeds self.rng per forward
+    stateful: ClassVar[bool] = False      # forward takes a RunState (RNG stream, data source)
     runnable: ClassVar[bool] = True       # False: checked only (Python, ROIPooling)
+    run_help: ClassVar[str] = "remove it from the nets you train or run"
+    filter_depth_axis: ClassVar[int | None] = None  # param 0 is a filter spanning its input's depth on this axis
+    sets_size: ClassVar[bool] = False     # computes a spatial size (Convolution, Pooling): diagnostics trace to it
 
     def __init__(self, spec: LayerSpec, phase: str):
         self.spec = spec
         self.name = spec.name
         self.phase = phase
         self.p = _merge(spec.record, self.messages)
-        self.param_shapes: list[Shape] = []
-        self.bottom_shapes: list[Shape] = []
-        self.top_shapes: list[Shape] = []
 
-    # -- checking ---------------------------------------------------------------------------
+    # -- checking (pure: shapes in, shapes or ShapeError out) --------------------------------
     def validate(self) -> list[ShapeError]:
         """Param checks that need no shapes (e.g. num_output > 0)."""
         return []
 
     def shape(self, bottoms: list[Shape]) -> list[Shape]:
+        """The top shapes, or ShapeError."""
         raise NotImplementedError
+
+    def param_shapes(self, bottoms: list[Shape]) -> list[Shape]:
+        """The shapes of the learnable blobs, given valid bottom shapes."""
+        return []
 
     def complete(self, tops: list) -> list:
         """Data layers: derive the tops --shape did not give from those it did (Data's label)."""
         return tops
 
-    def fillers(self) -> list[Record | None]:
-        """One filler per param blob (None: zeros)."""
-        return [None] * len(self.param_shapes)
+    def unknown_shape_note(self) -> str:
+        """Why a top's shape is unknown before run time (shape_from_hints layers)."""
+        return f"{self.type} layers produce shapes known only at run time"
 
-    def macs(self) -> int:
+    def hint_example(self, i: int) -> str:
+        """The --shape that would give top i."""
+        return f"--shape {self.spec.tops[i]}=N,C,H,W (e.g. N,3,224,224)"
+
+    def fillers(self) -> list[Record | None]:
+        """One filler per param blob (None: zeros); as many as param_shapes gives."""
+        return []
+
+    def macs(self, bottoms: list[Shape], tops: list[Shape]) -> int:
         return 0
+
+    def explain(self, error: ShapeError, upstream) -> ShapeError:
+        """Refine a ShapeError of this layer's shape rule with the graph around it (`upstream(k)`:
+        the layer that set bottom k's size and its bottom shapes, see shapes.Upstream)."""
+        return error
+
+    def explain_weights(self, i: int, have: Shape, want: Shape) -> ShapeError | None:
+        """A better diagnosis than "shape mismatch" for loaded param i (have) vs the net's (want)."""
+        return None
+
+    @classmethod
+    def check_net(cls, checking) -> None:
+        """Net-level checks that concern this layer type, once per checked net that has one
+        (`checking`: the graph, its shapes, the collector, and the other phases; see check.py)."""
 
     def pos(self, field: str | None) -> Pos:
         return self.p.pos(field) or self.spec.pos if field else self.spec.pos
 
     # -- running (implemented per layer) ----------------------------------------------------
+    def open(self, ctx) -> Any:
+        """Stateful layers: the run state's source (a dataset and its cursor), made by the Net
+        (ctx: data_dir, seed). It may define state() / load_state() for snapshots."""
+        return None
+
     def forward(self, xp, bottoms: list, params: list) -> tuple[list, Any]:
+        """-> (tops, saved). Stateful layers take a fourth argument, their RunState."""
         raise NotImplementedError
 
     def backward(self, xp, saved: Any, dtops: list, params: list, need: list[bool]) -> tuple[list, list]:
         raise NotImplementedError
 
-    def rng_uniform(self, xp, shape):
+
+class RunState:
+    """A stateful layer's per-run state, owned by the Net (one per step): the RNG stream of the
+    current forward (seeded from net seed, step and forward count, so runs and resumes repeat),
+    the step's top shapes, and the source the layer's `open` returned."""
+
+    def __init__(self, tops: list[Shape], source: Any = None):
+        self.tops, self.source, self.rng = tops, source, None
+
+    def uniform(self, xp, shape):
         """U[0,1) drawn on the host so CPU and GPU runs see the same numbers."""
         return xp.asarray(self.rng.random(shape, dtype="float32"))
 

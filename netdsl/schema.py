@@ -66,6 +66,16 @@ class Record:
     def values(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._values}
 
+    def item_pos(self, name: str, index: int) -> Pos | None:
+        """Where the value of repetition `index` of a repeated field is written (bottom 2, top 0)."""
+        fields = self._ast.get(name) if self._ast else []
+        return fields[index].value.pos if index < len(fields) else None
+
+    def span(self, name: str, index: int = 0) -> Pos | None:
+        """Where repetition `index` of a field is written, name to value (see `span`)."""
+        fields = self._ast.get(name) if self._ast is not None else []
+        return span(fields[min(index, len(fields) - 1)]) if fields else None
+
 
 class _Absent:
     """Placeholder for a sub-message the text did not give. A LayerParameter has ~50 `*_param`
@@ -181,7 +191,7 @@ def _misplaced(schema: Msg, m: Message, name: str) -> str:
     return f"`{name}` is a field of {', '.join(owners[:4])}{', ...' if len(owners) > 4 else ''}: move it inside one"
 
 
-def _span(af: AstField) -> Pos:
+def span(af: AstField) -> Pos:
     """Where a field is written: from its name to the end of its value when both are on one line
     (`num_output: 16`), else its name."""
     p, v = af.pos, af.value.pos
@@ -234,7 +244,7 @@ def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: P
             continue
         if isinstance(f.type, Msg):
             if not isinstance(af.value, Message):
-                c.error("E0103", f"{where}`{af.name}` is a message: write `{af.name} {{ ... }}`", _span(af),
+                c.error("E0103", f"{where}`{af.name}` is a message: write `{af.name} {{ ... }}`", span(af),
                         help=f"wrap its fields in braces: `{af.name} {{ ... }}`")
                 continue
             v = f.type.coerce(af.value, c, where, af.pos, af.name)
@@ -245,19 +255,19 @@ def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: P
                 continue
             v = _scalar(f, af.name, af.value, c, where)
             if v is _BAD:             # reported; the field keeps its default (but counts as given)
-                poss.setdefault(af.name, _span(af))
+                poss.setdefault(af.name, span(af))
                 continue
         if f.repeated:
             values[af.name].append(v)
-            poss.setdefault(af.name, _span(af))
+            poss.setdefault(af.name, span(af))
         else:
             if af.name in poss:
-                c.error("E0105", f"{where}`{af.name}` is given twice in {label}", _span(af),
+                c.error("E0105", f"{where}`{af.name}` is given twice in {label}", span(af),
                         notes=[f"first given at {poss[af.name]}"],
                         help="keep one of them; only repeated fields (like `bottom` or `dim`) may be given "
                              "more than once")
             values[af.name] = v
-            poss[af.name] = _span(af)
+            poss[af.name] = span(af)
     for name, f in schema.fields.items():
         if f.required and name not in poss:
             c.error("E0106", f"{where}missing required field `{name}` in {label}", pos or m.pos,

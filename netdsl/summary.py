@@ -3,45 +3,46 @@ from __future__ import annotations
 
 import math
 
-from .check import Checked
 from .registry import fmt
+from .shapes import ShapedGraph
 
 
 def _count(shape) -> int | None:
     return None if any(d is None for d in shape) else math.prod(shape)
 
 
-def layer_rows(ch: Checked) -> list[dict]:
+def layer_rows(ch: ShapedGraph) -> list[dict]:
     g, rows = ch.graph, []
     for node in g.nodes:
         layer = node.layer
-        pshapes = [list(s) for s in layer.param_shapes]
-        counts = [_count(s) for s in layer.param_shapes]
+        pshapes = [list(s) for s in ch.params(node)]
+        counts = [_count(s) for s in ch.params(node)]
         rows.append({
             "name": layer.name, "type": layer.type,
             "bottoms": [g.display(b) for b in node.bottoms], "tops": list(layer.spec.tops),
-            "top_shapes": {u: list(ch.shapes[t]) if t in ch.shapes else None
+            "top_shapes": {u: list(ch.blobs[t]) if t in ch.blobs else None
                            for u, t in zip(layer.spec.tops, node.tops)},
             "param_shapes": pshapes,
             "params": sum(c for c in counts if c is not None),
-            "macs": _macs(layer),
+            "macs": _macs(ch, node),
         })
     return rows
 
 
-def _macs(layer) -> int:
+def _macs(ch: ShapedGraph, node) -> int:
+    shapes = ch.nodes.get(node)
     try:
-        m = layer.macs() if layer.top_shapes else 0
+        m = node.layer.macs(list(shapes.bottoms), list(shapes.tops)) if shapes is not None else 0
     except TypeError:          # an unknown (data-dependent) dimension
         return 0
     return int(m or 0)
 
 
-def totals(ch: Checked) -> dict:
+def totals(ch: ShapedGraph) -> dict:
     g = ch.graph
     seen, trainable, frozen = set(), 0, 0
     for node in g.nodes:
-        for i, s in enumerate(node.layer.param_shapes):
+        for i, s in enumerate(ch.params(node)):
             spec = node.param_specs[i] if i < len(node.param_specs) else None
             key = spec.name if spec is not None and spec.name else (node.name, i)
             n = _count(s)
@@ -52,11 +53,11 @@ def totals(ch: Checked) -> dict:
                 frozen += n
             else:
                 trainable += n
-    macs = sum(_macs(n.layer) for n in g.nodes)
+    macs = sum(_macs(ch, n) for n in g.nodes)
     batch = next((s[0] for n in g.nodes if n.layer.is_data for t in n.tops
-                  if (s := ch.shapes.get(t)) and s and s[0]), 1)
+                  if (s := ch.blobs.get(t)) and s and s[0]), 1)
     act = {}
-    for t, s in ch.shapes.items():
+    for t, s in ch.blobs.items():
         n = _count(s)
         if n is not None:
             act[g.display(t)] = max(act.get(g.display(t), 0), n)
@@ -65,7 +66,7 @@ def totals(ch: Checked) -> dict:
             "activation_bytes": 4 * sum(act.values())}
 
 
-def to_json(ch: Checked | None, net: str, phase: str, diagnostics) -> dict:
+def to_json(ch: ShapedGraph | None, net: str, phase: str, diagnostics) -> dict:
     rows = layer_rows(ch) if ch else []
     t = totals(ch) if ch else {"total_params": 0, "macs_per_batch": 0}
     return {"ok": ch is not None and not any(d.severity == "error" for d in diagnostics),
@@ -87,7 +88,7 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def render_table(ch: Checked) -> str:
+def render_table(ch: ShapedGraph) -> str:
     rows = layer_rows(ch)
     head = ("layer", "type", "bottoms -> tops", "output shape", "param shapes", "params", "MACs")
     body = []

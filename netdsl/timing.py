@@ -5,17 +5,15 @@ import time
 
 import numpy as np
 
-from .check import check_file
 from .errors import NetdslError
-from .executor import Net
-from .plan import lower
+from .executor import Net, build_net
 
 
 def time_net(model: str, phase: str, iterations: int, backend, data_dir=None) -> dict:
     if iterations < 1:
         raise NetdslError("E0000", "--iterations must be at least 1", help="e.g. --iterations 50")
-    plan = lower(check_file(model, phase=phase), runnable=True)
-    net = Net(plan, backend.xp, seed=0, data_dir=data_dir)
+    net = build_net(model, phase, backend, data_dir=data_dir)
+    plan = net.plan
     inputs = {i.split("#")[0]: np.random.default_rng(0).standard_normal(plan.blob_shapes[i]).astype(np.float32)
               for i in plan.inputs}
     steps = plan.steps

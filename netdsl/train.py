@@ -14,21 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .check import check
 from .errors import NetdslError
-from .executor import Net, save_npz
-from .plan import lower
+from .executor import build_net, save_npz
 from .solver import Solver, learning_rate
 from .solverfile import SolverFile, load_solver
-from .syntax import parse_file
-
-
-def build_net(source: tuple, phase: str, backend, seed: int, data_dir, stages=(), share_from=None,
-              dtype=np.float32) -> Net:
-    path, inline = source
-    ast = inline if inline is not None else parse_file(path)
-    plan = lower(check(ast, phase=phase, stages=stages), runnable=True)
-    return Net(plan, backend.xp, dtype=dtype, seed=seed, data_dir=data_dir, share_from=share_from)
 
 
 @dataclass
@@ -101,8 +90,8 @@ class Trainer:
         self.log = Logger(self.prefix + ".log", echo=not self.progress_on)
         self.metrics = open(self.prefix + "_metrics.jsonl", "a", encoding="utf-8")
         stages = tuple(cfg.train_state.stage) if cfg.train_state is not None else ()
-        self.net = build_net(self.sf.train_net, "TRAIN", backend, self.seed, data_dir, stages)
-        self.tests = [build_net(src, "TEST", backend, self.seed, data_dir, share_from=self.net)
+        self.net = build_net(self.sf.train_net, "TRAIN", backend, seed=self.seed, data_dir=data_dir, stages=stages)
+        self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net)
                       for src in self.sf.test_nets]
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
         from .gpu.loop import compile_trainer  # graph mode (GPU): None means eager
@@ -124,9 +113,9 @@ class Trainer:
         state["losses"] = np.array(list(self.losses), dtype=np.float64)
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
             state[f"{name}/forward_count"] = np.array(net.forward_count)
-            for s in net.plan.steps:
-                for k, v in (s.layer.state() if s.layer.is_data else {}).items():
-                    state[f"{name}/data/{s.node.name}/{k}"] = np.array(v)
+            for layer, cursor in net.data_state().items():
+                for k, v in cursor.items():
+                    state[f"{name}/data/{layer}/{k}"] = np.array(v)
         save_npz(base + ".solverstate.npz", state)
         self.log(f"Snapshotting to binary proto file {base}.npz")
         self.log(f"Snapshotting solver state to binary proto file {base}.solverstate.npz")
@@ -152,11 +141,12 @@ class Trainer:
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
             net.seed = self.seed
             net.forward_count = int(state.get(f"{name}/forward_count", 0))
-            for s in net.plan.steps:
-                prefix = f"{name}/data/{s.node.name}/"
-                sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                if sub:
-                    s.layer.load_state(sub)
+            cursors: dict[str, dict] = {}
+            for k, v in state.items():
+                if k.startswith(f"{name}/data/"):
+                    layer, field = k[len(name) + 6:].rsplit("/", 1)
+                    cursors.setdefault(layer, {})[field] = v
+            net.load_data_state(cursors)
         self.log(f"Restored solver state from {path} at iteration {self.iter}")
 
     # -- testing ----------------------------------------------------------------------------

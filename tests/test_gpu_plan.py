@@ -76,7 +76,7 @@ def test_emulated_step_matches_eager_training(tmp_path, tiny_mnist):
     for a, b in zip(eager.solver.buffers, comp.solver.buffers):
         np.testing.assert_allclose(b.history[0], a.history[0], rtol=1e-4, atol=1e-7)
     # the data layer's cursor (what a snapshot records) advanced exactly as eagerly
-    assert comp.net.plan.steps[0].layer.state() == eager.net.plan.steps[0].layer.state()
+    assert comp.net.data_state() == eager.net.data_state()
     # the compiled test step: same sums as the eager test loop, over batches that wrap the set
     sums = {}
     for _ in range(3):
@@ -157,11 +157,11 @@ def test_graph_on_needs_the_gpu(tmp_path, tiny_mnist):
 
 def test_take_batches_matches_next_indices(tmp_path, tiny_mnist):
     a, b = trainer(tmp_path, tiny_mnist, "ta"), trainer(tmp_path, tiny_mnist, "tb")
-    la, lb = a.net.plan.steps[0].layer, b.net.plan.steps[0].layer
-    want = np.stack([la.next_indices() for _ in range(9)])        # 9 x 64 over 200 digits: 2 wraps
-    got = np.concatenate([take_batches(lb, 4), take_batches(lb, 5)])
+    name = a.net.plan.steps[0].node.name
+    want = np.stack([a.net.source(name).next_indices(64) for _ in range(9)])   # 9 x 64 over 200 digits: 2 wraps
+    got = np.concatenate([take_batches(b.net, name, 4), take_batches(b.net, name, 5)])
     np.testing.assert_array_equal(got, want)
-    assert la.state() == lb.state()
+    assert a.net.data_state() == b.net.data_state()
 
 
 POLICIES = [dict(lr_policy="fixed"), dict(lr_policy="step", gamma=0.1, stepsize=10),

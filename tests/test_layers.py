@@ -31,7 +31,7 @@ from netdsl import check as check_mod
 from netdsl import plan as plan_mod
 from netdsl import syntax
 from netdsl.executor import Net
-from netdsl.registry import layer_types, spatial
+from netdsl.registry import RunState, layer_types, spatial
 
 F64 = np.float64
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -59,12 +59,38 @@ def build_net_text(type_: str, params: str, bottoms, ntops: int, phase: str, ext
     return "\n".join(lines)
 
 
-def build_layer(type_: str, params: str = "", bottoms=(), ntops: int = 1, phase: str = "TRAIN"):
-    """The checked layer object named L (its shape rule has run)."""
+class Built:
+    """A layer built the way a net builds it, with the shapes inference gave it; `forward` hands a
+    stateful layer a RunState whose RNG stream is fixed by `seed` (Dropout's mask repeats)."""
+
+    def __init__(self, layer, shapes):
+        self.layer, self.shapes = layer, shapes
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+    @property
+    def param_shapes(self):
+        return list(self.shapes.params)
+
+    @property
+    def top_shapes(self):
+        return list(self.shapes.tops)
+
+    def forward(self, xp, bottoms, params, seed: int = 0):
+        if not self.layer.stateful:
+            return self.layer.forward(xp, bottoms, params)
+        state = RunState(self.top_shapes)
+        state.rng = np.random.default_rng(seed)
+        return self.layer.forward(xp, bottoms, params, state)
+
+
+def build_layer(type_: str, params: str = "", bottoms=(), ntops: int = 1, phase: str = "TRAIN") -> Built:
+    """The checked layer named L, with its shapes."""
     text = build_net_text(type_, params, bottoms, ntops, phase)
     ch = check_mod.check(syntax.parse(text, "t.net"), phase=phase)
     (node,) = [n for n in ch.graph.nodes if n.name == "L"]
-    return node.layer
+    return Built(node.layer, ch.nodes[node])
 
 
 def make_net(text: str, phase: str = "TRAIN", share_from=None, data_dir=None, seed=0) -> Net:
@@ -345,11 +371,9 @@ def make_params(layer, case: Case, rng):
     return out
 
 
-def forward(layer, bottoms, params, seed: int = 0):
+def forward(layer: Built, bottoms, params, seed: int = 0):
     """Forward with a fixed random stream (Dropout's mask is the same on every call)."""
-    if layer.random:
-        layer.rng = np.random.default_rng(seed)
-    return layer.forward(np, bottoms, params)
+    return layer.forward(np, bottoms, params, seed)
 
 
 
@@ -876,7 +900,7 @@ def test_roipooling_shape_rule_is_caffe_fast_rcnn():
             'layer { name: "L" type: "ROIPooling" bottom: "x" bottom: "rois" top: "pool" '
             'roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.0625 } }\n')
     ch = check_mod.check(syntax.parse(text, "t.net"), phase="TEST")
-    assert ch.shapes["pool"] == (7, 8, 3, 2)
+    assert ch.blobs["pool"] == (7, 8, 3, 2)
 
 
 # =============================================================================================
@@ -1216,8 +1240,7 @@ def test_cupy_matches_numpy(case: Case):
     tops, saved = forward(layer, bottoms, host_params)
     dtops = [rng.standard_normal(t.shape) for t in tops]
     dtops_dev = [cp.asarray(d) for d in dtops]
-    layer.rng = np.random.default_rng(0)                # the same host-drawn Dropout mask
-    dev_tops, dev_saved = layer.forward(cp, [cp.asarray(b) for b in bottoms], dev_params)
+    dev_tops, dev_saved = layer.forward(cp, [cp.asarray(b) for b in bottoms], dev_params, 0)  # Dropout: same mask
     for t, d in zip(tops, dev_tops):
         assert_close(cp.asnumpy(d), t, 1e-12, "top")
     for p, d in zip(host_params, dev_params):          # BatchNorm's statistics update alike

@@ -37,6 +37,11 @@ def layer(net, kind: str):
     return next(s.layer for s in net.plan.steps if s.layer.type == kind)
 
 
+def run_state(net, kind: str):
+    """The RunState the net keeps for its (stateful) layer of this kind."""
+    return next(st for s, st in zip(net.plan.steps, net.states) if s.layer.type == kind)
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """`netdsl train nets/rpn_solver.net` for a few iterations: the snapshot it writes."""
@@ -101,10 +106,10 @@ def test_checker_catches_an_anchor_count_mismatch(tmp_path):
 def test_digit_scenes_layer_is_deterministic_and_split_specific():
     def first_scenes(phase, seed, n=2):
         net = netdsl.load(str(RPN), phase=phase, seed=seed)
-        data = layer(net, "DigitScenes")
+        data, state = layer(net, "DigitScenes"), run_state(net, "DigitScenes")
         out = []
         for _ in range(n):
-            tops, _ = data.forward(np, [], [])
+            tops, _ = data.forward(np, [], [], state)
             out.append([np.asarray(t) for t in tops])
         return out
 
@@ -120,8 +125,8 @@ def test_digit_scenes_layer_is_deterministic_and_split_specific():
     assert img.shape == (1, 1, 224, 224) and info.tolist() == [[224, 224, 1]]
     assert gt.ndim == 2 and gt.shape[1] == 5 and len(gt) >= 1
     net = netdsl.load(str(RPN), phase="test", seed=0)
-    assert layer(net, "DigitScenes").scenes.split == "test"           # held-out digits
-    assert layer(netdsl.load(str(RPN), phase="train"), "DigitScenes").scenes.split == "train"
+    assert run_state(net, "DigitScenes").source.scenes.split == "test"           # held-out digits
+    assert run_state(netdsl.load(str(RPN), phase="train"), "DigitScenes").source.scenes.split == "train"
 
 
 def test_scenes_command_renders_pngs(tmp_path):
@@ -144,7 +149,7 @@ def test_scenes_command_renders_pngs(tmp_path):
 def test_training_overfits_one_scene():
     """SGD on a single fixed scene drives the RPN loss (both terms together) well down."""
     net = netdsl.load(str(RPN), phase="train", seed=0)
-    data = layer(net, "DigitScenes")
+    data = run_state(net, "DigitScenes").source
     image, gt = data.scenes.scene(0)
     solver = Solver(SolverConfig(base_lr=0.05, momentum=0.9, lr_policy="fixed"), net.learnable)
     losses = []

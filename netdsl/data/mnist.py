@@ -167,3 +167,39 @@ def parse_idx(data: bytes, path: Path, ndim: int) -> np.ndarray:
         first = int(np.argmax(array > 9))
         raise bad("E0906", f"label {int(array[first])} at index {first} is not a digit 0..9")
     return array
+
+
+def batch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
+    """The order in which epoch `epoch` visits the n images: a permutation drawn from (seed, epoch),
+    or 0..n-1 unshuffled. The one definition of MNIST's batch order (eager and graph mode)."""
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
+class MnistFeed:
+    """One split of MNIST and a cursor over it, as Caffe's data cursor: batches are taken in
+    `batch_order` and wrap into the next epoch's order. Owned by the Net (the MNIST layer's run
+    state); `state()` goes into snapshots so a resumed run reads the same batches."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, shuffle: bool):
+        self.images, self.labels, self.seed, self.shuffle = images, labels, seed, shuffle
+        self.load_state({"epoch": 0, "cursor": 0})
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.order = batch_order(self.seed, self.epoch, len(self.labels), self.shuffle)
+
+    def next_indices(self, count: int) -> np.ndarray:
+        """The next `count` image indices (vectorised over whole runs of an epoch)."""
+        out = np.empty(count, np.int64)
+        filled = 0
+        while filled < count:
+            if self.cursor == len(self.order):
+                self.load_state({"epoch": self.epoch + 1, "cursor": 0})
+            take = min(count - filled, len(self.order) - self.cursor)
+            out[filled:filled + take] = self.order[self.cursor:self.cursor + take]
+            self.cursor += take
+            filled += take
+        return out

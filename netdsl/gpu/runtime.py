@@ -16,30 +16,11 @@ from .lower import Unsupported, lower_test, lower_train, param_layout
 from .program import Program, Ref
 
 
-def take_batches(layer, batches: int) -> np.ndarray:
-    """The next `batches` batches of image indices of an MNIST layer, advancing its cursor exactly
-    as that many `next_indices()` calls would (vectorised over whole runs of an epoch)."""
-    n = layer.p.batch_size
-    if not all(hasattr(layer, a) for a in ("_order", "cursor", "epoch", "_permutation")):
-        return np.stack([layer.next_indices() for _ in range(batches)]) if batches else np.zeros((0, n), np.int64)
-    out = np.empty(batches * n, np.int64)
-    filled = 0
-    while filled < len(out):
-        if layer.cursor == len(layer._order):
-            layer.epoch, layer.cursor = layer.epoch + 1, 0
-            layer._order = layer._permutation(layer.epoch)
-        take = min(len(out) - filled, len(layer._order) - layer.cursor)
-        out[filled:filled + take] = layer._order[layer.cursor:layer.cursor + take]
-        layer.cursor += take
-        filled += take
-    return out.reshape(batches, n)
-
-
-def _data_layer(net, name: str):
-    for s in net.plan.steps:
-        if s.node.name == name and s.layer.type == "MNIST":
-            return s.layer
-    raise Unsupported(f"data layer '{name}' not found")
+def take_batches(net, layer_name: str, batches: int) -> np.ndarray:
+    """The next `batches` batches of image indices of a net's MNIST layer, advancing its feed's
+    cursor exactly as that many eager forwards would."""
+    n = next(s.layer.p.batch_size for s in net.plan.steps if s.node.name == layer_name)
+    return net.source(layer_name).next_indices(batches * n).reshape(batches, n)
 
 
 class CompiledNet:
@@ -92,11 +73,11 @@ class CompiledNet:
         }
         for prog, net in [(self.train, self.net)] + [(p, t) for p, t in zip(self.tests, self.test_nets) if p]:
             for layer_name, split in prog.data:
-                layer = _data_layer(net, layer_name)
+                feed = net.source(layer_name)
                 if f"images:{split}" not in buf:
-                    buf[f"images:{split}"] = xp.asarray(np.ascontiguousarray(layer.images).reshape(-1))
-                    buf[f"labels:{split}"] = xp.asarray(np.ascontiguousarray(layer.labels).reshape(-1))
-                n = layer.p.batch_size
+                    buf[f"images:{split}"] = xp.asarray(np.ascontiguousarray(feed.images).reshape(-1))
+                    buf[f"labels:{split}"] = xp.asarray(np.ascontiguousarray(feed.labels).reshape(-1))
+                n = next(s.layer.p.batch_size for s in net.plan.steps if s.node.name == layer_name)
                 buf[f"seq:{prog.name}"] = xp.zeros(prog.window * n, np.int32)
             buf[f"acc:{prog.name}"] = xp.zeros(max(1, len(prog.outputs)), np.float64)
         return buf
@@ -119,7 +100,7 @@ class CompiledNet:
     def _fill_window(self, prog: Program, net, first: int, count: int) -> None:
         """Rows first..first+count-1 (mod the window) of the program's batch-index window."""
         for layer_name, _ in prog.data:
-            idx = take_batches(_data_layer(net, layer_name), count).astype(np.int32)
+            idx = take_batches(net, layer_name, count).astype(np.int32)
             rows = (first + np.arange(count)) % prog.window
             host = np.empty((prog.window, idx.shape[1]), np.int32)
             host[rows] = idx

@@ -6,6 +6,7 @@ from ..registry import F, Layer, Msg, ShapeError, register
 
 class _Elementwise(Layer):
     in_place = True
+    keeps_layout = True
 
     def shape(self, bottoms):
         return [bottoms[0]]
@@ -57,7 +58,7 @@ class TanH(_Elementwise):
 class Dropout(_Elementwise):
     """TRAIN: y = x * mask / (1 - p) with mask ~ Bernoulli(1 - p); TEST: identity (Caffe)."""
     type = "Dropout"
-    random = True
+    stateful = True
     messages = {"dropout_param": Msg("DropoutParameter", {
         "dropout_ratio": F(float, 0.5),
         "scale_train": F(bool, True)})}   # caffe-fast-rcnn fork: false scales at TEST instead
@@ -69,11 +70,11 @@ class Dropout(_Elementwise):
                                field="dropout_ratio", help="use e.g. `dropout_ratio: 0.5`")]
         return []
 
-    def forward(self, xp, bottoms, params):
+    def forward(self, xp, bottoms, params, state):
         x, r = bottoms[0], self.p.dropout_ratio
         if self.phase != "TRAIN":
             return [x if self.p.scale_train else x * (1 - r)], None
-        keep = self.rng_uniform(xp, x.shape) >= r       # Caffe: mask = u > threshold
+        keep = state.uniform(xp, x.shape) >= r       # Caffe: mask = u > threshold
         scale = 1.0 / (1.0 - r) if self.p.scale_train else 1.0
         mask = keep.astype(x.dtype) * x.dtype.type(scale)
         return [x * mask], mask

@@ -23,6 +23,8 @@ CONV = Msg("ConvolutionParameter", {
 
 class _ConvBase(Layer):
     messages = {"convolution_param": CONV}
+    filter_depth_axis = 1
+    sets_size = True
     kernel_forward = staticmethod(kernels.conv2d_forward)      # Deconvolution swaps in its pair
     kernel_backward = staticmethod(kernels.conv2d_backward)
 
@@ -122,15 +124,26 @@ class Convolution(_ConvBase):
                                  help=f"use a kernel of at most {n + 2 * p}, add padding "
                                       f"(pad: {math.ceil((ext - n) / 2)}), or remove a downsampling layer before it")
             out.append(o)
-        m, g = self.p.num_output, self.p.group
-        c = x[1]
-        self.param_shapes = [(m, None if c is None else c // g, kh, kw)] + ([(m,)] if self.p.bias_term else [])
-        return [(x[0], m, out[0], out[1])]
+        return [(x[0], self.p.num_output, out[0], out[1])]
 
-    def macs(self):
-        (n, _, _, _), (_, m, oh, ow) = self.bottom_shapes[0], self.top_shapes[0]
-        _, cg, kh, kw = self.param_shapes[0]
-        return n * m * oh * ow * cg * kh * kw
+    def param_shapes(self, bottoms):
+        (kh, kw), _, _, _ = self.geometry()
+        m, g, c = self.p.num_output, self.p.group, bottoms[0][1]
+        return [(m, None if c is None else c // g, kh, kw)] + ([(m,)] if self.p.bias_term else [])
+
+    def macs(self, bottoms, tops):
+        (n, c, _, _), (_, m, oh, ow) = bottoms[0], tops[0]
+        (kh, kw), _, _, _ = self.geometry()
+        return n * m * oh * ow * (c // self.p.group) * kh * kw
+
+    def explain_weights(self, i, have, want):
+        g = self.p.group
+        if i != 0 or len(have) != 4 or have[1] == want[1]:
+            return None
+        return ShapeError("E0301", f"Convolution '{self.name}': the loaded filters have depth {have[1]} but the input "
+                          f"depth is {want[1] * g}" + (f" / group {g}" if g > 1 else ""),
+                          help=f"the weights were trained on a {have[1] * g}-deep input: restore that "
+                               "input, or rename the layer to learn it from scratch")
 
 
 @register
@@ -154,14 +167,17 @@ class Deconvolution(_ConvBase):
                                                        f"{s}*({n}-1) + {d * (k - 1) + 1} - 2*{p} = {o}"],
                                  help=f"use `pad: {most}`{' or less' if most else ''}, or a larger kernel or stride")
             out.append(o)
-        m, g, c = self.p.num_output, self.p.group, x[1]
-        self.param_shapes = [(c, m // g, kh, kw)] + ([(m,)] if self.p.bias_term else [])
-        return [(x[0], m, out[0], out[1])]
+        return [(x[0], self.p.num_output, out[0], out[1])]
 
-    def macs(self):
-        (n, c, h, w) = self.bottom_shapes[0]
-        _, mg, kh, kw = self.param_shapes[0]
-        return n * c * h * w * mg * kh * kw
+    def param_shapes(self, bottoms):
+        (kh, kw), _, _, _ = self.geometry()
+        m, g = self.p.num_output, self.p.group
+        return [(bottoms[0][1], m // g, kh, kw)] + ([(m,)] if self.p.bias_term else [])
+
+    def macs(self, bottoms, tops):
+        (n, c, h, w) = bottoms[0]
+        (kh, kw), _, _, _ = self.geometry()
+        return n * c * h * w * (self.p.num_output // self.p.group) * kh * kw
 
 
 
@@ -180,6 +196,7 @@ POOL = Msg("PoolingParameter", {
 class Pooling(Layer):
     type = "Pooling"
     messages = {"pooling_param": POOL}
+    sets_size = True
     n_tops = (1, 2)
 
     def geometry(self, x=None):
@@ -243,9 +260,9 @@ class Pooling(Layer):
         top = (x[0], x[1], out[0], out[1])
         return [top, top][: len(self.spec.tops)]
 
-    def macs(self):
-        n, c, oh, ow = self.top_shapes[0]
-        (kh, kw), _, _ = self.geometry(self.bottom_shapes[0])
+    def macs(self, bottoms, tops):
+        n, c, oh, ow = tops[0]
+        (kh, kw), _, _ = self.geometry(bottoms[0])
         return n * c * oh * ow * kh * kw
 
     def forward(self, xp, bottoms, params):

@@ -8,18 +8,9 @@ from ..registry import BLOB_SHAPE, FILLER, TRANSFORM, F, Layer, Msg, ShapeError,
 
 class _DataLayer(Layer):
     is_data = True
+    shape_from_hints = True
     no_backward = True
     n_bottoms = (0, 0)
-
-    def bind(self, ctx) -> None:
-        """Attach the run's data source (ctx: data_dir, seed); called before the first forward."""
-
-    def state(self) -> dict:
-        """The cursor to snapshot, so a resumed run reads the same batches."""
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
 
     def backward(self, xp, saved, dtops, params, need):
         return [], []
@@ -30,6 +21,10 @@ class Input(_DataLayer):
     type = "Input"
     messages = {"input_param": Msg("InputParameter", {"shape": F(BLOB_SHAPE, repeated=True)})}
     n_tops = (1, None)
+    fed_by_caller = True
+
+    def unknown_shape_note(self):
+        return "this Input layer gives no input_param { shape { dim: ... } }"
 
     def validate(self):
         n, t = len(self.p.shape), len(self.spec.tops)
@@ -51,7 +46,7 @@ class Input(_DataLayer):
 @register
 class DummyData(_DataLayer):
     type = "DummyData"
-    random = True
+    stateful = True
     messages = {"dummy_data_param": Msg("DummyDataParameter", {
         "data_filler": F(FILLER, repeated=True), "shape": F(BLOB_SHAPE, repeated=True),
         "num": F(int, repeated=True), "channels": F(int, repeated=True), "height": F(int, repeated=True),
@@ -69,11 +64,11 @@ class DummyData(_DataLayer):
                              field="shape", help=f"give one shape, or {t} shapes (one per top)")
         return shapes * t if len(shapes) == 1 else shapes
 
-    def forward(self, xp, bottoms, params):
+    def forward(self, xp, bottoms, params, state):
         from ..fillers import fill
         fillers = self.p.data_filler or [None]
-        fillers = fillers * len(self.top_shapes) if len(fillers) == 1 else fillers
-        return [xp.asarray(fill(f, s, self.rng)) for f, s in zip(fillers, self.top_shapes)], None
+        fillers = fillers * len(state.tops) if len(fillers) == 1 else fillers
+        return [xp.asarray(fill(f, s, state.rng)) for f, s in zip(fillers, state.tops)], None
 
 
 @register
@@ -86,10 +81,21 @@ class Data(_DataLayer):
         "mean_file": F(str, ""), "crop_size": F(int, 0), "mirror": F(bool, False),
         "force_encoded_color": F(bool, False), "prefetch": F(int, 4)}), "transform_param": TRANSFORM}
     n_tops = (1, 2)
-    needs_shape_hint = True
+    runnable = False
+    run_help = "netdsl does not read LMDB/LevelDB: use the MNIST layer or an Input layer fed from Python"
 
     def shape(self, bottoms):
         return [None] * len(self.spec.tops)
+
+    def unknown_shape_note(self):
+        return f"Caffe's Data layer reads {self.p.backend} '{self.p.source or 'its database'}', which netdsl does not open"
+
+    def hint_example(self, i):
+        top, n, crop = self.spec.tops[i], self.p.batch_size or "N", self.p.crop_size or None
+        if i == 1:
+            return f"--shape {top}={n}"
+        side = f"{crop},{crop}" if crop else "H,W"
+        return f"--shape {top}={n},C,{side} (e.g. {n},3,{crop or 224},{crop or 224})"
 
     def complete(self, tops):
         if len(tops) == 2 and tops[0] is not None and tops[1] is None:
@@ -106,7 +112,7 @@ MNIST_PARAM = Msg("MNISTParameter", {
 class MNIST(_DataLayer):
     """MNIST digits from the standard idx files: tops data N x 1 x 28 x 28 (float) and label N."""
     type = "MNIST"
-    random = True
+    stateful = True
     messages = {"mnist_param": MNIST_PARAM, "transform_param": TRANSFORM}
     n_tops = (1, 2)
 
@@ -130,43 +136,18 @@ class MNIST(_DataLayer):
         n, side = self.p.batch_size, self.p.crop_size or 28
         return [(n, 1, side, side), (n,)][: len(self.spec.tops)]
 
-    def bind(self, ctx):
-        from ..data.mnist import load_mnist
+    def open(self, ctx):
+        from ..data.mnist import MnistFeed, load_mnist
         images, labels = load_mnist(self.p.split.lower(), ctx.data_dir)
-        self.images, self.labels = images, labels
-        self.seed = ctx.seed
-        self.epoch, self.cursor = 0, 0
-        self._order = self._permutation(0)
+        return MnistFeed(images, labels, ctx.seed, self.p.shuffle and self.phase != "TEST")
 
-    def _permutation(self, epoch):
-        n = len(self.labels)
-        if not self.p.shuffle or self.phase == "TEST":
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
-
-    def state(self):
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state(self, state):
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._permutation(self.epoch)
-
-    def next_indices(self) -> np.ndarray:
-        idx = np.empty(self.p.batch_size, dtype=np.int64)
-        for i in range(len(idx)):          # wraps over epochs like Caffe's cursor
-            if self.cursor == len(self._order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            idx[i] = self._order[self.cursor]
-            self.cursor += 1
-        return idx
-
-    def forward(self, xp, bottoms, params):
-        idx = self.next_indices()
-        x = transform(self.images[idx][:, None].astype(np.float32), self.p, self.phase, self.rng)
+    def forward(self, xp, bottoms, params, state):
+        feed = state.source
+        idx = feed.next_indices(self.p.batch_size)
+        x = transform(feed.images[idx][:, None].astype(np.float32), self.p, self.phase, state.rng)
         tops = [xp.asarray(x)]
         if len(self.spec.tops) == 2:
-            tops.append(xp.asarray(self.labels[idx].astype(np.float32)))
+            tops.append(xp.asarray(feed.labels[idx].astype(np.float32)))
         return tops, None
 
 
@@ -200,6 +181,7 @@ class DigitScenes(_DataLayer):
     resumed run continues from its cursor. split TRAIN draws MNIST training digits, TEST the
     test digits, so held-out scenes never show a digit image seen in training."""
     type = "DigitScenes"
+    stateful = True
     messages = {"digit_scenes_param": Msg("DigitScenesParameter", {
         "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "height": F(int, 224), "width": F(int, 224),
         "channels": F(int, 1), "min_digits": F(int, 1), "max_digits": F(int, 5), "min_size": F(int, 16),
@@ -226,14 +208,25 @@ class DigitScenes(_DataLayer):
         p = self.p
         return [(1, p.channels, p.height, p.width), (1, 3), (None, 5)]
 
-    def bind(self, ctx):
+    def open(self, ctx):
         from ..data.scenes import DigitScenes as Scenes
         p = self.p
-        self.scenes = Scenes(split=p.split.lower(), data_dir=ctx.data_dir, seed=p.seed + ctx.seed,
-                             height=p.height, width=p.width, channels=p.channels, min_digits=p.min_digits,
-                             max_digits=p.max_digits, min_size=p.min_size, max_size=p.max_size)
-        self.cursor = 0
-        self._fed = None
+        return ScenesFeed(Scenes(split=p.split.lower(), data_dir=ctx.data_dir, seed=p.seed + ctx.seed,
+                                 height=p.height, width=p.width, channels=p.channels, min_digits=p.min_digits,
+                                 max_digits=p.max_digits, min_size=p.min_size, max_size=p.max_size))
+
+    def forward(self, xp, bottoms, params, state):
+        image, gt, (h, w) = state.source.next()
+        info = np.array([[h, w, 1.0]], np.float32)
+        return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
+
+
+class ScenesFeed:
+    """The DigitScenes layer's run state: the scene generator and a cursor (snapshotted), and an
+    image fed from outside for one forward (`netdsl propose --image`)."""
+
+    def __init__(self, scenes):
+        self.scenes, self.cursor, self._fed = scenes, 0, None
 
     def state(self):
         return {"cursor": self.cursor}
@@ -247,17 +240,17 @@ class DigitScenes(_DataLayer):
         im_info is (H, W, 1), or im_size (h, w) when the image is padded beyond the picture
         (proposals are clipped to im_info). Used by `netdsl propose --image`."""
         image = np.asarray(image, np.float32)
-        if image.ndim != 3 or image.shape[0] != self.p.channels:
-            raise ValueError(f"DigitScenes '{self.name}' needs a ({self.p.channels}, H, W) image, got {image.shape}")
+        channels = self.scenes.options["channels"]
+        if image.ndim != 3 or image.shape[0] != channels:
+            raise ValueError(f"DigitScenes needs a ({channels}, H, W) image, got {image.shape}")
         gt = np.zeros((0, 5), np.float32) if gt_boxes is None else np.asarray(gt_boxes, np.float32).reshape(-1, 5)
         self._fed = (image, gt, tuple(im_size) if im_size is not None else image.shape[1:])
 
-    def forward(self, xp, bottoms, params):
-        if getattr(self, "_fed", None) is not None:
-            (image, gt, (h, w)), self._fed = self._fed, None
-        else:
-            image, gt = self.scenes.scene(self.cursor)
-            self.cursor += 1
-            h, w = image.shape[1:]
-        info = np.array([[h, w, 1.0]], np.float32)
-        return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
+    def next(self):
+        """(image, gt boxes, (h, w)) of the next forward."""
+        if self._fed is not None:
+            fed, self._fed = self._fed, None
+            return fed
+        image, gt = self.scenes.scene(self.cursor)
+        self.cursor += 1
+        return image, gt, image.shape[1:]

@@ -32,17 +32,28 @@ class InnerProduct(Layer):
                              f"sample but gets {k} ({fmt(x)} flattened from axis {axis})", field="input_size",
                              involves=(0,), help=f"set `input_size: {k}` (the weights must then be retrained), "
                                                  "or restore the upstream resolution")
-        m = self.p.num_output
-        self.param_shapes = [(k, m) if self.p.transpose else (m, k)] + ([(m,)] if self.p.bias_term else [])
-        return [tuple(x[:axis]) + (m,)]
+        return [tuple(x[:axis]) + (self.p.num_output,)]
+
+    def param_shapes(self, bottoms):
+        x, m = bottoms[0], self.p.num_output
+        k = count(x, canonical_axis(self.p.axis, len(x)))
+        return [(k, m) if self.p.transpose else (m, k)] + ([(m,)] if self.p.bias_term else [])
 
     def fillers(self):
         return [self.p.weight_filler] + ([self.p.bias_filler] if self.p.bias_term else [])
 
-    def macs(self):
-        x = self.bottom_shapes[0]
+    def macs(self, bottoms, tops):
+        x = bottoms[0]
         axis = canonical_axis(self.p.axis, len(x))
         return count(x, 0, axis) * count(x, axis) * self.p.num_output
+
+    def explain_weights(self, i, have, want):
+        if i != 0 or have[0] != want[0]:
+            return None
+        return ShapeError("E0311", f"InnerProduct '{self.name}': the loaded weights expect "
+                          f"{have[0 if self.p.transpose else -1]} inputs per sample but the net gives {want[1]}",
+                          help="the input resolution or an upstream num_output changed since training: restore it, "
+                               "or rename the layer to learn it from scratch")
 
     def forward(self, xp, bottoms, params):
         x = bottoms[0]

@@ -46,6 +46,8 @@ class Softmax(Layer):
     type = "Softmax"
     messages = {"softmax_param": SOFTMAX}
     in_place = True
+    keeps_layout = True
+    normalizes_scores = True
 
     def shape(self, bottoms):
         canonical_axis(self.p.axis, len(bottoms[0]))
@@ -70,6 +72,7 @@ class _Loss(Layer):
 @register
 class SoftmaxWithLoss(_Loss):
     type = "SoftmaxWithLoss"
+    bottom_roles = ("the scores", "the labels")
     messages = {"softmax_param": SOFTMAX, "loss_param": LOSS}
     n_tops = (1, 2)
 
@@ -113,6 +116,7 @@ class SoftmaxWithLoss(_Loss):
 @register
 class SigmoidCrossEntropyLoss(_Loss):
     type = "SigmoidCrossEntropyLoss"
+    bottom_roles = ("the scores", "the targets")
     messages = {"loss_param": LOSS}
 
     def shape(self, bottoms):
@@ -145,6 +149,7 @@ class SigmoidCrossEntropyLoss(_Loss):
 @register
 class EuclideanLoss(_Loss):
     type = "EuclideanLoss"
+    bottom_roles = ("the predictions", "the targets")
 
     def shape(self, bottoms):
         a, b = bottoms
@@ -170,6 +175,7 @@ class EuclideanLoss(_Loss):
 class SmoothL1Loss(_Loss):
     """caffe-fast-rcnn's SmoothL1Loss: sum(w_out * f(w_in * (x - t))) / N, f the smooth L1 with sigma."""
     type = "SmoothL1Loss"
+    bottom_roles = ("the predictions", "the targets", "the inside weights", "the outside weights")
     messages = {"smooth_l1_loss_param": Msg("SmoothL1LossParameter", {"sigma": F(float, 1.0)})}
     n_bottoms = (2, 4)
 
@@ -218,10 +224,12 @@ class SmoothL1Loss(_Loss):
 @register
 class Accuracy(Layer):
     type = "Accuracy"
+    bottom_roles = ("the scores", "the labels")
     messages = {"accuracy_param": Msg("AccuracyParameter", {"top_k": F(int, 1), "axis": F(int, 1),
                                                             "ignore_label": F(int, None)})}
     n_bottoms, n_tops = (2, 2), (1, 2)
     no_backward = True
+    is_sink = True
 
     def shape(self, bottoms):
         x, labels = bottoms

@@ -27,8 +27,8 @@ class LRN(Layer):
                              help="apply LRN to a convolution's output")
         return [x]
 
-    def macs(self):
-        n, c, h, w = self.top_shapes[0]
+    def macs(self, bottoms, tops):
+        n, c, h, w = tops[0]
         return n * c * h * w * self.p.local_size * (self.p.local_size if self.p.norm_region == "WITHIN_CHANNEL" else 1)
 
     def forward(self, xp, bottoms, params):
@@ -47,6 +47,7 @@ class BatchNorm(Layer):
     Its three blobs are statistics (mean sum, variance sum, scale factor), never learned."""
     type = "BatchNorm"
     in_place = True
+    keeps_layout = True
     frozen_params = True
     messages = {"batch_norm_param": Msg("BatchNormParameter", {
         "use_global_stats": F(bool, None), "moving_average_fraction": F(float, 0.999), "eps": F(float, 1e-5)})}
@@ -60,8 +61,11 @@ class BatchNorm(Layer):
         if len(x) < 2:
             raise ShapeError("E0221", f"BatchNorm '{self.name}' needs at least N x C, got {fmt(x)}", involves=(0,),
                              help="normalise a 2-D or 4-D blob")
-        self.param_shapes = [(x[1],), (x[1],), (1,)]
         return [x]
+
+    def param_shapes(self, bottoms):
+        c = bottoms[0][1]
+        return [(c,), (c,), (1,)]
 
     def forward(self, xp, bottoms, params):
         x = bottoms[0]
@@ -100,6 +104,7 @@ class BatchNorm(Layer):
 class Scale(Layer):
     type = "Scale"
     in_place = True
+    keeps_layout = True
     n_bottoms = (1, 2)
     messages = {"scale_param": Msg("ScaleParameter", {
         "axis": F(int, 1), "num_axes": F(int, 1), "filler": F(FILLER), "bias_term": F(bool, False),
@@ -123,11 +128,15 @@ class Scale(Layer):
                 raise ShapeError("E0322", f"Scale '{self.name}': the scale {fmt(s)} does not match the input "
                                  f"{fmt(x)} from axis {ax}", involves=(0, 1),
                                  help=f"give a scale of shape {fmt(x[ax:ax + len(s)])}")
-            self.param_shapes = [tuple(s)] if self.p.bias_term else []
-            return [x]
-        w = tuple(x[ax:end])
-        self.param_shapes = [w] + ([w] if self.p.bias_term else [])
         return [x]
+
+    def param_shapes(self, bottoms):
+        x = bottoms[0]
+        if len(bottoms) == 2:
+            return [tuple(bottoms[1])] if self.p.bias_term else []
+        ax, end = self._span(x)
+        w = tuple(x[ax:end])
+        return [w] + ([w] if self.p.bias_term else [])
 
     def fillers(self):
         ones = self.p.filler if self.p.has("filler") else filler_record(type="constant", value=1.0)

@@ -7,6 +7,8 @@ import ast
 import numpy as np
 
 from .. import boxes
+from ..errors import Collector
+from ..graph import Graph
 from ..registry import F, Layer, Msg, ShapeError, fmt, register
 
 ANCHORS = {
@@ -18,6 +20,11 @@ DEFAULT_SCALES, DEFAULT_RATIOS = (8.0, 16.0, 32.0), (0.5, 1.0, 2.0)
 
 class _AnchorLayer(Layer):
     no_backward = True
+
+    @classmethod
+    def check_net(cls, checking):
+        if checking.once("rpn anchors"):
+            check_anchors(checking)
 
     def scales(self):
         return tuple(self.p.scales) or DEFAULT_SCALES
@@ -63,10 +70,11 @@ class AnchorTarget(_AnchorLayer):
         "negative_overlap": F(float, 0.3), "clobber_positives": F(bool, False), "batch_size": F(int, 256),
         "fg_fraction": F(float, 0.5), "positive_weight": F(float, -1.0), "seed": F(int, 3)})}
     n_bottoms, n_tops = (3, 4), (4, 4)
-    # The executor hands a random layer a generator seeded from (net seed, step, forward count)
+    bottom_roles = ("the RPN score map", "gt_boxes", "im_info")
+    # The Net hands a stateful layer a generator seeded from (net seed, step, forward count)
     # before every forward, so sampling is reproducible and a resumed run continues the same
     # sequence; anchor_target_param.seed is mixed in so it changes the sampling too.
-    random = True
+    stateful = True
 
     def shape(self, bottoms):
         score, gt, info = bottoms[:3]
@@ -77,17 +85,15 @@ class AnchorTarget(_AnchorLayer):
         a, h, w = self.num_anchors(), score[2], score[3]
         return [(1, 1, None if h is None else a * h, w)] + [(1, 4 * a, h, w)] * 3
 
-    def generator(self) -> np.random.Generator:
+    def generator(self, state) -> np.random.Generator:
         """The sampling generator of this forward: anchor_target_param.seed mixed with the
-        executor's per-forward stream (only the seed when run outside an executor)."""
-        base = getattr(self, "rng", None)
-        draw = int(base.integers(2 ** 63)) if base is not None else 0
-        return np.random.default_rng([self.p.seed, draw])
+        Net's per-forward stream."""
+        return np.random.default_rng([self.p.seed, int(state.rng.integers(2 ** 63))])
 
-    def forward(self, xp, bottoms, params):
+    def forward(self, xp, bottoms, params, state):
         p = self.p
         score, gt, info = (np.asarray(b.get() if hasattr(b, "get") else b) for b in bottoms[:3])
-        out = boxes.anchor_targets(score.shape[2], score.shape[3], gt, info.reshape(-1), self.generator(),
+        out = boxes.anchor_targets(score.shape[2], score.shape[3], gt, info.reshape(-1), self.generator(state),
                                    feat_stride=p.feat_stride, anchors=self.anchors(), allowed_border=p.allowed_border,
                                    positive_overlap=p.positive_overlap, negative_overlap=p.negative_overlap,
                                    clobber_positives=p.clobber_positives, batch_size=p.batch_size,
@@ -109,6 +115,7 @@ class Proposal(_AnchorLayer):
         **ANCHORS, "pre_nms_top_n": F(int, None), "post_nms_top_n": F(int, None), "nms_thresh": F(float, 0.7),
         "min_size": F(int, 16)})}
     n_bottoms, n_tops = (3, 3), (1, 2)
+    bottom_roles = ("the RPN class probabilities", "the RPN box deltas", "im_info")
 
     def top_n(self):
         pre, post = PROPOSAL_DEFAULTS["TRAIN" if self.phase == "TRAIN" else "TEST"]
@@ -144,6 +151,7 @@ class ROIPooling(Layer):
     """caffe-fast-rcnn's ROIPooling: checked (shape rule) so Fast R-CNN files check; not runnable."""
     type = "ROIPooling"
     runnable = False
+    bottom_roles = ("the feature map", "the rois")
     messages = {"roi_pooling_param": Msg("ROIPoolingParameter", {
         "pooled_h": F(int, 0), "pooled_w": F(int, 0), "spatial_scale": F(float, 1.0)})}
     n_bottoms = (2, 2)
@@ -170,12 +178,29 @@ class Python(Layer):
     """Recognised, never executed: netdsl does not import arbitrary modules named by a net file."""
     type = "Python"
     runnable = False
+    shape_from_hints = True
+    run_help = "use the built-in AnchorTarget / Proposal layers in place of py-faster-rcnn's Python layers"
     messages = {"python_param": Msg("PythonParameter", {
         "module": F(str, ""), "layer": F(str, ""), "param_str": F(str, ""), "share_in_parallel": F(bool, False)})}
     n_bottoms, n_tops = (0, None), (0, None)
 
     def qualname(self) -> str:
         return f"{self.p.module}.{self.p.layer}"
+
+    @classmethod
+    def check_net(cls, checking):
+        inf = checking.inference
+        for node in checking.graph.nodes:
+            kind = KNOWN_PYTHON.get(node.layer.qualname()) if node.layer.type == "Python" else None
+            if kind and node not in inf.failed and all(b in inf.blobs for b in node.bottoms):
+                layer = node.layer
+                checking.c.warning("W0601", f"Python layer '{layer.name}' ({layer.qualname()}) is checked as netdsl's "
+                                   f"built-in {kind}; netdsl never imports Python modules from a net file",
+                                   layer.pos("module"),
+                                   help=(f'to run it, use `type: "{kind}"` with {kind.lower()}_param {{ ... }} instead'
+                                         if kind in ("AnchorTarget", "Proposal") else "it can be checked but not run"))
+        if checking.once("rpn anchors"):
+            check_anchors(checking)
 
     def options(self) -> dict:
         try:
@@ -225,9 +250,196 @@ class Python(Layer):
         same = ",".join("?" if d is None else str(d) for d in bottoms[0]) if bottoms else "N,C,H,W"
         flags = " ".join(f"--shape {t}={same}" for t in self.spec.tops)
         raise ShapeError("E0602", f"Python layer '{self.name}' ({self.qualname()}) cannot be checked: netdsl "
-                         "does not import or run Python modules named by a net file", field="module",
+                         "does not import or run Python modules named by a net file", field="module", hintable=True,
                          notes=["netdsl knows py-faster-rcnn's layers: "
                                 + ", ".join(sorted(KNOWN_PYTHON))],
                          help=(f"give the shapes of its tops, e.g. `{flags}` if it keeps its input's shape, or "
                                "replace it with a built-in layer type") if self.spec.tops else
                               "replace it with a built-in layer type, or remove it")
+
+
+# ------------------------------------------------------------------------------ RPN anchors
+# py-faster-rcnn hard-codes the anchor count A = len(scales) x len(ratios) in three places of a
+# prototxt besides the anchor layers' own params: num_output 2A of the score head, 4A of the box
+# head, and the Reshape that turns the 2-class softmax view (1 x 2 x A*H x W) back into
+# 1 x 2A x H x W (`dim: 0 dim: 18 dim: -1 dim: 0`). Changing the scales breaks all three; each
+# layer's own shape rule sees only the first symptom, so this pass walks from every AnchorTarget
+# and Proposal input back to the heads and reports every place to edit, with its right number.
+
+def _anchor_layer(layer):
+    """(A, "n scales x m ratios", where they are set, kind) for AnchorTarget / Proposal layers,
+    built in or py-faster-rcnn's Python layers."""
+    if layer.type in ("AnchorTarget", "Proposal"):
+        how = f"{len(layer.scales())} scales x {len(layer.ratios())} ratios"
+        pos = layer.p.pos("scales") or layer.p.pos("ratios") or layer.spec.pos
+        return layer.num_anchors(), how, pos, layer.type
+    if layer.type == "Python" and KNOWN_PYTHON.get(layer.qualname()) in ("AnchorTarget", "Proposal"):
+        how = f"{len(layer.anchor_scales())} scales x {len(DEFAULT_RATIOS)} ratios"
+        return layer.num_anchors(), how, layer.p.pos("param_str") or layer.spec.pos, KNOWN_PYTHON[layer.qualname()]
+    return None
+
+
+def _who(node, kind: str) -> str:
+    if node.layer.type == "Python":
+        return f"Python layer '{node.name}' (py-faster-rcnn's {kind}Layer)"
+    return f"{kind} '{node.name}'"
+
+
+def _anchor_note(reached) -> str:
+    """'A = 4 scales x 3 ratios = 12 anchors per cell, set by AnchorTarget 'x' at f:1:2 and ...'"""
+    seen = {}
+    for r in reached:
+        seen.setdefault(r[0].name, r)
+    a, how = reached[0][1], reached[0][2]
+    who = " and ".join(f"{_who(r[0], r[4])} at {r[3]}" for name, r in seen.items())
+    return f"A = {how} = {a} anchors per cell, set by {who}"
+
+
+def _trace_head(g: Graph, blob: str):
+    """Walk back from a blob through Reshapes and layout-keeping layers to the convolution that
+    made it: (conv node or None, the nodes passed, nearest first)."""
+    chain = []
+    node = g.producer.get(blob)
+    while node is not None and len(chain) < 32:
+        t = node.layer.type
+        if t == "Convolution":
+            return node, chain
+        if t != "Reshape" and not node.layer.keeps_layout or not node.bottoms:
+            return None, chain
+        chain.append(node)
+        node = g.producer.get(node.bottoms[0])
+    return None, chain
+
+
+def _channel_dim(node):
+    """(index into reshape_param.shape.dim, value) of the dim that sets a Reshape's axis 1."""
+    p = node.layer.p
+    dims = list(p.shape.dim)
+    k = 1 - p.axis if p.axis >= 0 else None
+    if k is None or not 0 <= k < len(dims):
+        return None
+    return k, dims[k]
+
+
+def _anchor_disagreement(g: Graph, anchors, c: Collector, failed: dict) -> None:
+    """Anchor layers with different A: blame the ones the score head disagrees with."""
+    implied = set()
+    for node, *_ in anchors:
+        conv, _ = _trace_head(g, node.bottoms[0]) if node.bottoms else (None, [])
+        if conv is not None and conv.layer.p.num_output and conv.layer.p.num_output % 2 == 0:
+            implied.add(conv.layer.p.num_output // 2)
+    heads = implied.pop() if len(implied) == 1 else None
+    agree = [x for x in anchors if x[1] == heads]
+    odd = [x for x in anchors if x[1] != heads] if agree else anchors[1:]
+    ref = agree[0] if agree else anchors[0]
+    for x in odd:
+        if x[1] == ref[1]:
+            continue
+        others = _who(ref[0], ref[4]) + (" and the RPN heads" if agree else "")
+        c.error("E0375", f"{_who(x[0], x[4])} uses {x[1]} anchors per cell, but {others} use {ref[1]}", x[3],
+                notes=[f"{_who(y[0], y[4])}: A = {y[2]} = {y[1]} (at {y[3]})" for y in (ref, x)],
+                help=f"give {_who(x[0], x[4])} the same scales and ratios as {_who(ref[0], ref[4])} "
+                     f"({ref[2]}), or change every anchor layer and the heads together")
+        if x[0] in failed and failed[x[0]].code == "E0371":      # the same mismatch, said better
+            c.diagnostics[:] = [d for d in c.diagnostics if d is not failed[x[0]]]
+
+
+def _anchor_places(g: Graph):
+    """The anchor layers of a graph, and every place that hard-codes their count A."""
+    anchors = []                                   # (node, A, how, pos, kind)
+    for node in g.nodes:
+        info = _anchor_layer(node.layer)
+        if info is not None:
+            anchors.append((node, *info))
+    # place -> {"kind", "node", "per", "role", "reached": [(anchor node, A, how, pos, kind, target, via)]}
+    places: dict = {}
+
+    def add(key, reach, **kw):
+        places.setdefault(key, {**kw, "reached": []})["reached"].append(reach)
+
+    for node, a, how, apos, kind in anchors:
+        who = _who(node, kind)
+        heads = [(node.bottoms[0], 2, "score head", f"{who} (bottom 0)")] if node.bottoms else []
+        if kind == "Proposal" and len(node.bottoms) > 1:
+            heads.append((node.bottoms[1], 4, "box head", f"{who} (bottom 1)"))
+        if kind == "AnchorTarget":
+            for top in node.tops[1:2]:                  # the box targets meet the box head in the box loss
+                for user in g.consumers.get(top, []):
+                    if user.bottoms and user.bottoms[0] != top:
+                        heads.append((user.bottoms[0], 4, "box head",
+                                      f"{user.layer.type} '{user.name}', next to the box targets of {who}"))
+        for blob, per, role, target in heads:
+            conv, chain = _trace_head(g, blob)
+            if conv is not None:
+                add(("conv", conv), (node, a, how, apos, kind, target, chain), kind="conv", node=conv, per=per,
+                    role=role)
+            if per == 2:
+                reshapes = [n for n in chain if n.layer.type == "Reshape"]
+                for r in reshapes[0::2]:                # these give the 1 x 2A x H x W layout
+                    if _channel_dim(r) is not None:
+                        add(("reshape", r), (node, a, how, apos, kind, target, chain[:chain.index(r)]),
+                            kind="reshape", node=r, per=2, role=role)
+    return anchors, places
+
+
+def check_anchors(checking) -> None:
+    """The RPN pass. The same file's graph in its other phase is walked too: a place to edit that
+    only it contains (the Reshape before a TEST-only Proposal) is reported, so one check lists
+    every edit."""
+    g, c, failed = checking.graph, checking.c, checking.inference.failed
+    anchors, places = _anchor_places(g)
+    if not anchors:
+        return
+    if len({x[1] for x in anchors}) > 1:
+        _anchor_disagreement(g, anchors, c, failed)
+    here = {pl["node"].layer.spec.pos for pl in places.values()}
+    reported = _report_places(g, places, c)
+    # the errors the shape rules raised for the same mismatch are now explained better: drop them
+    stale = [failed[n] for n in reported if n in failed and failed[n].code in ("E0371", "E0341", "E0340",
+                                                                               "E0374", "E0360")]
+    if stale:
+        c.diagnostics[:] = [d for d in c.diagnostics if not any(d is s for s in stale)]
+    other = checking.other_phase()
+    more = {k: pl for k, pl in _anchor_places(other)[1].items() if pl["node"].layer.spec.pos not in here}
+    _report_places(other, more, c, note=f"layer '{{}}' is only in the {other.phase} net (checked here too, so "
+                                        "that every place to edit is listed)")
+
+
+def _report_places(g: Graph, places: dict, c: Collector, note: str | None = None) -> set:
+    reported = set()
+    for pl in places.values():
+        wanted = {pl["per"] * r[1] for r in pl["reached"]}
+        if len(wanted) != 1:
+            continue                                    # the anchor layers disagree: E0375 says so
+        want = wanted.pop()
+        a = want // pl["per"]
+        node = pl["node"]
+        notes = [_anchor_note(pl["reached"])] + ([note.format(node.name)] if note else [])
+        for *_, target, via in pl["reached"][:2]:
+            notes.append(f"its output reaches {target}"
+                         + (f" through {', '.join(repr(n.name) for n in reversed(via))}" if via else ""))
+        if pl["kind"] == "conv":
+            have = node.layer.p.num_output
+            if have == want:
+                continue
+            what = ("background and foreground scores" if pl["per"] == 2 else "box deltas dx, dy, dw, dh")
+            c.error("E0371", f"Convolution '{node.name}' (the RPN {pl['role']}) has num_output {have}, but "
+                    f"{pl['per']} x {a} anchors = {want} are needed", node.layer.pos("num_output"), notes=notes,
+                    help=f"set `num_output: {want}` ({pl['per']} {what} per anchor)")
+        else:
+            k, have = _channel_dim(node)
+            if have <= 0 or have == want:
+                continue
+            dims = node.layer.p.shape
+            pos = (dims.span("dim", k) if k < len(dims._ast.get("dim") if dims._ast is not None else []) else None) \
+                or node.layer.pos("shape")
+            c.error("E0371", f"Reshape '{node.name}' gives the RPN scores {have} channels, but 2 x {a} anchors = "
+                    f"{want} are needed", pos,
+                    notes=[*notes, "it turns the 2-class softmax view (1 x 2 x A*H x W) back into 1 x 2A x H x W"],
+                    help=f"set `dim: {want}` (2 x {a} anchors)")
+        reported.add(node)
+        for r in pl["reached"]:
+            reported.add(r[0])
+            reported.update(r[6])
+        reported.update(n for r in places.get(("conv", node), {"reached": []})["reached"] for n in r[6])
+    return reported

@@ -5,81 +5,88 @@ from __future__ import annotations
 from ..registry import F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
 
 
-def _source(layer, k: int):
-    """The layer that set the spatial size of bottom k: its producer, looking through layers that
-    keep their input's shape (ReLU, BatchNorm, Dropout, ...)."""
-    pl = layer.producers[k] if k < len(getattr(layer, "producers", [])) else None
-    seen = 0
-    while pl is not None and pl.type not in ("Pooling", "Convolution") and seen < 50 and pl.bottom_shapes \
-            and pl.top_shapes and pl.top_shapes[0] == pl.bottom_shapes[0] and getattr(pl, "producers", None):
-        pl, seen = pl.producers[0], seen + 1
-    return pl
-
-
-def _size_formula(pl, axis: int) -> tuple[str, int] | None:
-    """How a Convolution or Pooling computed its output size on a spatial axis, with numbers."""
+def _size_formula(up, axis: int) -> tuple[str, int] | None:
+    """How a Convolution or Pooling (`up`: its node and shapes) computed its output size on a
+    spatial axis, with numbers."""
     from .. import kernels
-    if pl is None or pl.type not in ("Pooling", "Convolution") or not pl.bottom_shapes:
+    if up is None or up[0].layer.type not in ("Pooling", "Convolution"):
         return None
-    n = pl.bottom_shapes[0][axis]
-    hw = axis - 2
-    if pl.type == "Pooling":
-        if pl.p.global_pooling:
+    layer, n, hw = up[0].layer, up[1].bottoms[0][axis], axis - 2
+    if layer.type == "Pooling":
+        if layer.p.global_pooling:
             return None
-        (k, s, p) = (g[hw] for g in pl.geometry(pl.bottom_shapes[0]))
-        rnd = "ceil" if pl.p.round_mode == "CEIL" else "floor"
+        (k, s, p) = (g[hw] for g in layer.geometry(up[1].bottoms[0]))
+        rnd = "ceil" if layer.p.round_mode == "CEIL" else "floor"
         out = kernels.pool_out_size(n, k, s, p, rnd == "ceil")
         return f"{rnd}(({n} + 2*{p} - {k}) / {s}) + 1 = {out}", out
-    (kk, st, pad, dil) = pl.geometry()
+    (kk, st, pad, dil) = layer.geometry()
     k, s, p, d = kk[hw], st[hw], pad[hw], dil[hw]
     ext = d * (k - 1) + 1
     return f"floor(({n} + 2*{p} - {ext}) / {s}) + 1 = {(n + 2 * p - ext) // s + 1}", (n + 2 * p - ext) // s + 1
 
 
-def _rounding_hint(layer, i: int, j: int, axis: int) -> tuple[list[str], str] | None:
+def _rounding_hint(bottoms, upstream, i: int, j: int, axis: int) -> tuple[list[str], str] | None:
     """Operands i and j differ by one pixel in a spatial axis because a Pooling rounded its output
     size up (Caffe's default) where a Convolution rounded down: say so, with the arithmetic."""
-    a, b = layer.bottom_shapes[i][axis], layer.bottom_shapes[j][axis]
+    from .. import kernels
+    a, b = bottoms[i][axis], bottoms[j][axis]
     if a is None or b is None or abs(a - b) != 1:
         return None
     big, small = (i, j) if a > b else (j, i)
-    pool, other = _source(layer, big), _source(layer, small)
-    if pool is None or pool.type != "Pooling" or pool.p.round_mode != "CEIL" or pool.p.global_pooling:
+    pool, other = upstream(big), upstream(small)
+    if pool is None or pool[0].layer.type != "Pooling" or pool[0].layer.p.round_mode != "CEIL" \
+            or pool[0].layer.p.global_pooling:
         return None
     name = ("height", "width")[axis - 2] if axis in (2, 3) else f"axis {axis}"
     f_pool = _size_formula(pool, axis)
     if f_pool is None:
         return None
+    pl = pool[0].layer
     notes = [f"off by one in the {name}: Pooling rounds up (ceil, Caffe's default), Convolution rounds down (floor)",
-             f"Pooling '{pool.name}' at {pool.spec.pos} gives {f_pool[0]}"]
+             f"Pooling '{pl.name}' at {pl.spec.pos} gives {f_pool[0]}"]
     fixes = []
-    from .. import kernels
-    (k, s, p) = (g[axis - 2] for g in pool.geometry(pool.bottom_shapes[0]))
-    floor_out = kernels.pool_out_size(pool.bottom_shapes[0][axis], k, s, p, False)
-    if floor_out == layer.bottom_shapes[small][axis]:
-        fixes.append(f"add `round_mode: FLOOR` to pooling_param of '{pool.name}' (giving {floor_out})")
+    (k, s, p) = (g[axis - 2] for g in pl.geometry(pool[1].bottoms[0]))
+    floor_out = kernels.pool_out_size(pool[1].bottoms[0][axis], k, s, p, False)
+    if floor_out == bottoms[small][axis]:
+        fixes.append(f"add `round_mode: FLOOR` to pooling_param of '{pl.name}' (giving {floor_out})")
     f_other = _size_formula(other, axis)
     if f_other is not None:
-        notes.append(f"{other.type} '{other.name}' at {other.spec.pos} gives {f_other[0]}")
-        if other.type == "Convolution":
-            kk, st, pad, dil = other.geometry()
-            n = other.bottom_shapes[0][axis]
+        ol = other[0].layer
+        notes.append(f"{ol.type} '{ol.name}' at {ol.spec.pos} gives {f_other[0]}")
+        if ol.type == "Convolution":
+            kk, st, pad, dil = ol.geometry()
+            n = other[1].bottoms[0][axis]
             hw = axis - 2
             ext = dil[hw] * (kk[hw] - 1) + 1
-            want = layer.bottom_shapes[big][axis]
+            want = bottoms[big][axis]
             for extra in (1, 2):
                 q = pad[hw] + extra
                 if (n + 2 * q - ext) // st[hw] + 1 == want:
-                    fixes.append(f"set `pad: {q}` on Convolution '{other.name}' (giving {want})")
+                    fixes.append(f"set `pad: {q}` on Convolution '{ol.name}' (giving {want})")
                     break
     if not fixes:
-        fixes.append(f"add `round_mode: FLOOR` to pooling_param of '{pool.name}', or pad the other branch")
+        fixes.append(f"add `round_mode: FLOOR` to pooling_param of '{pl.name}', or pad the other branch")
     return notes, " or ".join(fixes)
+
+
+def _explain_mismatch(error: ShapeError, upstream) -> ShapeError:
+    """Eltwise and Concat: operands that differ by a pixel get the rounding story (above)."""
+    operands = getattr(error, "operands", None)
+    if operands is None:
+        return error
+    bottoms, i, axes = operands
+    for ax in axes:
+        r = _rounding_hint(bottoms, upstream, 0, i, ax)
+        if r:
+            error.notes, error.help = r
+            break
+    return error
 
 
 @register
 class Eltwise(Layer):
     type = "Eltwise"
+    arity_note = "Eltwise combines 2 or more blobs of one shape element by element"
     messages = {"eltwise_param": Msg("EltwiseParameter", {
         "operation": F("enum", "SUM", choices=("PROD", "SUM", "MAX")),
         "coeff": F(float, repeated=True), "stable_prod_grad": F(bool, True)})}
@@ -99,22 +106,24 @@ class Eltwise(Layer):
         ref = bottoms[0]
         for i, s in enumerate(bottoms[1:], 1):
             if len(s) != len(ref) or any(a is not None and b is not None and a != b for a, b in zip(s, ref)):
-                notes, hint = [], (f"make every bottom {fmt(ref)}: check num_output and strides of the "
-                                   f"branch producing '{self.spec.bottoms[i]}'")
-                src = _source(self, i)
-                if len(s) == len(ref) > 1 and s[1] != ref[1] and s[0] == ref[0] and src is not None \
-                        and src.type in ("Convolution", "InnerProduct") and s[2:] == ref[2:]:
-                    hint = (f"set `num_output: {ref[1]}` on {src.type} '{src.name}', or project '"
-                            f"{self.spec.bottoms[0]}' to {s[1]} channels (e.g. a 1x1 Convolution) before the sum")
-                for ax in range(2, min(len(s), len(ref))):
-                    r = _rounding_hint(self, 0, i, ax)
-                    if r:
-                        notes, hint = r
-                        break
-                raise ShapeError("E0320", f"Eltwise '{self.name}' operands differ: "
-                                 f"'{self.spec.bottoms[0]}' is {fmt(ref)} but '{self.spec.bottoms[i]}' is {fmt(s)}",
-                                 involves=(0, i), notes=notes, help=hint)
+                e = ShapeError("E0320", f"Eltwise '{self.name}' operands differ: "
+                               f"'{self.spec.bottoms[0]}' is {fmt(ref)} but '{self.spec.bottoms[i]}' is {fmt(s)}",
+                               involves=(0, i), help=f"make every bottom {fmt(ref)}: check num_output and strides "
+                                                     f"of the branch producing '{self.spec.bottoms[i]}'")
+                e.operands = (bottoms, i, range(2, min(len(s), len(ref))))
+                raise e
         return [ref]
+
+    def explain(self, error, upstream):
+        if getattr(error, "operands", None) is None:
+            return error
+        bottoms, i, _ = error.operands
+        s, ref, src = bottoms[i], bottoms[0], upstream(i)
+        if len(s) == len(ref) > 1 and s[1] != ref[1] and s[0] == ref[0] and src is not None \
+                and src[0].layer.type in ("Convolution", "InnerProduct") and s[2:] == ref[2:]:
+            error.help = (f"set `num_output: {ref[1]}` on {src[0].layer.type} '{src[0].name}', or project '"
+                          f"{self.spec.bottoms[0]}' to {s[1]} channels (e.g. a 1x1 Convolution) before the sum")
+        return _explain_mismatch(error, upstream)
 
     def forward(self, xp, bottoms, params):
         op = self.p.operation
@@ -160,6 +169,7 @@ class Eltwise(Layer):
 @register
 class Concat(Layer):
     type = "Concat"
+    arity_note = "Concat joins blobs along an axis"
     messages = {"concat_param": Msg("ConcatParameter", {"axis": F(int, 1), "concat_dim": F(int, None)})}
     n_bottoms = (1, None)
 
@@ -178,17 +188,18 @@ class Concat(Layer):
                                  involves=(0, i), help="flatten or reshape the operands to the same rank")
             for d in range(len(ref)):
                 if d != ax and s[d] is not None and ref[d] is not None and s[d] != ref[d]:
-                    notes, hint = [], (f"every bottom must match on all axes but the concat axis {ax}; "
-                                       f"make '{self.spec.bottoms[i]}' {ref[d]} on axis {d}")
-                    r = _rounding_hint(self, 0, i, d) if d >= 2 else None
-                    if r:
-                        notes, hint = r
-                    raise ShapeError("E0321", f"Concat '{self.name}' along axis {ax}: '{self.spec.bottoms[0]}'"
-                                     f" is {fmt(ref)} but '{self.spec.bottoms[i]}' is {fmt(s)} (axis {d} differs: {ref[d]} vs "
-                                     f"{s[d]})",
-                                     involves=(0, i), notes=notes, help=hint)
+                    e = ShapeError("E0321", f"Concat '{self.name}' along axis {ax}: '{self.spec.bottoms[0]}'"
+                                   f" is {fmt(ref)} but '{self.spec.bottoms[i]}' is {fmt(s)} (axis {d} differs: "
+                                   f"{ref[d]} vs {s[d]})", involves=(0, i),
+                                   help=f"every bottom must match on all axes but the concat axis {ax}; "
+                                        f"make '{self.spec.bottoms[i]}' {ref[d]} on axis {d}")
+                    e.operands = (bottoms, i, [d] if d >= 2 else [])
+                    raise e
             total = None if total is None or s[ax] is None else total + s[ax]
         return [ref[:ax] + (total,) + ref[ax + 1:]]
+
+    def explain(self, error, upstream):
+        return _explain_mismatch(error, upstream)
 
     def forward(self, xp, bottoms, params):
         return [xp.concatenate(bottoms, axis=self.axis(bottoms[0].ndim))], [b.shape[self.axis(b.ndim)] for b in bottoms]
@@ -250,6 +261,7 @@ class Slice(Layer):
 class Split(Layer):
     type = "Split"
     n_tops = (1, None)
+    keeps_layout = True
 
     def shape(self, bottoms):
         return [bottoms[0]] * len(self.spec.tops)
@@ -391,6 +403,7 @@ class Permute(Layer):
 @register
 class Crop(Layer):
     type = "Crop"
+    bottom_roles = ("the blob to crop", "the reference blob whose size it takes")
     messages = {"crop_param": Msg("CropParameter", {"axis": F(int, 2), "offset": F(int, repeated=True)})}
     n_bottoms = (2, 2)
 
@@ -437,6 +450,7 @@ class Crop(Layer):
 class Silence(Layer):
     type = "Silence"
     n_bottoms, n_tops = (1, None), (0, 0)
+    is_sink = True
 
     def shape(self, bottoms):
         return []
