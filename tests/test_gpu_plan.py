@@ -18,8 +18,8 @@ from netdsl.backend import get_backend
 from netdsl.check import check
 from netdsl.cli import main
 from netdsl.errors import NetdslError
-from netdsl.gpu import emulate
 from netdsl.gpu.codegen import emit_cuda, generate
+from netdsl.gpu.kernels.solver import device_learning_rate
 from netdsl.gpu.lower import Unsupported, lower_train, param_layout
 from netdsl.gpu.program import check_arena, choose_tiling
 from netdsl.gpu.runtime import CompiledNet, take_batches
@@ -178,7 +178,7 @@ def test_device_learning_rate_is_the_solvers(policy):
     for it in (0, 1, 4, 5, 6, 9, 10, 11, 20, 12345):
         if cfg.lr_policy == "poly" and it > cfg.max_iter:
             continue
-        got = emulate.device_learning_rate(int(pid), it, base, gamma, power, int(stepsize), int(max_iter),
+        got = device_learning_rate(int(pid), it, base, gamma, power, int(stepsize), int(max_iter),
                                            cfg.stepvalue)
         assert np.float32(got) == np.float32(learning_rate(cfg, it)), (it, got)
 

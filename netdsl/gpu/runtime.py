@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import emulate
-from .codegen import generate, kernel_name
+from .codegen import generate
+from .kernel import symbol
 from .lower import Unsupported, lower_test, lower_train, param_layout
 from .program import Program, Ref
 
@@ -194,8 +195,8 @@ class CudaExecutor:
         for prog in programs:
             calls = []
             for launch in prog.launches:
-                fn = self.module.get_function(kernel_name(launch))
-                self.regs[kernel_name(launch)] = fn.num_regs      # loads the module before any capture
+                fn = self.module.get_function(symbol(launch))
+                self.regs[symbol(launch)] = fn.num_regs      # loads the module before any capture
                 args = tuple(self._arg(prog, a) for a in launch.args)
                 calls.append((fn, launch.grid, launch.block, args))
             self.bound[prog.name] = calls
