@@ -218,6 +218,21 @@ class Layer:
     def backward(self, xp, saved: Any, dtops: list, params: list, need: list[bool]) -> tuple[list, list]:
         raise NotImplementedError
 
+    # -- graph mode on the GPU (gpu/lower.py): types that define lower_forward ------------------
+    lower_forward: ClassVar[Any] = None   # (self, lw, i, step): emit the forward's kernel launches through lw
+    lower_backward: ClassVar[Any] = None  # (self, lw, i, step): the same for backward (types that train)
+    graph_data: ClassVar[bool] = False    # the data layer graph mode stages on the device (MNIST)
+    gemm_epilogue: ClassVar[bool] = False # its forward GEMM can apply a following activation (fused ReLU)
+    gemm_dx_mask: ClassVar[bool] = False  # its data-gradient GEMM can apply that activation's backward mask
+
+    def lower_check(self, lw, step) -> None:
+        """Raise gpu.program.Unsupported, with the reason, if graph mode cannot run this layer as
+        configured (types with a lowering; the default accepts every configuration)."""
+
+    def epilogue_slope(self) -> float | None:
+        """An activation that can ride in its producer's GEMM epilogue: its negative slope."""
+        return None
+
 
 class RunState:
     """A stateful layer's per-run state, owned by the Net (one per step): the RNG stream of the

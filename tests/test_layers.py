@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
+import subprocess
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -31,6 +33,10 @@ from netdsl import check as check_mod
 from netdsl import plan as plan_mod
 from netdsl import syntax
 from netdsl.executor import Net
+from netdsl.gpu import emulate
+from netdsl.gpu.codegen import generate
+from netdsl.gpu.lower import lower_layer, param_layout
+from netdsl.gpu.program import Ref, Unsupported
 from netdsl.registry import RunState, layer_types, spatial
 
 F64 = np.float64
@@ -208,6 +214,7 @@ CASES += [
     C("ReLU", "relu_param { negative_slope: 0.1 }", ((2, 3, 4),), inputs=("d",), id="slope0.1"),
     C("Sigmoid", "", ((2, 3, 4),)),
     C("TanH", "", ((2, 3, 4),)),
+    C("Swish", "swish_param { beta: 1.5 }", ((2, 3, 4),)),
     C("Dropout", "", ((2, 3, 4),), id="train"),
     C("Dropout", "dropout_param { dropout_ratio: 0.3 }", ((2, 3, 4),), id="train-0.3"),
     C("Dropout", "", ((2, 3, 4),), phase="TEST", id="test"),
@@ -1216,6 +1223,90 @@ def test_float32_stays_float32(case: Case):
     for j, g in enumerate(dparams):
         if g is not None:
             assert g.dtype == np.float32, f"param {j} grad {g.dtype}"
+
+
+# =============================================================================================
+# Graph mode: every layer type with a GPU lowering, run by the kernels' NumPy twins (emulate.py)
+
+GRAPH_CASES = [c for c in CASES if layer_types()[c.type].lower_forward is not None]
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=ids(GRAPH_CASES))
+def test_graph_mode_lowering_matches_eager(case: Case):
+    """The launches a layer type emits for graph mode, run in float32 by the NumPy twins of the
+    kernels over an emulated arena, give its own eager forward and backward (in float64)."""
+    text = build_net_text(case.type, case.params_text, case.bottom_shapes, case.tops, case.phase)
+    plan = plan_mod.lower(check_mod.check(syntax.parse(text, "t.net"), phase=case.phase))
+    index = next(i for i, s in enumerate(plan.steps) if s.node.name == "L")
+    step, layout = plan.steps[index], param_layout(plan)
+    train = not step.layer.no_backward
+    step.need_backward, step.propagate = train, [i in case.grad for i in range(len(step.node.bottoms))]
+    try:
+        prog, n_forward = lower_layer(plan, layout, index, train)
+    except Unsupported as e:
+        pytest.skip(f"graph mode does not take this configuration: {e}")
+    layer, rng, bottoms, params = setup_case(case)
+    bottoms = [b.astype(np.float32).astype(F64) for b in bottoms]
+    params = [p.astype(np.float32).astype(F64) for p in params]
+    keys = [plan.params[j].key for j in step.params]
+    buf = {"params": np.zeros(layout.total, np.float32), "grads": np.zeros(layout.total, np.float32),
+           "loss_hist": np.zeros(1, np.float32), "counters": np.zeros(8, np.int32),
+           "sems": np.zeros(max(prog.sems, 1), np.uint32), "acc:probe": np.zeros(max(len(prog.outputs), 1))}
+    for k, p in zip(keys, params):
+        buf["params"][layout.offsets[k]:layout.offsets[k] + p.size] = p.reshape(-1)
+    mem = emulate.Memory(prog.arena_bytes, buf)
+
+    def arena(name):
+        return mem.resolve(prog, Ref("arena", name))
+
+    for b, x in zip(step.node.bottoms, bottoms):
+        arena(f"v:{b}")[:] = x.reshape(-1)
+    emulate.run(replace(prog, launches=prog.launches[:n_forward]), mem)
+    tops, saved = forward(layer, [b.copy() for b in bottoms], [p.copy() for p in params])
+    for t, want in zip(step.node.tops, tops):
+        if layer.is_loss:
+            got = buf["loss_hist"][:1]
+        elif t in prog.outputs:
+            got = buf["acc:probe"][prog.outputs.index(t):][:1]
+        else:
+            got = arena(f"v:{t}")
+        assert_close(got.reshape(want.shape), want, 1e-4, f"{case.id}: top {t}")
+    if not train:
+        return
+    dtops = [np.ones(t.shape) if layer.is_loss else rng.standard_normal(t.shape).astype(np.float32).astype(F64)
+             for t in tops]
+    if not layer.is_loss:
+        for t, d in zip(step.node.tops, dtops):
+            arena(f"d:{t}")[:] = d.reshape(-1)
+    emulate.run(replace(prog, launches=prog.launches[n_forward:]), mem)
+    dbottoms, dparams = layer.backward(np, saved, dtops, params, step.propagate)
+    for b, want in zip(step.node.bottoms, dbottoms):
+        if want is not None and step.propagate[step.node.bottoms.index(b)]:
+            assert_close(arena(f"d:{b}").reshape(want.shape), want, 1e-4, f"{case.id}: gradient of {b}")
+    for k, want in zip(keys, dparams):
+        got = buf["grads"][layout.offsets[k]:layout.offsets[k] + want.size]
+        assert_close(got.reshape(want.shape), want, 1e-4, f"{case.id}: gradient of param {k}")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_graph_mode_kernels_of_every_layer_compile(tmp_path):
+    """The CUDA every graph-mode layer case emits (one translation unit) compiles with nvcc."""
+    programs = []
+    for k, case in enumerate(GRAPH_CASES):
+        text = build_net_text(case.type, case.params_text, case.bottom_shapes, case.tops, case.phase)
+        plan = plan_mod.lower(check_mod.check(syntax.parse(text, "t.net"), phase=case.phase))
+        index = next(i for i, s in enumerate(plan.steps) if s.node.name == "L")
+        try:
+            programs.append(lower_layer(plan, param_layout(plan), index, not plan.steps[index].layer.no_backward,
+                                        name=f"case{k}")[0])
+        except Unsupported:
+            continue
+    assert {L for p in programs for L in (x.kind for x in p.launches)} >= {"swish_fwd", "maxpool_fwd", "gemm"}
+    src = tmp_path / "layers.cu"
+    src.write_text(generate(programs, "the layer table"))
+    r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", str(src), "-o", str(tmp_path / "layers.ptx")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 # =============================================================================================

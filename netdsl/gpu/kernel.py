@@ -77,9 +77,9 @@ def kernel(kind: str, signature: str, template: str, constants: tuple, call: str
 def elementwise(kind: str, forward: str, backward: str, twin_forward: Callable, twin_backward: Callable,
                 params: str = "") -> tuple[str, str]:
     """Register a pair of element-wise kernels from one-line CUDA expressions: forward computes
-    `y` from `x`, backward `g` (the bottom gradient) from `dy`, `x` and `y`; `params` are extra
-    float arguments (e.g. "beta"). The twins take (x[, params]) and (dy, x, y[, params]) arrays.
-    Returns the two kinds, `<kind>_fwd` and `<kind>_bwd`."""
+    y from `xv`, backward the bottom gradient from `dyv`, `xv` and `yv`; `params` are extra float
+    arguments (e.g. "beta"). The twins take (x[, params]) and (dy, x, y[, params]) arrays.
+    Returns the two kinds, `<kind>_fwd` and `<kind>_bwd` (see _Lowering.elementwise)."""
     extra = "".join(f", float {p.strip()}" for p in params.split(",") if p.strip())
     names = "".join(f", {p.strip()}" for p in params.split(",") if p.strip())
     fwd, bwd = f"{kind}_fwd", f"{kind}_bwd"
@@ -99,7 +99,7 @@ template <int CNT, bool ACC>
 __device__ __forceinline__ void nd_{bwd}(const float* __restrict__ dy, const float* __restrict__ x,
                                          const float* __restrict__ y, float* __restrict__ dx{extra}) {{
     ND_FOR(e, CNT) {{
-        const float xv = x[e], yv = y[e], g = {backward};
+        const float dyv = dy[e], xv = x[e], yv = y[e], g = {backward};
         dx[e] = ACC ? dx[e] + g : g;
     }}
 }}""")
@@ -120,13 +120,13 @@ def kernels() -> dict[str, Kernel]:
 
 def symbol(launch) -> str:
     """The symbol to look up in the compiled module."""
-    k = KERNELS[launch.kind]
+    k = kernels()[launch.kind]
     return k.template if k.library else launch.symbol
 
 
 def specialise(launch) -> str:
     """The extern "C" kernel for one launch (empty for library kernels)."""
-    k = KERNELS[launch.kind]
+    k = kernels()[launch.kind]
     if k.library:
         return ""
     if k.specialise is not None:

@@ -16,6 +16,10 @@ SMS = 132                        # H100 SXM; only steers tiling heuristics, neve
 DTYPES = {"f32": 4, "i32": 4}
 
 
+class Unsupported(Exception):
+    """Why graph mode cannot run a plan; the message names the layer or setting."""
+
+
 @dataclass
 class Tensor:
     """A buffer in the arena: `count` elements of `dtype`, live from launch `first` to `last`."""

@@ -1,6 +1,12 @@
-"""Layers: element-wise activations (ReLU, Sigmoid, TanH) and Dropout."""
+"""Layers: element-wise activations (ReLU, Sigmoid, TanH, Swish) and Dropout."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
+from ..gpu.kernel import elementwise
+from ..gpu.program import Ref, Unsupported
 from ..registry import F, Layer, Msg, ShapeError, register
 
 
@@ -29,6 +35,34 @@ class ReLU(_Elementwise):
         dy, s = dtops[0], self.p.negative_slope
         return [dy * mask if s == 0 else xp.where(mask, dy, dy * s)], []
 
+    # -- graph mode (gpu/lower.py) ---------------------------------------------------------
+    def epilogue_slope(self):
+        return float(self.p.negative_slope)
+
+    def lower_check(self, lw, step):
+        if self.p.negative_slope < 0:
+            raise Unsupported(f"ReLU '{self.name}': negative_slope < 0")
+
+    def lower_forward(self, lw, i, s):
+        if i in lw.fused:
+            return
+        x, y = s.node.bottoms[0], s.node.tops[0]
+        n = math.prod(lw.shape(x))
+        lw.emit("relu_fwd", f"{s.layer.name}_fwd", {"CNT": n},
+                [lw.val(x), lw.new_value(y), np.float32(s.layer.p.negative_slope)], lw.blocks(n))
+
+    def lower_backward(self, lw, i, s):
+        if i in lw.relu_done:
+            return
+        y = s.node.tops[0]
+        if y not in lw.grad or not (s.propagate and s.propagate[0]):
+            return
+        x = s.node.bottoms[0]
+        n = math.prod(lw.shape(x))
+        dx, acc = lw.grad_out(x)
+        lw.emit("relu_bwd", f"{s.layer.name}_bwd", {"CNT": n, "ACC": int(acc)},
+                [Ref("arena", lw.grad[y]), lw.val(y), dx, np.float32(s.layer.p.negative_slope)], lw.blocks(n))
+
 
 @register
 class Sigmoid(_Elementwise):
@@ -52,6 +86,44 @@ class TanH(_Elementwise):
 
     def backward(self, xp, y, dtops, params, need):
         return [dtops[0] * (1 - y * y)], []
+
+
+@register
+class Swish(_Elementwise):
+    """Caffe's Swish: y = x sigmoid(beta x); dy/dx = beta y + sigmoid(beta x) (1 - beta y)."""
+    type = "Swish"
+    messages = {"swish_param": Msg("SwishParameter", {"beta": F(float, 1.0)})}
+
+    def forward(self, xp, bottoms, params):
+        x = bottoms[0]
+        sig = 0.5 * xp.tanh(0.5 * self.p.beta * x) + 0.5
+        y = x * sig
+        return [y], (sig, y)
+
+    def backward(self, xp, saved, dtops, params, need):
+        sig, y = saved
+        by = self.p.beta * y
+        return [dtops[0] * (by + sig * (1 - by))], []
+
+    def lower_forward(self, lw, i, s):
+        lw.elementwise(SWISH_KERNELS, False, s, self.p.beta)
+
+    def lower_backward(self, lw, i, s):
+        lw.elementwise(SWISH_KERNELS, True, s, self.p.beta)
+
+
+def _swish(x, beta):
+    return x / (1 + np.exp(-beta * x))
+
+
+def _swish_grad(dy, x, y, beta):
+    sig = 1 / (1 + np.exp(-beta * x))
+    return dy * (beta * y + sig * (1 - beta * y))
+
+
+SWISH_KERNELS = elementwise("swish", "xv / (1.f + expf(-beta * xv))",
+                            "dyv * (beta * yv + (1.f - beta * yv) / (1.f + expf(-beta * xv)))",
+                            _swish, _swish_grad, params="beta")
 
 
 @register

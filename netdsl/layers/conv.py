@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from .. import kernels
+from ..gpu.program import Ref, Unsupported
 from ..registry import FILLER, F, Layer, Msg, ShapeError, fmt, register, spatial
 
 CONV = Msg("ConvolutionParameter", {
@@ -103,6 +104,7 @@ class _ConvBase(Layer):
 @register
 class Convolution(_ConvBase):
     type = "Convolution"
+    gemm_epilogue = True
 
     def shape(self, bottoms):
         x = bottoms[0]
@@ -144,6 +146,70 @@ class Convolution(_ConvBase):
                           f"depth is {want[1] * g}" + (f" / group {g}" if g > 1 else ""),
                           help=f"the weights were trained on a {have[1] * g}-deep input: restore that "
                                "input, or rename the layer to learn it from scratch")
+
+
+
+    # -- graph mode (gpu/lower.py) ---------------------------------------------------------
+    def lower_check(self, lw, step):
+        if self.p.group != 1:
+            raise Unsupported(f"Convolution '{self.name}' has group {self.p.group} (graph mode: group 1)")
+
+    def lower_forward(self, lw, i, s):
+        g, M = _gpu_geometry(lw, s)
+        L, x = s.layer, s.node.bottoms[0]
+        K, P, N = g["C"] * g["KH"] * g["KW"], g["OH"] * g["OW"], g["N"]
+        if (g["KH"], g["KW"], g["SH"], g["SW"], g["PH"], g["PW"]) == (1, 1, 1, 1, 0, 0):
+            col = lw.val(x)                 # a 1x1 convolution's columns are its input
+        else:
+            col = lw.tensor(f"col:{L.name}", N * K * P)
+            lw.emit("im2col", f"{L.name}_im2col", g, [lw.val(x), col], lw.blocks(N * K * P))
+        lw.saved_col[i] = col
+        keys = [lw.plan.params[j].key for j in s.params]
+        act, slope = lw.activation(i)
+        y = lw.output(i, s)
+        lw.gemm(f"{L.name}_fwd", A=lw.param("params", keys[0]), B=col, C=y, M=M, N=P, K=K, batch=N,
+                LDA=K, LDB=P, LDC=P, SB=K * P, SC=M * P,
+                bias=lw.param("params", keys[1]) if len(keys) > 1 else None, bias_mode=1, act=act, slope=slope)
+
+    def lower_backward(self, lw, i, s):
+        y = s.node.tops[0]
+        if y not in lw.grad:
+            return
+        g, M = _gpu_geometry(lw, s)
+        L, x = s.layer, s.node.bottoms[0]
+        K, P, N = g["C"] * g["KH"] * g["KW"], g["OH"] * g["OW"], g["N"]
+        dy, col = Ref("arena", lw.grad[y]), lw.saved_col[i]
+        keys = [lw.plan.params[j].key for j in s.params]
+        fuse_b = len(keys) > 1 and lw.learnable(keys[1]) and lw.learnable(keys[0]) and \
+            (keys[0] in lw.pgrads) == (keys[1] in lw.pgrads)
+        if lw.learnable(keys[0]):
+            acc = lw.pgrad_acc(keys[0])
+            bias = lw.param("grads", keys[1]) if fuse_b else None
+            if fuse_b:
+                lw.pgrad_acc(keys[1])
+            lw.gemm(f"{L.name}_dW", A=dy, B=col, C=lw.param("grads", keys[0]), M=M, N=K, K=P, R=N,
+                    LDA=P, RA=M * P, TB=1, LDB=P, RB=K * P, LDC=K, beta=acc, bias=bias, bias_mode=3)
+        if len(keys) > 1 and lw.learnable(keys[1]) and not fuse_b:
+            lw.emit("bias_grad", f"{L.name}_db", dict(N=N, M=M, P=P, ACC=int(lw.pgrad_acc(keys[1]))),
+                    [dy, lw.param("grads", keys[1])], (M, 1, 1), (256, 1, 1))
+        if s.propagate and s.propagate[0]:
+            dx, acc = lw.grad_out(x)
+            w = lw.param("params", keys[0])
+            if col == lw.val(x):            # 1x1: the column gradient is the image gradient
+                lw.gemm(f"{L.name}_dx", A=w, B=dy, C=dx, M=K, N=P, K=M, batch=N, TA=1, LDA=K, LDB=P, SB=M * P,
+                        LDC=P, SC=K * P, beta=acc)
+            else:
+                dcol = lw.tensor(f"dcol:{L.name}", N * K * P)
+                lw.gemm(f"{L.name}_dcol", A=w, B=dy, C=dcol, M=K, N=P, K=M, batch=N, TA=1, LDA=K, LDB=P,
+                        SB=M * P, LDC=P, SC=K * P)
+                lw.emit("col2im", f"{L.name}_col2im", {**g, "ACC": int(acc)}, [dcol, dx], lw.blocks(N * g["C"] * g["H"] * g["W"]))
+
+
+def _gpu_geometry(lw, s):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = s.layer.geometry()
+    N, C, H, W = lw.shape(s.node.bottoms[0])
+    _, M, OH, OW = lw.shape(s.node.tops[0])
+    return dict(N=N, C=C, H=H, W=W, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, OH=OH, OW=OW), M
 
 
 @register
@@ -275,3 +341,37 @@ class Pooling(Layer):
 
     def backward(self, xp, cache, dtops, params, need):
         return [kernels.pool2d_backward(xp, dtops[0], cache)], []
+
+    # -- graph mode (gpu/lower.py) ---------------------------------------------------------
+    def lower_check(self, lw, step):
+        if len(step.node.tops) != 1 or self.p.pool not in ("MAX", "AVE"):
+            raise Unsupported(f"Pooling '{self.name}': only MAX/AVE with one top")
+
+    def lower_forward(self, lw, i, s):
+        L, x = s.layer, s.node.bottoms[0]
+        N, C, H, W = lw.shape(x)
+        (kh, kw), (sh, sw), (ph, pw) = L.geometry(lw.shape(x))
+        _, _, OH, OW = lw.shape(s.node.tops[0])
+        g = dict(NC=N * C, H=H, W=W, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, OH=OH, OW=OW)
+        y = lw.new_value(s.node.tops[0])
+        if L.p.pool == "MAX":
+            mask = lw.tensor(f"mask:{L.name}", N * C * OH * OW, "i32")
+            lw.emit("maxpool_fwd", f"{L.name}_fwd", g, [lw.val(x), y, mask], lw.blocks(N * C * OH * OW))
+        else:
+            lw.emit("avepool_fwd", f"{L.name}_fwd", g, [lw.val(x), y], lw.blocks(N * C * OH * OW))
+
+    def lower_backward(self, lw, i, s):
+        y = s.node.tops[0]
+        if y not in lw.grad or not (s.propagate and s.propagate[0]):
+            return
+        L, x = s.layer, s.node.bottoms[0]
+        N, C, H, W = lw.shape(x)
+        (kh, kw), (sh, sw), (ph, pw) = L.geometry(lw.shape(x))
+        _, _, OH, OW = lw.shape(y)
+        dx, acc = lw.grad_out(x)
+        g = dict(NC=N * C, H=H, W=W, KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, OH=OH, OW=OW, ACC=int(acc))
+        dy = Ref("arena", lw.grad[y])
+        if L.p.pool == "MAX":
+            lw.emit("maxpool_bwd", f"{L.name}_bwd", g, [dy, Ref("arena", f"mask:{L.name}"), dx], lw.blocks(N * C * H * W))
+        else:
+            lw.emit("avepool_bwd", f"{L.name}_bwd", g, [dy, dx], lw.blocks(N * C * H * W))

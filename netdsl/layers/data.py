@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..gpu.program import Ref, Unsupported
 from ..registry import BLOB_SHAPE, FILLER, TRANSFORM, F, Layer, Msg, ShapeError, register
 
 
@@ -113,6 +114,7 @@ class MNIST(_DataLayer):
     """MNIST digits from the standard idx files: tops data N x 1 x 28 x 28 (float) and label N."""
     type = "MNIST"
     stateful = True
+    graph_data = True
     messages = {"mnist_param": MNIST_PARAM, "transform_param": TRANSFORM}
     n_tops = (1, 2)
 
@@ -149,6 +151,26 @@ class MNIST(_DataLayer):
         if len(self.spec.tops) == 2:
             tops.append(xp.asarray(feed.labels[idx].astype(np.float32)))
         return tops, None
+
+    # -- graph mode (gpu/lower.py) ---------------------------------------------------------
+    def lower_check(self, lw, step):
+        p = self.p
+        if p.crop_size or (p.mirror and self.phase == "TRAIN") or len(p.mean_value) > 1:
+            raise Unsupported(f"MNIST '{self.name}': crop_size / mirror / several mean_values")
+
+    def lower_forward(self, lw, i, s):
+        L, tops = s.layer, s.node.tops
+        n = lw.shape(tops[0])[0]
+        split = L.p.split.lower()
+        mean = float(L.p.mean_value[0]) if L.p.mean_value else 0.0
+        x = lw.new_value(tops[0])
+        y = lw.new_value(tops[1]) if len(tops) > 1 else None
+        lw.data.append((L.name, split))
+        params = dict(N=n, D=28 * 28, WIN=lw.window, MEAN=int(bool(L.p.mean_value)), SCALE=int(L.p.scale != 1.0))
+        lw.emit("gather", f"{L.name}_gather", params,
+                [Ref(f"images:{split}"), Ref(f"labels:{split}"), Ref(f"seq:{lw.name}", count=lw.window * n),
+                 Ref("counters", offset=lw.counter, count=1), np.float32(mean), np.float32(L.p.scale), x, y],
+                lw.blocks(n * 784), note=f"gather {n} MNIST {split} images from the GPU-resident set")
 
 
 def transform(x: np.ndarray, p, phase: str, rng) -> np.ndarray:

@@ -1,6 +1,9 @@
 """Layer: InnerProduct (fully connected), flattening the axes from `axis` on into K."""
 from __future__ import annotations
 
+import math
+
+from ..gpu.program import Ref
 from ..registry import FILLER, F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
 
 IP = Msg("InnerProductParameter", {
@@ -16,6 +19,7 @@ IP = Msg("InnerProductParameter", {
 class InnerProduct(Layer):
     type = "InnerProduct"
     messages = {"inner_product_param": IP}
+    gemm_epilogue = gemm_dx_mask = True
 
     def validate(self):
         if self.p.num_output is not None and self.p.num_output <= 0:
@@ -73,3 +77,57 @@ class InnerProduct(Layer):
         grads = [dw] + ([dy.sum(axis=0)] if self.p.bias_term else [])
         dx = (dy @ w.T if self.p.transpose else dy @ w).reshape(xshape) if need[0] else None
         return [dx], grads
+
+    # -- graph mode (gpu/lower.py) ---------------------------------------------------------
+    def lower_forward(self, lw, i, s):
+        L, x = s.layer, s.node.bottoms[0]
+        xs = lw.shape(x)
+        axis = L.p.axis % len(xs)
+        nb, k, m = math.prod(xs[:axis]), math.prod(xs[axis:]), L.p.num_output
+        keys = [lw.plan.params[j].key for j in s.params]
+        act, slope = lw.activation(i)
+        y = lw.output(i, s)
+        lw.gemm(f"{L.name}_fwd", A=lw.val(x), B=lw.param("params", keys[0]), C=y, M=nb, N=m, K=k,
+                LDA=k, TB=0 if L.p.transpose else 1, LDB=m if L.p.transpose else k, LDC=m,
+                bias=lw.param("params", keys[1]) if len(keys) > 1 else None, bias_mode=2, act=act, slope=slope)
+
+    def lower_backward(self, lw, i, s):
+        y = s.node.tops[0]
+        if y not in lw.grad:
+            return
+        L, x = s.layer, s.node.bottoms[0]
+        xs = lw.shape(x)
+        axis = L.p.axis % len(xs)
+        nb, k, m = math.prod(xs[:axis]), math.prod(xs[axis:]), L.p.num_output
+        dy = Ref("arena", lw.grad[y])
+        keys = [lw.plan.params[j].key for j in s.params]
+        tr = bool(L.p.transpose)
+        fuse_b = not tr and len(keys) > 1 and lw.learnable(keys[1]) and lw.learnable(keys[0]) and \
+            (keys[0] in lw.pgrads) == (keys[1] in lw.pgrads)
+        if lw.learnable(keys[0]):
+            acc = lw.pgrad_acc(keys[0])
+            if tr:    # W is K x M: dW = x^T dy
+                lw.gemm(f"{L.name}_dW", A=lw.val(x), B=dy, C=lw.param("grads", keys[0]), M=k, N=m, K=nb,
+                        TA=1, LDA=k, LDB=m, LDC=m, beta=acc)
+            else:     # W is M x K: dW = dy^T x, and db = dy^T 1 as the ones column
+                bias = lw.param("grads", keys[1]) if fuse_b else None
+                if fuse_b:
+                    lw.pgrad_acc(keys[1])
+                lw.gemm(f"{L.name}_dW", A=dy, B=lw.val(x), C=lw.param("grads", keys[0]), M=m, N=k, K=nb,
+                        TA=1, LDA=m, LDB=k, LDC=k, beta=acc, bias=bias, bias_mode=3)
+        if len(keys) > 1 and lw.learnable(keys[1]) and not fuse_b:
+            lw.emit("col_sum", f"{L.name}_db", dict(N=nb, M=m, ACC=int(lw.pgrad_acc(keys[1]))),
+                    [dy, lw.param("grads", keys[1])], lw.blocks(m))
+        if s.propagate and s.propagate[0]:
+            r = lw.mask_into.get(i)
+            act, aux, slope = 0, None, 0.0
+            if r is not None:                 # apply the fused ReLU's backward here
+                relu = lw.steps[r]
+                dx, acc = lw.grad_out(relu.node.bottoms[0])
+                act, aux, slope = 2, lw.val(relu.node.tops[0]), relu.layer.epilogue_slope()
+                lw.relu_done.add(r)
+            else:
+                dx, acc = lw.grad_out(x)
+            w = lw.param("params", keys[0])
+            lw.gemm(f"{L.name}_dx", A=dy, B=w, C=dx, M=nb, N=k, K=m, LDA=m, TB=int(tr), LDB=m if tr else k, LDC=k,
+                    beta=acc, act=act, aux=aux, slope=slope)

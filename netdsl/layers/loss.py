@@ -2,9 +2,12 @@
 SmoothL1Loss) and Accuracy."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import kernels
+from ..gpu.program import Ref, Unsupported
 from ..registry import LOSS, F, Layer, Msg, ShapeError, canonical_axis, count, fmt, register
 
 SOFTMAX = Msg("SoftmaxParameter", {"axis": F(int, 1),
@@ -28,17 +31,30 @@ def _label_count_error(layer, what: str, pred: tuple, axis: int, labels: tuple, 
                       involves=(0, 1), notes=notes, help=help)
 
 
-def _normalizer(mode: str, outer: int, inner: int, valid: int) -> float:
-    n = {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer, "NONE": 1}[mode]
-    return max(1.0, float(n))        # Caffe clamps the normaliser at 1
-
-
-def _mode(p, default: str) -> str:
+def normalization(p, default: str) -> str:
+    """Caffe's loss normalisation mode of a loss_param: `normalization`, else the deprecated bool
+    `normalize` (VALID or BATCH_SIZE), else the layer type's default."""
     if p.normalization is not None:
         return p.normalization
     if p.normalize is not None:        # deprecated bool, honoured only when normalization is unset
         return "VALID" if p.normalize else "BATCH_SIZE"
     return default
+
+
+def normalizer(mode: str, outer: int, inner: int, valid: int) -> float:
+    """Caffe's GetNormalizer: what the summed loss is divided by."""
+    n = {"FULL": outer * inner, "VALID": valid, "BATCH_SIZE": outer, "NONE": 1}[mode]
+    return max(1.0, float(n))        # Caffe clamps the normaliser at 1
+
+
+GPU_NORM = {"FULL": 0, "BATCH_SIZE": 0, "VALID": 1, "NONE": 2}   # the softmax_loss kernel's NORM (N x C inputs)
+
+
+def _lower_check_nc(layer, lw, step):
+    """Graph mode's loss and accuracy kernels take N x C scores (classes on axis 1) and one top."""
+    x = lw.shape(step.node.bottoms[0])
+    if (layer.p.axis % len(x)) != 1 or math.prod(x[2:]) != 1 or len(step.node.tops) != 1:
+        raise Unsupported(f"{layer.type} '{layer.name}': only N x C inputs (axis 1) and one top")
 
 
 @register
@@ -96,7 +112,7 @@ class SoftmaxWithLoss(_Loss):
         safe = xp.where(valid, lab, 0)
         picked = p2[xp.arange(p2.shape[0]), safe]
         nll = -xp.log(xp.maximum(picked, FLT_MIN)) * valid
-        norm = _normalizer(_mode(self.p, "VALID"), outer, p2.shape[0] // outer, int(valid.sum()))
+        norm = normalizer(normalization(self.p, "VALID"), outer, p2.shape[0] // outer, int(valid.sum()))
         loss = nll.sum() / norm
         tops = [loss.astype(x.dtype).reshape(())]
         if len(self.spec.tops) == 2:
@@ -111,6 +127,39 @@ class SoftmaxWithLoss(_Loss):
         g *= (valid * (dtops[0] / norm)).astype(g.dtype)[:, None]
         moved = xp.moveaxis(prob, ax, -1).shape
         return [xp.ascontiguousarray(xp.moveaxis(g.reshape(moved), -1, ax)), None], []
+
+    # -- graph mode (gpu/lower.py) ---------------------------------------------------------
+    lower_check = _lower_check_nc
+
+    def lower_forward(self, lw, i, s):
+        L = s.layer
+        x, label = s.node.bottoms
+        n, c = lw.shape(x)[0], lw.shape(x)[1]
+        top = s.node.tops[0]
+        grad = lw.train and s.need_backward and bool(s.propagate) and s.propagate[0]
+        dx, acc = lw.grad_out(x) if grad else (None, False)
+        ignore = L.p.ignore_label
+        w = s.loss_weights[0] if s.loss_weights else 1.0
+        to_hist = lw.train
+        if not lw.train:
+            if top not in lw.scalar_outputs:
+                return
+            accum = Ref(f"acc:{lw.name}", offset=lw.scalar_outputs.index(top), count=1)
+            lw.outputs.append(top)
+        else:
+            accum = None
+        params = dict(N=n, C=c, GRAD=int(grad), ACC_GRAD=int(acc), HAS_IGNORE=int(ignore is not None),
+                      NORM=GPU_NORM[normalization(L.p, "VALID")], TO_HISTORY=int(to_hist), ADD=int(lw.losses_seen > 0))
+        if lw.train:
+            lw.losses_seen += 1
+        lw.emit("softmax_loss", f"{L.name}", params,
+                [lw.val(x), lw.val(label), dx, Ref("loss_hist", count=lw.window) if to_hist else None,
+                 accum, Ref("counters", offset=lw.COUNTER_TRAIN, count=1) if to_hist else None,
+                 np.int32(lw.window), np.int32(ignore if ignore is not None else -1), np.float32(w)],
+                (1, 1, 1), note=f"softmax loss{' and its gradient' if grad else ''}")
+
+    def lower_backward(self, lw, i, s):
+        """Nothing: the forward kernel wrote the gradient."""
 
 
 @register
@@ -136,7 +185,7 @@ class SigmoidCrossEntropyLoss(_Loss):
         # log(1 + e^-|x|) form: never overflows
         loss_el = -(x * (t - pos) - xp.log1p(xp.exp(x - 2 * x * pos)))
         outer = x.shape[0]
-        norm = _normalizer(_mode(self.p, "BATCH_SIZE"), outer, x.size // outer, int(valid.sum()))
+        norm = normalizer(normalization(self.p, "BATCH_SIZE"), outer, x.size // outer, int(valid.sum()))
         loss = (loss_el * valid).sum() / norm
         return [loss.astype(x.dtype).reshape(())], (x, t, valid, norm)
 
@@ -266,3 +315,21 @@ class Accuracy(Layer):
                 per[k] = float((correct & sel).sum()) / m if m else 0.0
             tops.append(per)
         return tops, None
+
+    # -- graph mode (gpu/lower.py) ---------------------------------------------------------
+    lower_check = _lower_check_nc
+
+    def lower_forward(self, lw, i, s):
+        if lw.train:
+            return                            # the train loop reports only the loss
+        L = s.layer
+        x, label = s.node.bottoms
+        top = s.node.tops[0]
+        if top not in lw.scalar_outputs:
+            return
+        n, c = lw.shape(x)[0], lw.shape(x)[1]
+        ignore = L.p.ignore_label
+        lw.outputs.append(top)
+        lw.emit("accuracy", L.name, dict(N=n, C=c, TOPK=L.p.top_k, HAS_IGNORE=int(ignore is not None)),
+                [lw.val(x), lw.val(label), Ref(f"acc:{lw.name}", offset=lw.scalar_outputs.index(top), count=1),
+                 np.int32(ignore if ignore is not None else -1)], (1, 1, 1))
