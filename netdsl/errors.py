@@ -6,6 +6,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+EXIT_OK, EXIT_BUG, EXIT_USER = 0, 1, 2      # success; a bug in netdsl; a user error (bad input, failed check)
+
 
 class Pos(NamedTuple):
     """A span in a source file (1-based line and column; end is exclusive). A NamedTuple rather
