@@ -1,12 +1,15 @@
 """Lower: checked Graph -> Plan. Ordered steps, param slots (sharing resolved), need-backward
-pruning (Caffe's rules), and a liveness-based memory plan with its peak next to the naive total."""
+pruning (Caffe's rules), and memory plans of the forward and training schedules (memory.py), with
+their peaks next to the naive total."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from . import memory
 from .errors import NetdslError
 from .graph import Node
+from .memory import Block
 from .registry import fmt
 from .shapes import ShapedGraph
 
@@ -37,13 +40,6 @@ class Step:
 
 
 @dataclass
-class Buffer:
-    id: int
-    nbytes: int
-    blobs: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Plan:
     name: str
     phase: str
@@ -52,11 +48,13 @@ class Plan:
     blob_shapes: dict[str, tuple]
     outputs: list[str]
     inputs: list[str]              # tops of Input layers, fed by the caller
-    buffers: list[Buffer]
-    assignment: dict[str, int]     # blob -> buffer id (forward pass)
-    naive_bytes: int
-    peak_bytes: int
+    arena: list[Block]             # the forward schedule's blobs, placed (positions = steps)
+    arena_bytes: int
+    peak_bytes: int                # most bytes live at one step (forward)
+    train_arena: list[Block]       # forward then backward: blobs kept for backward, and gradients ("d:blob")
+    train_arena_bytes: int
     train_peak_bytes: int
+    naive_bytes: int               # every blob its own buffer
 
     def find(self, layer_type: str) -> Step | None:
         """The first step of a layer type (for commands that need one data layer, by type)."""
@@ -77,12 +75,14 @@ class Plan:
             out.append(f"  {i:3d} {n.layer.type:<16} {n.name:<18} {', '.join(n.bottoms) or '-'} -> "
                        f"{', '.join(n.tops) or '-'}" + (f"  params[{ps}]" if ps else "") +
                        (f"  [{'; '.join(flags)}]" if flags else ""))
-        out.append("buffers (forward liveness, float32):")
-        for b in self.buffers:
-            out.append(f"  buf{b.id:<3d} {_kib(b.nbytes):>10}  {', '.join(f'{x} {fmt(self.blob_shapes[x])}' for x in b.blobs)}")
-        out.append(f"memory: naive {_kib(self.naive_bytes)} (every blob its own buffer); planned forward "
-                   f"{_kib(sum(b.nbytes for b in self.buffers))} (peak live {_kib(self.peak_bytes)}); training peak "
-                   f"live (activations kept for backward, plus gradients) {_kib(self.train_peak_bytes)}")
+        out.append("arena (forward schedule, float32): offset, size, blob, the steps it is live")
+        for b in sorted(self.arena, key=lambda b: (b.offset, b.first)):
+            out.append(f"  {b.offset:>10d} {_kib(b.nbytes):>10}  {b.name} {fmt(self.blob_shapes[b.name])}  "
+                       f"[{b.first}-{b.last}]")
+        out.append(f"memory: naive {_kib(self.naive_bytes)} (every blob its own buffer); forward arena "
+                   f"{_kib(self.arena_bytes)} (peak live {_kib(self.peak_bytes)}); training arena "
+                   f"{_kib(self.train_arena_bytes)} (peak live {_kib(self.train_peak_bytes)}: activations kept for "
+                   "backward, plus gradients)")
         return "\n".join(out)
 
     def to_json(self) -> dict:
@@ -93,9 +93,11 @@ class Plan:
                 "params": [{"key": p.key, "shape": list(p.shape), "lr_mult": p.lr_mult, "decay_mult": p.decay_mult,
                             "frozen": p.frozen} for p in self.params],
                 "blobs": {b: list(s) for b, s in self.blob_shapes.items()},
-                "buffers": [{"id": b.id, "bytes": b.nbytes, "blobs": b.blobs} for b in self.buffers],
-                "naive_bytes": self.naive_bytes, "peak_bytes": self.peak_bytes,
-                "train_peak_bytes": self.train_peak_bytes}
+                "arena": [{"blob": b.name, "offset": b.offset, "bytes": b.nbytes, "first": b.first, "last": b.last}
+                          for b in self.arena],
+                "arena_bytes": self.arena_bytes, "peak_bytes": self.peak_bytes,
+                "train_arena_bytes": self.train_arena_bytes, "train_peak_bytes": self.train_peak_bytes,
+                "naive_bytes": self.naive_bytes}
 
 
 def _kib(n: int) -> str:
@@ -141,10 +143,10 @@ def lower(shaped: ShapedGraph, runnable: bool = False) -> Plan:
     _prune_to_loss(g, steps)
     inputs = [t for s in steps if s.layer.fed_by_caller for t in s.node.tops]
     shapes = dict(shaped.blobs)
-    buffers, assignment, peak = _plan_forward(steps, shapes, g)
-    train_peak = _train_peak(steps, shapes)
-    naive = sum(_nbytes(s) for s in shapes.values())
-    return Plan(g.name, g.phase, steps, params, shapes, g.outputs, inputs, buffers, assignment, naive, peak, train_peak)
+    arena, train = forward_blocks(steps, shapes, g.outputs), training_blocks(steps, shapes, g.outputs)
+    return Plan(g.name, g.phase, steps, params, shapes, g.outputs, inputs, arena, memory.place(arena),
+                memory.peak(arena), train, memory.place(train), memory.peak(train),
+                sum(_nbytes(s) for s in shapes.values()))
 
 
 def _prune_to_loss(g, steps: list[Step]) -> None:
@@ -162,67 +164,45 @@ def _prune_to_loss(g, steps: list[Step]) -> None:
             contributes.update(b for b in node.bottoms)
 
 
-def _last_use(steps: list[Step]) -> dict[str, int]:
-    last = {}
+def forward_blocks(steps: list[Step], shapes: dict, outputs) -> list[Block]:
+    """A blob is live from the step that produces it to the last step that reads it; the net's
+    outputs to the end."""
+    born, last = {}, {}
     for i, s in enumerate(steps):
-        for b in s.node.bottoms + s.node.tops:
-            last[b] = i
-    return last
-
-
-def _plan_forward(steps, shapes, g):
-    """Greedy best-fit reuse: a blob's buffer is free after its last reader (forward only)."""
-    last = _last_use(steps)
-    outputs = set(g.outputs)
-    free: list[Buffer] = []
-    buffers: list[Buffer] = []
-    assignment: dict[str, int] = {}
-    live, peak = 0, 0
-    for i, s in enumerate(steps):
-        for t in s.node.tops:
-            size = _nbytes(shapes.get(t, ()))
-            fit = [b for b in free if b.nbytes >= size]
-            if fit:
-                b = min(fit, key=lambda b: b.nbytes)
-                free.remove(b)
-            else:
-                b = Buffer(len(buffers), size)
-                buffers.append(b)
-            b.blobs.append(t)
-            assignment[t] = b.id
-            live += size
-        peak = max(peak, live)
-        for b in set(s.node.bottoms + s.node.tops):
-            if last.get(b) == i and b not in outputs and b in assignment:
-                free.append(buffers[assignment[b]])
-                live -= _nbytes(shapes.get(b, ()))
-    return buffers, assignment, peak
-
-
-def _train_peak(steps, shapes) -> int:
-    """Peak live bytes over forward then backward: activations stay until their consumers'
-    backward; a gradient lives from its first producer's backward to its blob's producer."""
-    n = len(steps)
-    born, dies = {}, {}
-    for i, s in enumerate(steps):
-        for t in s.node.tops:
-            born[t], dies[t] = i, i
         for b in s.node.bottoms:
-            dies[b] = max(dies.get(b, 0), 2 * n - 1 - i if s.need_backward else i)
-    events = [0] * (2 * n + 1)
-    for b, t0 in born.items():
-        size = _nbytes(shapes.get(b, ()))
-        events[t0] += size
-        events[max(dies[b], t0) + 1] -= size
-    for i, s in enumerate(steps):          # gradients of the blobs this step propagates into
-        if s.need_backward:
-            for b, p in zip(s.node.bottoms, s.propagate):
-                if p:
-                    start = 2 * n - 1 - i
-                    events[start] += _nbytes(shapes.get(b, ()))
-                    events[min(start + 2, 2 * n)] -= _nbytes(shapes.get(b, ()))
-    peak = live = 0
-    for e in events:
-        live += e
-        peak = max(peak, live)
-    return peak
+            last[b] = i
+        for t in s.node.tops:
+            born[t] = last[t] = i
+    for t in outputs:
+        last[t] = len(steps) - 1
+    return [Block(t, _nbytes(shapes[t]), born[t], last[t]) for t in born if t in shapes]
+
+
+def training_blocks(steps: list[Step], shapes: dict, outputs) -> list[Block]:
+    """Forward (positions 0..n-1) then backward (step i's backward at 2n-1-i). A blob a step's
+    backward may read (its bottoms and tops) lives until that backward; the gradient of a blob
+    ("d:blob") lives from the first backward that writes it (a loss top's: the start of the
+    backward) until its producer's backward has read it."""
+    n = len(steps)
+    blocks = {b.name: b for b in forward_blocks(steps, shapes, outputs)}
+    grad_first: dict[str, int] = {}
+    producer = {t: i for i, s in enumerate(steps) for t in s.node.tops}
+    for i, s in enumerate(steps):
+        if not s.need_backward:
+            continue
+        for b in s.node.bottoms + s.node.tops:
+            if b in blocks:
+                blocks[b].last = max(blocks[b].last, 2 * n - 1 - i)
+        for b, p in zip(s.node.bottoms, s.propagate):
+            if p:
+                grad_first[b] = min(grad_first.get(b, 2 * n), 2 * n - 1 - i)
+        for t, w in zip(s.node.tops, s.loss_weights):
+            if w:
+                grad_first[t] = n
+    grads = []
+    for b, first in grad_first.items():
+        j = producer.get(b)
+        end = 2 * n - 1 - j if j is not None and steps[j].need_backward else first
+        if b in shapes:
+            grads.append(Block(f"d:{b}", _nbytes(shapes[b]), first, max(first, end)))
+    return list(blocks.values()) + grads

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-ALIGN = 256                      # bytes; every arena tensor starts on this boundary
+from ..memory import overlaps, place
+
 THREADS = 256                    # the block size of every kernel except the tiny ones
 SMS = 132                        # H100 SXM; only steers tiling heuristics, never correctness
 DTYPES = {"f32": 4, "i32": 4}
@@ -71,14 +72,10 @@ class Program:
         return [a for a in launch.args if isinstance(a, Ref)]
 
 
-def _align(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
 def plan_arena(program: Program) -> int:
-    """Compute every arena tensor's live range from the launches, then place the tensors
-    (largest first) at the lowest aligned offset that overlaps no tensor live at the same time.
-    Returns the arena size in bytes (also stored on the program)."""
+    """Compute every arena tensor's live range from the launches (first to last launch that
+    touches it), then place them with the memory planner. Returns the arena size in bytes (also
+    stored on the program)."""
     for t in program.tensors.values():
         t.first, t.last = -1, -1
     for i, launch in enumerate(program.launches):
@@ -88,34 +85,14 @@ def plan_arena(program: Program) -> int:
             t = program.tensors[r.name]
             t.first = i if t.first < 0 else t.first
             t.last = i
-    placed: list[Tensor] = []
-    for t in sorted(program.tensors.values(), key=lambda t: (-t.nbytes, t.name)):
-        if t.first < 0:                      # never touched: no memory
-            t.offset = 0
-            continue
-        busy = sorted((p.offset, p.offset + _align(p.nbytes)) for p in placed
-                      if not (p.last < t.first or t.last < p.first))
-        offset = 0
-        for lo, hi in busy:
-            if offset + _align(t.nbytes) <= lo:
-                break
-            offset = max(offset, hi)
-        t.offset = offset
-        placed.append(t)
-    program.arena_bytes = max((p.offset + _align(p.nbytes) for p in placed), default=0)
+    program.arena_bytes = place(program.tensors.values())
     return program.arena_bytes
 
 
 def check_arena(program: Program) -> None:
     """Assert that no two tensors live at the same time share a byte (used by the tests)."""
-    live = [t for t in program.tensors.values() if t.first >= 0]
-    for i, a in enumerate(live):
-        assert a.offset % ALIGN == 0, a
-        assert a.offset + a.nbytes <= program.arena_bytes, a
-        for b in live[i + 1:]:
-            if a.last < b.first or b.last < a.first:
-                continue
-            assert a.offset + a.nbytes <= b.offset or b.offset + b.nbytes <= a.offset, (a, b)
+    bad = overlaps(program.tensors.values(), program.arena_bytes)
+    assert not bad, bad
 
 
 # ------------------------------------------------------------------------------------ GEMM tiling
