@@ -24,12 +24,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def netdsl_stepper(seed=1):
-    from netdsl.backend import CPU
+    from netdsl.executor import build_net
     from netdsl.solver import Solver
     from netdsl.solverfile import load_solver
-    from netdsl.train import build_net
     sf = load_solver(str(ROOT / "nets" / "lenet_solver.net"))
-    net = build_net(sf.train_net, "TRAIN", CPU, seed, None)
+    net = build_net(sf.train_net, "TRAIN", "cpu", seed=seed)
     solver = Solver(sf.cfg, net.learnable)
     state = {"it": 0}
 

@@ -162,14 +162,14 @@ def torch_setup():
 
 def torch_data(torch, tr):
     """The netdsl run's data on the GPU as float tensors, and its first 10,000 batches' indices."""
-    layer = tr.net.plan.steps[0].layer
-    test = tr.tests[0].plan.steps[0].layer
+    name = tr.net.plan.steps[0].node.name
+    feed, test = tr.net.source(name), tr.tests[0].source(tr.tests[0].plan.steps[0].node.name)
     dev = "cuda"
-    x = torch.tensor(np.asarray(layer.images), device=dev).float().mul_(0.00390625).unsqueeze(1)
-    y = torch.tensor(np.asarray(layer.labels).astype(np.int64), device=dev)
+    x = torch.tensor(np.asarray(feed.images), device=dev).float().mul_(0.00390625).unsqueeze(1)
+    y = torch.tensor(np.asarray(feed.labels).astype(np.int64), device=dev)
     tx = torch.tensor(np.asarray(test.images), device=dev).float().mul_(0.00390625).unsqueeze(1)
     ty = torch.tensor(np.asarray(test.labels).astype(np.int64), device=dev)
-    idx = torch.tensor(take_batches(layer, 10000), device=dev)
+    idx = torch.tensor(take_batches(tr.net, name, 10000), device=dev)
     return x, y, tx, ty, idx
 
 

@@ -262,6 +262,10 @@ class _Merged:
     def has(self, name) -> bool:
         return any(r.has(name) for r in self._records)
 
+    def record_of(self, name) -> Record | None:
+        """The message in which a field is written."""
+        return next((r for r in self._records if r.has(name)), None)
+
     def pos(self, name) -> Pos | None:
         for r in self._records:
             if r.has(name):

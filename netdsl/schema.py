@@ -71,6 +71,10 @@ class Record:
         fields = self._ast.get(name) if self._ast else []
         return fields[index].value.pos if index < len(fields) else None
 
+    def count(self, name: str) -> int:
+        """How many times a field is written (0: absent, its default applies)."""
+        return len(self._ast.get(name)) if self._ast is not None else 0
+
     def span(self, name: str, index: int = 0) -> Pos | None:
         """Where repetition `index` of a field is written, name to value (see `span`)."""
         fields = self._ast.get(name) if self._ast is not None else []

@@ -157,15 +157,15 @@ def error_pos(layer: Layer, e: ShapeError) -> Pos:
     if e.field is None and e.involves:
         return rec.item_pos("bottom", e.involves[-1]) or layer.spec.pos
     if e.field and "." not in e.field and e.index is not None:
-        for r in layer.p._records:
-            if r.has(e.field) and r._ast is not None:
-                return r.span(e.field, e.index)
+        r = layer.p.record_of(e.field)
+        if r is not None and r.count(e.field):
+            return r.span(e.field, e.index)
     if e.field and "." in e.field:
         first, *rest = e.field.split(".")
         sub = getattr(layer.p, first, None) if layer.p.has(first) else None
         for name in rest[:-1]:
             sub = getattr(sub, name, None) if sub is not None and sub.has(name) else None
-        if sub is not None and sub._ast is not None and sub._ast.get(rest[-1]):
+        if sub is not None and sub.count(rest[-1]):
             return sub.span(rest[-1], e.index or 0)
         return layer.pos(first)
     return layer.pos(e.field)

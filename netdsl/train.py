@@ -174,7 +174,7 @@ class Trainer:
         self.test_results.append(rec)
         return means
 
-    def _maybe_test(self):
+    def maybe_test(self):
         cfg = self.sf.cfg
         if cfg.test_interval and self.iter % cfg.test_interval == 0 and (self.iter > 0 or cfg.test_initialization):
             for i in range(len(self.tests)):
@@ -242,7 +242,7 @@ class Trainer:
     def _train_eager(self, progress: Progress, start: int, t0: float) -> None:
         cfg, net = self.sf.cfg, self.net
         while self.iter < cfg.max_iter and not self.stop_requested:
-            self._maybe_test()
+            self.maybe_test()
             net.zero_grad()
             loss = 0.0
             for _ in range(cfg.iter_size):

@@ -52,7 +52,7 @@ def train_compiled(tr, progress, start: int, t0: float) -> None:
     from ..solver import learning_rate
     cfg, step = tr.sf.cfg, tr.compiled
     while tr.iter < cfg.max_iter and not tr.stop_requested:
-        tr._maybe_test()
+        tr.maybe_test()
         end = min(cfg.max_iter, tr.iter + CHUNK)
         for every in (cfg.test_interval, cfg.snapshot):
             if every:

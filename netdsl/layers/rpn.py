@@ -431,8 +431,7 @@ def _report_places(g: Graph, places: dict, c: Collector, note: str | None = None
             if have <= 0 or have == want:
                 continue
             dims = node.layer.p.shape
-            pos = (dims.span("dim", k) if k < len(dims._ast.get("dim") if dims._ast is not None else []) else None) \
-                or node.layer.pos("shape")
+            pos = (dims.span("dim", k) if k < dims.count("dim") else None) or node.layer.pos("shape")
             c.error("E0371", f"Reshape '{node.name}' gives the RPN scores {have} channels, but 2 x {a} anchors = "
                     f"{want} are needed", pos,
                     notes=[*notes, "it turns the 2-class softmax view (1 x 2 x A*H x W) back into 1 x 2A x H x W"],
