@@ -88,42 +88,43 @@ class TanH(_Elementwise):
         return [dtops[0] * (1 - y * y)], []
 
 
+def swish(xp, x, beta):
+    """y = x sigmoid(beta x), and the sigmoid (the eager forward and its graph-mode kernel's twin)."""
+    sig = 0.5 * xp.tanh(0.5 * beta * x) + 0.5
+    return x * sig, sig
+
+
+def swish_grad(dy, y, sig, beta):
+    """dx = dy (beta y + sigmoid(beta x) (1 - beta y))."""
+    by = beta * y
+    return dy * (by + sig * (1 - by))
+
+
+SWISH_KERNELS = elementwise("swish", "xv / (1.f + expf(-beta * xv))",
+                            "dyv * (beta * yv + (1.f - beta * yv) / (1.f + expf(-beta * xv)))",
+                            lambda x, beta: swish(np, x, beta)[0],
+                            lambda dy, x, y, beta: swish_grad(dy, y, swish(np, x, beta)[1], beta), params="beta")
+
+
 @register
 class Swish(_Elementwise):
-    """Caffe's Swish: y = x sigmoid(beta x); dy/dx = beta y + sigmoid(beta x) (1 - beta y)."""
+    """Caffe's Swish: y = x sigmoid(beta x)."""
     type = "Swish"
     messages = {"swish_param": Msg("SwishParameter", {"beta": F(float, 1.0)})}
 
     def forward(self, xp, bottoms, params):
-        x = bottoms[0]
-        sig = 0.5 * xp.tanh(0.5 * self.p.beta * x) + 0.5
-        y = x * sig
-        return [y], (sig, y)
+        y, sig = swish(xp, bottoms[0], self.p.beta)
+        return [y], (y, sig)
 
     def backward(self, xp, saved, dtops, params, need):
-        sig, y = saved
-        by = self.p.beta * y
-        return [dtops[0] * (by + sig * (1 - by))], []
+        y, sig = saved
+        return [swish_grad(dtops[0], y, sig, self.p.beta)], []
 
     def lower_forward(self, lw, i, s):
         lw.elementwise(SWISH_KERNELS, False, s, self.p.beta)
 
     def lower_backward(self, lw, i, s):
         lw.elementwise(SWISH_KERNELS, True, s, self.p.beta)
-
-
-def _swish(x, beta):
-    return x / (1 + np.exp(-beta * x))
-
-
-def _swish_grad(dy, x, y, beta):
-    sig = 1 / (1 + np.exp(-beta * x))
-    return dy * (beta * y + sig * (1 - beta * y))
-
-
-SWISH_KERNELS = elementwise("swish", "xv / (1.f + expf(-beta * xv))",
-                            "dyv * (beta * yv + (1.f - beta * yv) / (1.f + expf(-beta * xv)))",
-                            _swish, _swish_grad, params="beta")
 
 
 @register
