@@ -300,6 +300,10 @@ CASES += [
     C("Accuracy", "accuracy_param { ignore_label: -1 }", ((6, 4), (6,)), inputs=("n", "lab4i"), id="ignore"),
     C("Accuracy", "", ((6, 4), (6,)), tops=2, inputs=("n", "lab4"), id="per-class"),
     C("Accuracy", "accuracy_param { axis: 2 }", ((2, 3, 4), (2, 3)), inputs=("n", "lab4"), id="axis2"),
+    # neuron layers (layers/neuron.py)
+    # common layers (layers/common.py)
+    # more losses (layers/loss.py) and ROIPooling (layers/rpn.py)
+    # recurrent layers (layers/recurrent.py)
 ]
 
 DATA_TYPES = {"Input", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
