@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from .errors import Collector, Pos
-from .registry import BLOB_SHAPE, FILLER_TYPES, Layer, LayerSpec, layer_parameter_schema, layer_types
+from .registry import BLOB_SHAPE, FILLER_TYPES, FORK_TYPES, Layer, LayerSpec, layer_parameter_schema, layer_types
 from .schema import F, Msg, Record, suggest
 from .syntax import Message
 
@@ -109,9 +109,10 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
     before = len(c.errors)
     net = net_schema().coerce(ast, c)
     specs = _legacy_inputs(net, c) + _layer_specs(net, c)
+    types = layer_types()
+    _forgive_unknown_params(specs, types, c)
     _mark_broken(specs, c.errors[before:])
     g = Graph(net.name, phase, file, [], {}, force_backward=net.force_backward)
-    types = layer_types()
     current: dict[str, str] = {}              # user blob name -> its latest version
     versions: dict[str, int] = {}
 
@@ -138,6 +139,7 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
             _keep_names(spec, current)
             continue
         _foreign_params(spec, cls, c)
+        _auto_tops(spec, cls, current)
         if spec.name and spec.name in names:
             c.warning("W0201", f"layer name '{spec.name}' is used twice in the {phase} net", rec.pos("name"),
                       notes=[f"first used at {names[spec.name]}"],
@@ -293,13 +295,44 @@ def _layer_specs(net: Record, c: Collector) -> list[LayerSpec]:
 
 
 def _unknown_type(spec: LayerSpec, types: dict, c: Collector) -> None:
-    close = difflib.get_close_matches(spec.type, list(types), n=3, cutoff=0.5)
+    fork = FORK_TYPES.get(spec.type)
+    if fork:
+        c.error("E0201", f"layer type \"{spec.type}\" (layer '{spec.name}') comes from {fork}, which netdsl does not "
+                "support yet", spec.record.pos("type"),
+                notes=[f"{spec.type} is not a layer of BVLC Caffe; netdsl implements BVLC's catalogue and some forks' "
+                       "layers (docs/layers.md)"],
+                help="replace the layer with built-in ones that compute the same, or check the net without it")
+        return
     lower = {t.lower(): t for t in types}
-    if spec.type.lower() in lower:
-        close = [lower[spec.type.lower()]]
+    close = [lower[spec.type.lower()]] if spec.type.lower() in lower else \
+        difflib.get_close_matches(spec.type, list(types), n=1, cutoff=0.75)      # a typo, not a look-alike
     c.error("E0201", f"unknown layer type \"{spec.type}\" (layer '{spec.name}')", spec.record.pos("type"),
-            help=(f"did you mean \"{close[0]}\"?" if close else "") +
-                 ("" if close else f"known types: {', '.join(sorted(types))}"))
+            help=f"did you mean \"{close[0]}\"?" if close else f"known types: {', '.join(sorted(types))}")
+
+
+def _forgive_unknown_params(specs: list[LayerSpec], types: dict, c: Collector) -> None:
+    """A layer of an unknown type gets one error (E0201), not another for its own `xxx_param`
+    block, which netdsl cannot know either."""
+    for spec in specs:
+        ast = spec.record._ast
+        if spec.type in types or ast is None:
+            continue
+        start, end = (ast.pos.line, ast.pos.column), (ast.pos.end_line, ast.pos.end_column)
+        c.diagnostics[:] = [d for d in c.diagnostics if not (
+            d.code == "E0102" and "_param`" in d.message and d.pos is not None
+            and start <= (d.pos.line, d.pos.column) <= end)]
+
+
+def _auto_tops(spec: LayerSpec, cls: type[Layer], current: dict) -> None:
+    """Caffe's AutoTopBlobs: a loss layer written with fewer tops than it needs gets anonymous
+    ones ("(automatic)"), so its loss still counts."""
+    if not cls.is_loss:
+        return
+    while len(spec.tops) < cls.n_tops[0]:
+        name, k = "(automatic)", 1
+        while name in current or name in spec.tops:
+            name, k = f"(automatic)_{k}", k + 1
+        spec.tops.append(name)
 
 
 def _foreign_params(spec: LayerSpec, cls: type[Layer], c: Collector) -> None:

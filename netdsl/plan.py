@@ -137,16 +137,29 @@ def lower(shaped: ShapedGraph, runnable: bool = False) -> Plan:
         learn = any(not params[j].frozen for j in idx)
         prop = [pd and b in needs_grad and not layer.no_backward for b, pd in zip(node.bottoms, node.propagate_down)]
         need = not layer.no_backward and (learn or any(prop))
-        if need or (g.force_backward and not layer.no_backward):
+        if need:
             needs_grad.update(node.tops)
         steps.append(Step(node, idx, need, prop, list(node.loss_weights)))
     _prune_to_loss(g, steps)
+    if g.force_backward:
+        _force_backward(steps)
     inputs = [t for s in steps if s.layer.fed_by_caller for t in s.node.tops]
     shapes = dict(shaped.blobs)
     arena, train = forward_blocks(steps, shapes, g.outputs), training_blocks(steps, shapes, g.outputs)
     return Plan(g.name, g.phase, steps, params, shapes, g.outputs, inputs, arena, memory.place(arena),
                 memory.peak(arena), train, memory.place(train), memory.peak(train),
                 sum(_nbytes(s) for s in shapes.values()))
+
+
+def _force_backward(steps: list[Step]) -> None:
+    """Caffe's force_backward: every layer runs backward and every bottom it allows gets a gradient,
+    the net's inputs included (pycaffe's net.blobs['data'].diff). Layers with no backward at all
+    (data, Accuracy) are left out, where Caffe would stop with "not implemented"."""
+    for s in steps:
+        if s.layer.no_backward:
+            continue
+        s.need_backward = True
+        s.propagate = [p or s.layer.allow_force_backward(i) for i, p in enumerate(s.propagate)]
 
 
 def _prune_to_loss(g, steps: list[Step]) -> None:

@@ -49,6 +49,23 @@ LOSS = Msg("LossParameter", {
     "normalize": F(bool, None),
 })
 
+# Layer types of Caffe's forks that netdsl does not have (yet), and where they come from: an
+# unknown type among these is named with its fork instead of a misleading did-you-mean.
+FORK_TYPES = {
+    "PriorBox": "SSD's Caffe fork (weiliu89/caffe)", "DetectionOutput": "SSD's Caffe fork (weiliu89/caffe)",
+    "MultiBoxLoss": "SSD's Caffe fork (weiliu89/caffe)", "Normalize": "SSD's Caffe fork (weiliu89/caffe)",
+    "AnnotatedData": "SSD's Caffe fork (weiliu89/caffe)",
+    "PSROIPooling": "R-FCN's Caffe fork (daijifeng001/caffe-rfcn)",
+    "BoxAnnotatorOHEM": "R-FCN's Caffe fork (daijifeng001/caffe-rfcn)",
+    "BN": "SegNet's and PSPNet's Caffe forks", "Interp": "PSPNet's and DeepLab's Caffe forks (hszhao/PSPNet)",
+    "Upsample": "SegNet's Caffe fork (alexgkendall/caffe-segnet)",
+    "DenseImageData": "SegNet's Caffe fork (alexgkendall/caffe-segnet)",
+    "ConvolutionDepthwise": "the depthwise-convolution forks of MobileNet and ShuffleNet",
+    "DepthwiseConvolution": "the depthwise-convolution forks of MobileNet and ShuffleNet",
+    "ShuffleChannel": "ShuffleNet's Caffe fork (farmingyard/ShuffleNet)", "Axpy": "SENet's Caffe fork (hujie-frank/SENet)",
+    "Reorg": "the YOLO Caffe ports", "Region": "the YOLO Caffe ports",
+}
+
 _REGISTRY: dict[str, type[Layer]] = {}
 # every `<x>_param` message any registered layer reads, for LayerParameter's schema
 _MESSAGES: dict[str, Msg] = {"transform_param": TRANSFORM, "loss_param": LOSS}
@@ -192,6 +209,10 @@ class Layer:
         """Refine a ShapeError of this layer's shape rule with the graph around it (`upstream(k)`:
         the layer that set bottom k's size and its bottom shapes, see shapes.Upstream)."""
         return error
+
+    def allow_force_backward(self, i: int) -> bool:
+        """Caffe's AllowForceBackward: may `force_backward` give bottom i a gradient (not a loss's labels)."""
+        return not (self.is_loss and i == 1)
 
     def explain_weights(self, i: int, have: Shape, want: Shape) -> ShapeError | None:
         """A better diagnosis than "shape mismatch" for loaded param i (have) vs the net's (want)."""

@@ -40,12 +40,14 @@ def _macs(ch: ShapedGraph, node) -> int:
 
 def totals(ch: ShapedGraph) -> dict:
     g = ch.graph
-    seen, trainable, frozen = set(), 0, 0
+    seen, trainable, frozen, unknown = set(), 0, 0, []
     for node in g.nodes:
         for i, s in enumerate(ch.params(node)):
             spec = node.param_specs[i] if i < len(node.param_specs) else None
             key = spec.name if spec is not None and spec.name else (node.name, i)
             n = _count(s)
+            if n is None and node.name not in unknown:
+                unknown.append(node.name)          # its size needs a dim known only at run time
             if key in seen or n is None:
                 continue
             seen.add(key)
@@ -62,6 +64,7 @@ def totals(ch: ShapedGraph) -> dict:
         if n is not None:
             act[g.display(t)] = max(act.get(g.display(t), 0), n)
     return {"trainable_params": trainable, "frozen_params": frozen, "total_params": trainable + frozen,
+            "params_unknown": unknown,
             "macs_per_batch": macs, "macs_per_sample": macs // batch if batch else macs, "batch": batch,
             "activation_bytes": 4 * sum(act.values())}
 
@@ -71,7 +74,13 @@ def to_json(ch: ShapedGraph | None, net: str, phase: str, diagnostics) -> dict:
     t = totals(ch) if ch else {"total_params": 0, "macs_per_batch": 0}
     return {"ok": ch is not None and not any(d.severity == "error" for d in diagnostics),
             "net": net, "phase": phase.lower(), "layers": rows, "total_params": t["total_params"],
-            "total_macs": t["macs_per_batch"], "diagnostics": [d.to_json() for d in diagnostics]}
+            "params_unknown": t.get("params_unknown", []), "total_macs": t["macs_per_batch"],
+            "diagnostics": [d.to_json() for d in diagnostics]}
+
+
+def _names(layers: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in layers[:4])
+    return shown + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
 
 
 def human(n: float, unit: str = "") -> str:
@@ -109,7 +118,9 @@ def render_table(ch: ShapedGraph) -> str:
     out = [f"net '{g.name or g.file}', phase {g.phase}: {len(rows)} layers", rule, line(head), rule]
     out += [line(b) for b in body]
     out += [rule,
-            f"params: {t['total_params']:,} ({t['trainable_params']:,} trainable, {t['frozen_params']:,} frozen)",
+            f"params: {t['total_params']:,} ({t['trainable_params']:,} trainable, {t['frozen_params']:,} frozen)"
+            + (f", a lower bound: the params of {_names(t['params_unknown'])} depend on dims known only at run time"
+               if t["params_unknown"] else ""),
             f"multiply-adds: {human(t['macs_per_sample'])} per sample, {human(t['macs_per_batch'])} per batch "
             f"of {t['batch']}",
             f"activation memory: {human_bytes(t['activation_bytes'])} per batch (float32)"]

@@ -89,7 +89,7 @@ class _ToAst(Transformer):
         return Scalar(Word(str(items[0])), self._pos(items[0]))
 
     def neg_word(self, items):
-        return Scalar(Word("-" + str(items[0])), self._pos(items[0]))
+        return Scalar(Word("-" + str(items[1])), self._pos(items[0], items[1]))
 
 
 _TRANSFORMER = _ToAst()
@@ -123,8 +123,8 @@ def _number(text: str) -> int | float:
 
 _EXPECT_NAMES = {"NAME": "a field name", "NUMBER": "a number", "STRING": "a string",
                  "LBRACE": "'{'", "RBRACE": "'}'", "COLON": "':'", "LSQB": "'['", "RSQB": "']'",
-                 "COMMA": "','", "MINUS": "'-'", "LESSTHAN": "'<'", "MORETHAN": "'>'",
-                 "$END": "end of file", "_SEP": "',' or ';'"}
+                 "_COMMA": "','", "_SEMI": "';'", "MINUS": "'-'", "LESSTHAN": "'<'", "MORETHAN": "'>'",
+                 "$END": "end of file"}
 
 
 def _describe_expected(expected) -> str:
@@ -267,12 +267,16 @@ def _syntax_error(e, text: str, file: str) -> NetdslError:
     expected = set(e.expected)
     shown = str(tok)
     if "COLON" in expected and "LBRACE" in expected and prev is not None and prev[0] == "NAME":
-        if tok.type in ("RBRACE", "MORETHAN", "RSQB", "COMMA", "_SEP", "COLON"):
+        if tok.type in ("RBRACE", "MORETHAN", "RSQB", "_COMMA", "_SEMI", "COLON"):
             return NetdslError("E0001", f"field `{prev[1]}` has no value", _tokpos(file, prev),
                                help=f"write `{prev[1]}: value` or `{prev[1]} {{ ... }}`, or remove it")
         return NetdslError("E0001", f"expected ':' or '{{' after `{prev[1]}`, found {shown!r}", pos,
                            help=f"write `{prev[1]}: {shown}`" + (f" (or `{prev[1]} {{ ... }}` for a message)"
                                                                if tok.type == "NAME" else ""))
+    if prev is not None and prev[0] == ":" and tok.type not in ("NUMBER", "STRING", "NAME"):
+        field = toks[at - 2][1] if at > 1 else ""
+        return NetdslError("E0001", f"expected a value after `{field}:`, found {shown!r}", pos,
+                           help=_value_help(prev))
     if tok.type in ("RBRACE", "MORETHAN"):
         if "RBRACE" in expected or "MORETHAN" in expected:
             return NetdslError("E0001", f"'{tok}' does not match the open message", pos,
@@ -284,10 +288,6 @@ def _syntax_error(e, text: str, file: str) -> NetdslError:
                       f"{_tokpos(file, closed[1])}")] if closed else []
             return NetdslError("E0001", f"unmatched '{tok}'", pos, notes=notes,
                                help="remove it, or open its message with `name {`")
-    if prev is not None and prev[0] == ":" and tok.type not in ("NUMBER", "STRING", "NAME"):
-        field = toks[at - 2][1] if at > 1 else ""
-        return NetdslError("E0001", f"expected a value after `{field}:`, found {shown!r}", pos,
-                           help=_value_help(prev))
     if tok.type == "COLON":
         return NetdslError("E0001", "':' without a field name before it", pos,
                            help="write the field's name before the colon: `name: value`")

@@ -153,7 +153,7 @@ def test_reference_solvers_name_their_nets(solver):
 
 # --------------------------------------------------------------------------------- JSON schema
 
-TOP_KEYS = {"ok", "net", "phase", "layers", "total_params", "total_macs", "diagnostics"}
+TOP_KEYS = {"ok", "net", "phase", "layers", "total_params", "params_unknown", "total_macs", "diagnostics"}
 LAYER_KEYS = {"name", "type", "bottoms", "tops", "top_shapes", "param_shapes", "params", "macs"}
 DIAG_KEYS = {"code", "severity", "message", "file", "line", "column", "help"}
 
@@ -332,3 +332,20 @@ def test_compile_reports_check_errors(tmp_path):
     bad.write_text('layer { name: "a" type: "ReLU" bottom: "nope" top: "a" }\n')
     code, out, err = run("compile", bad)
     assert code == 2 and "error[E0210]" in err and not out
+
+
+def test_params_that_need_runtime_dims_make_the_total_a_lower_bound(tmp_path):
+    """--shape data=1,3,?,?: the conv params are known, the InnerProduct's are not; the total says
+    it is a lower bound and names the layer (it used to leave them out silently)."""
+    net = tmp_path / "n.net"
+    net.write_text('layer { name: "data" type: "Input" top: "data" }\n'
+                   'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" '
+                   'convolution_param { num_output: 4 kernel_size: 3 } }\n'
+                   'layer { name: "fc" type: "InnerProduct" bottom: "conv" top: "fc" inner_product_param { num_output: 2 } }\n')
+    code, out = check_json(net, "--shape", "data=1,3,?,?")
+    assert code == 0 and out["total_params"] == 4 * 3 * 9 + 4 + 2 and out["params_unknown"] == ["fc"]   # fc's bias is known
+    code, text, _ = run("check", net, "--shape", "data=1,3,?,?")
+    assert "params: 114 (114 trainable, 0 frozen), a lower bound: the params of 'fc' depend on dims known only " \
+           "at run time" in text
+    code, out = check_json(net, "--shape", "data=1,3,8,8")
+    assert out["params_unknown"] == [] and out["total_params"] == 112 + 2 * 4 * 36 + 2

@@ -66,3 +66,38 @@ def test_shaped_graph_is_immutable():
     with pytest.raises(TypeError):
         shaped.blobs["loss"] = (1,)
     assert shaped.nodes[node].tops == ((),) and shaped.params(shaped.graph.nodes[4]) == ((3, 6), (3,))
+
+
+FORCED = """
+force_backward: true
+layer { name: "in" type: "Input" top: "data" top: "label" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" param { lr_mult: 0 } param { lr_mult: 0 }
+        inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def test_force_backward_gives_the_inputs_a_gradient():
+    """pycaffe users read net.blobs['data'].diff after backward(): with force_backward the data
+    gets its gradient even though nothing below it learns; the labels never do (a loss's bottom 1)."""
+    x, label = np.random.default_rng(3).standard_normal((2, 3)), np.array([0, 2])
+    for forced, want in ((True, True), (False, False)):
+        text = FORCED if forced else FORCED.replace("force_backward: true", "")
+        net = Net(lower(check(syntax.parse(text, "t.net"), phase="TRAIN")), np, dtype=np.float64, seed=2)
+        net.forward(data=x, label=label)
+        net.backward()
+        assert (net.blobs["data"].grad is not None) == want and net.blobs["label"].grad is None
+    w = net.params["ip"][0].data
+
+    def loss(xv):
+        return float(net.forward(data=xv, label=label)["loss"])
+    numeric = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        d = np.zeros_like(x)
+        d[i] = 1e-6
+        numeric[i] = (loss(x + d) - loss(x - d)) / 2e-6
+    forced = Net(lower(check(syntax.parse(FORCED, "t.net"), phase="TRAIN")), np, dtype=np.float64, seed=2)
+    assert np.array_equal(forced.params["ip"][0].data, w)
+    forced.forward(data=x, label=label)
+    forced.backward()
+    np.testing.assert_allclose(forced.blobs["data"].grad, numeric, rtol=1e-5, atol=1e-8)

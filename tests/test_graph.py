@@ -203,3 +203,35 @@ def test_solver_files_and_v1_layers_are_rejected():
 def test_build_without_a_collector():
     g = build(parse(DATA + RELU.format("r", "data", "r"), "t.net"), "TEST")
     assert [n.tops for n in g.nodes] == [["data", "label"], ["r"]]
+
+
+# ---------------------------------------------------------------------------- real-file defects
+
+def test_loss_layer_without_top_gets_an_automatic_one():
+    """Caffe's AutoTopBlobs: a loss layer with no top still counts (BVLC's pascal_finetune)."""
+    g, c = net('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 3 } }\n'
+               'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" }\n'
+               'layer { name: "loss2" type: "EuclideanLoss" bottom: "ip" bottom: "ip" }\n', phase="TRAIN")
+    assert c.diagnostics == []
+    loss, loss2 = g.nodes[-2:]
+    assert loss.tops == ["(automatic)"] and loss.loss_weights == [1.0]
+    assert loss2.tops == ["(automatic)_1"] and loss2.loss_weights == [1.0]
+
+
+def test_unknown_type_is_one_error_even_with_its_own_param_block():
+    g, c = net('layer { name: "n" type: "Normalise" bottom: "data" top: "n" normalise_param { eps: 1 } }\n')
+    assert [d.code for d in c.diagnostics] == ["E0201"]
+    assert c.diagnostics[0].help.startswith("known types: ")      # no look-alike suggested
+
+
+def test_fork_layer_types_name_their_fork_not_a_look_alike():
+    g, c = net('layer { name: "pb" type: "PriorBox" bottom: "data" top: "pb" prior_box_param { min_size: 30 } }\n')
+    (d,) = c.diagnostics
+    assert d.code == "E0201" and "SSD's Caffe fork" in d.message and "Proposal" not in (d.help or "")
+    assert diags(c) == [("E0201", "2:20")]                          # at `type:`
+
+
+def test_a_typo_still_gets_did_you_mean():
+    g, c = net('layer { name: "c" type: "Convolutoin" bottom: "data" top: "c" }\n'
+               'layer { name: "r" type: "relu" bottom: "data" top: "r" }\n')
+    assert [d.help for d in c.diagnostics] == ['did you mean "Convolution"?', 'did you mean "ReLU"?']

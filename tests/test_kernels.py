@@ -69,6 +69,27 @@ def test_pool_out_size():
     assert K.pool_out_size(5, 3, 4, 2) == 2              # padding correction: 3 -> 2
     assert K.pool_out_size(1, 2, 2, 1) == 1              # padding correction: 2 -> 1
     assert K.pool_out_size(4, 2, 2, 1) == 3              # no correction needed
+    # a window larger than the input: Caffe's ceil((1 - 2) / 2) + 1 = 1 (C's ceil(-0.5) is 0)
+    assert K.pool_out_size(1, 2, 2) == 1
+    assert K.pool_out_size(3, 4, 2) == 1
+    assert K.pool_out_size(1, 2, 2, ceil=False) == 0     # floor(-0.5) + 1: Caffe's FLOOR mode has no window
+    assert K.pool_out_size(1, 4, 1) == -2                # Caffe would fail to reshape: the checker says E0401
+
+
+def test_pooling_layer_follows_caffes_arithmetic_for_small_inputs():
+    """No "window does not fit" error where Caffe has none (OpenPose's 1x1 placeholder input);
+    E0401 only where Caffe's own formula leaves no window."""
+    from netdsl import syntax
+    from netdsl.check import check
+    from netdsl.errors import NetdslError
+    net = ('layer {{ name: "in" type: "Input" top: "x" input_param {{ shape {{ dim: 1 dim: 2 dim: {h} dim: {w} }} }} }}\n'
+           'layer {{ name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param {{ {p} }} }}')
+    ok = check(syntax.parse(net.format(h=1, w=1, p="pool: MAX kernel_size: 2 stride: 2"), "t.net"), phase="TEST")
+    assert ok.blobs["y"] == (1, 2, 1, 1)
+    with pytest.raises(NetdslError) as e:
+        check(syntax.parse(net.format(h=1, w=1, p="pool: MAX kernel_size: 4 stride: 1"), "t.net"), phase="TEST")
+    assert [d.code for d in e.value.diagnostics] == ["E0401"]
+    assert "ceil((1 + 2*0 - 4) / 1) + 1 = -2" in e.value.diagnostics[0].notes[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +205,8 @@ POOL_CASES = [
     ((2, 2, 9, 8), (3, 2), (2, 1), (1, 1), True),      # padding, non-square
     ((1, 2, 5, 5), (3, 3), (4, 4), (2, 2), True),      # the padding correction case
     ((1, 2, 6, 6), (3, 3), (1, 1), (1, 1), False),     # overlapping, floor
+    ((1, 2, 1, 1), (2, 2), (2, 2), (0, 0), True),      # the window overhangs a 1x1 input (OpenPose)
+    ((2, 1, 3, 3), (4, 4), (2, 2), (0, 0), True),      # larger than the input: one clipped window
 ]
 
 

@@ -314,12 +314,13 @@ class Pooling(Layer):
                 out.append(None)
                 continue
             o = kernels.pool_out_size(n, k, s, p, ceil, bool(ph or pw))
-            if o <= 0 or n + 2 * p < k:
+            if o <= 0:            # Caffe's arithmetic alone decides: a window may overhang a small input
                 rnd = "ceil" if ceil else "floor"
-                raise ShapeError("E0401", f"Pooling '{self.name}' output {axis} is {max(o, 0) if n + 2 * p >= k else 0}:"
-                                 f" the {k}-wide window does not fit the padded input ({n} + 2*{p} = {n + 2 * p})",
+                raise ShapeError("E0401", f"Pooling '{self.name}' output {axis} is {o}: the {k}-wide window "
+                                 f"overhangs the padded input ({n} + 2*{p} = {n + 2 * p}) by more than a stride",
                                  field="kernel_size", involves=(0,),
-                                 notes=[f"out = {rnd}((in + 2*pad - k) / stride) + 1 = {rnd}(({n} + 2*{p} - {k}) / {s}) + 1"],
+                                 notes=[f"out = {rnd}((in + 2*pad - k) / stride) + 1 = {rnd}(({n} + 2*{p} - {k}) / {s}) + 1"
+                                        f" = {o}"],
                                  help=f"use `kernel_size: {n + 2 * p}` or less (or `global_pooling: true`), "
                                       "or remove a downsampling layer before it")
             out.append(o)

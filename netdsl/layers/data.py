@@ -104,6 +104,87 @@ class Data(_DataLayer):
         return tops
 
 
+class _FileData(_DataLayer):
+    """Caffe's data layers that read files netdsl does not open yet: checked, with the shapes their
+    params fix (batch size, crop, resize) and --shape for the rest; never run."""
+    runnable = False
+    n_tops = (1, 2)
+
+    @property
+    def run_help(self):
+        return f"netdsl does not read {self.type}'s files yet: use an Input layer fed from Python, or MNIST"
+
+    def unknown_shape_note(self):
+        return f"Caffe's {self.type} layer reads '{self.p.source or 'its files'}', which netdsl does not open yet"
+
+    def complete(self, tops):
+        if len(tops) == 2 and tops[0] is not None and tops[1] is None:
+            tops[1] = (tops[0][0],)            # one label per image
+        return tops
+
+    def hint_example(self, i):
+        n = self.p.batch_size or "N"
+        return f"--shape {self.spec.tops[i]}={n}" if i == 1 else f"--shape {self.spec.tops[i]}={n},3,H,W"
+
+    def _image_tops(self, channels: int, height: int, width: int):
+        """(N, C, H, W) and (N,) when the params fix the image size (crop, or resize), else unknown."""
+        t = self.spec.record.transform_param
+        crop, n = t.crop_size or self.p.crop_size, self.p.batch_size
+        if crop:
+            height = width = crop
+        if n <= 0 or not (height and width):
+            return [None] * len(self.spec.tops)
+        c = 3 if t.force_color else 1 if t.force_gray else channels
+        return [(n, c, height, width), (n,)][: len(self.spec.tops)]
+
+
+@register
+class ImageData(_FileData):
+    """Caffe's ImageData: `path label` lines of a list file, images resized to new_height x new_width."""
+    type = "ImageData"
+    messages = {"image_data_param": Msg("ImageDataParameter", {
+        "source": F(str, ""), "batch_size": F(int, 1), "rand_skip": F(int, 0), "shuffle": F(bool, False),
+        "new_height": F(int, 0), "new_width": F(int, 0), "is_color": F(bool, True), "scale": F(float, 1.0),
+        "mean_file": F(str, ""), "crop_size": F(int, 0), "mirror": F(bool, False), "root_folder": F(str, "")}),
+        "transform_param": TRANSFORM}
+
+    def shape(self, bottoms):
+        return self._image_tops(3 if self.p.is_color else 1, self.p.new_height, self.p.new_width)
+
+
+@register
+class WindowData(_FileData):
+    """Caffe's WindowData (R-CNN fine-tuning): windows of images, warped to crop_size squares."""
+    type = "WindowData"
+    messages = {"window_data_param": Msg("WindowDataParameter", {
+        "source": F(str, ""), "scale": F(float, 1.0), "mean_file": F(str, ""), "batch_size": F(int, 0),
+        "crop_size": F(int, 0), "mirror": F(bool, False), "fg_threshold": F(float, 0.5),
+        "bg_threshold": F(float, 0.5), "fg_fraction": F(float, 0.25), "context_pad": F(int, 0),
+        "crop_mode": F(str, "warp"), "cache_images": F(bool, False), "root_folder": F(str, "")}),
+        "transform_param": TRANSFORM}
+
+    def shape(self, bottoms):
+        return self._image_tops(3, 0, 0)
+
+
+@register
+class HDF5Data(_FileData):
+    """Caffe's HDF5Data: datasets named by the tops, from the .h5 files a list file names."""
+    type = "HDF5Data"
+    messages = {"hdf5_data_param": Msg("HDF5DataParameter", {
+        "source": F(str, ""), "batch_size": F(int, 0), "shuffle": F(bool, False)})}
+    n_tops = (1, None)
+
+    def shape(self, bottoms):
+        return [None] * len(self.spec.tops)
+
+    def complete(self, tops):
+        return tops
+
+    def hint_example(self, i):
+        return f"--shape {self.spec.tops[i]}={self.p.batch_size or 'N'},D (the dataset's shape, batch first)"
+
+
 MNIST_PARAM = Msg("MNISTParameter", {
     "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "batch_size": F(int, 64),
     "shuffle": F(bool, True)})
