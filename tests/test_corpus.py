@@ -349,3 +349,72 @@ def test_params_that_need_runtime_dims_make_the_total_a_lower_bound(tmp_path):
            "at run time" in text
     code, out = check_json(net, "--shape", "data=1,3,8,8")
     assert out["params_unknown"] == [] and out["total_params"] == 112 + 2 * 4 * 36 + 2
+
+
+# The conformance corpus of real nets (shared/reference/real/, see its SOURCES.md): every file that
+# uses only BVLC content checks clean in the phases it is written for, with the --shape hints a
+# user would give for its data and the stages its solver would set.
+REAL = REFERENCE / "real"
+REAL_NETS = {
+    "BVLC+caffe__examples_finetune_pascal_detection_pascal_finetune_trainval_test.prototxt": [("train", []), ("test", [])],
+    "BVLC+caffe__examples_hdf5_classification_nonlinear_train_val.prototxt":
+        [(ph, ["data=10,4", "label=10"]) for ph in ("train", "test")],
+    "BVLC+caffe__examples_mnist_mnist_autoencoder.prototxt":
+        [("train", ["data=100,1,28,28"]), ("test", ["data=100,1,28,28", "--stage", "test-on-test"])],
+    "BVLC+caffe__examples_siamese_mnist_siamese_train_test.prototxt":
+        [(ph, ["pair_data=64,2,28,28"]) for ph in ("train", "test")],
+    "BVLC+caffe__models_bvlc_googlenet_train_val.prototxt":
+        [("train", ["data=32,3,224,224"]), ("test", ["data=50,3,224,224"])],
+    "BVLC+caffe__models_finetune_flickr_style_train_val.prototxt": [("train", []), ("test", [])],
+    "CMU-Perceptual-Computing-Lab+openpose__models_pose_coco_pose_deploy_linevec.prototxt": [("test", [])],
+    "KaimingHe+deep-residual-networks__prototxt_ResNet-50-deploy.prototxt": [("test", [])],
+    "kpzhang93+MTCNN_face_detection_alignment__code_codes_MTCNNv1_model_det1.prototxt": [("test", [])],
+    "rbgirshick+py-faster-rcnn__models_pascal_voc_VGG16_faster_rcnn_end2end_test.prototxt": [("test", [])],
+    "rbgirshick+py-faster-rcnn__models_pascal_voc_ZF_faster_rcnn_alt_opt_stage1_fast_rcnn_train.prototxt":
+        [("train", ["data=2,3,600,1000", "rois=128,5", "labels=128", "bbox_targets=128,84",
+                    "bbox_inside_weights=128,84", "bbox_outside_weights=128,84"])],
+    "shelhamer+fcn.berkeleyvision.org__voc-fcn8s_deploy.prototxt": [("test", [])],
+    "shicai+MobileNet-Caffe__mobilenet_deploy.prototxt": [("test", [])],
+    "soeaver+caffe-model__cls_inception_deploy_inception-v3.prototxt": [("test", [])],
+}
+# Files that need what netdsl does not have yet, with the first error they give (the fork layers
+# and V1 files are the work of the forks' and the weights' issues).
+REAL_NOT_YET = {
+    "alexgkendall+SegNet-Tutorial__Models_segnet_inference.prototxt": ("E0201", "DenseImageData"),
+    "farmingyard+ShuffleNet__shufflenet_1x_g3_deploy.prototxt": ("E0201", "ConvolutionDepthwise"),
+    "hszhao+PSPNet__evaluation_prototxt_pspnet50_ADE20K_473.prototxt": ("E0201", "BN"),
+    "xzgz+caffe-ssd__models_VGGNet_VOC0712_SSD_300x300_deploy.prototxt": ("E0201", "Normalize"),
+    "shicai+DenseNet-Caffe__DenseNet_201.prototxt": ("E0102", "ceil_mode"),
+    "natanielruiz+net-archive__nin_imagenet_train_val.prototxt": ("E0206", "V1"),
+}
+REAL_CASES = [(f, ph, hints) for f, runs in REAL_NETS.items() for ph, hints in runs]
+
+
+def _hint_args(hints):
+    out, it = [], iter(hints)
+    for h in it:
+        out += [h, next(it)] if h.startswith("--") else ["--shape", h]
+    return out
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared/reference/real is not available")
+def test_real_corpus_is_fully_classified():
+    names = {p.name for p in REAL.glob("*.prototxt")}
+    assert names == set(REAL_NETS) | set(REAL_NOT_YET)
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared/reference/real is not available")
+@pytest.mark.parametrize("name, phase, hints", REAL_CASES, ids=[f"{c[0].split('__')[-1]}-{c[1]}" for c in REAL_CASES])
+def test_real_net_checks_clean(name, phase, hints):
+    code, out = check_json(REAL / name, "--phase", phase, *_hint_args(hints))
+    assert code == 0, [d["message"] for d in out["diagnostics"] if d["severity"] == "error"]
+    assert out["total_params"] > 0 and not out["params_unknown"]
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared/reference/real is not available")
+@pytest.mark.parametrize("name", sorted(REAL_NOT_YET), ids=lambda n: n.split("__")[-1])
+def test_real_net_that_needs_a_fork_says_so(name):
+    code, out = check_json(REAL / name)
+    first = next(d for d in out["diagnostics"] if d["severity"] == "error")
+    want_code, word = REAL_NOT_YET[name]
+    assert code == 2 and first["code"] == want_code and word in first["message"]

@@ -1,0 +1,128 @@
+"""Real deploy nets of shared/reference/real/ against an independent Caffe runtime: OpenCV 4's Caffe
+importer (`cv2.dnn.readNetFromCaffe`, removed in OpenCV 5; an optional test dependency), given the
+same random weights through a .caffemodel written here and the same input. Every blob that is not
+overwritten in place must agree to 1e-4 of its largest value (float32)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netdsl import syntax
+from netdsl.check import check
+from netdsl.executor import Net
+from netdsl.plan import lower
+
+cv2 = pytest.importorskip("cv2")
+if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
+    pytest.skip("this OpenCV has no Caffe importer (OpenCV 5 removed it)", allow_module_level=True)
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "real"
+
+# (file, input shape: small where the net allows, to keep the test fast)
+DEPLOY = [
+    ("KaimingHe+deep-residual-networks__prototxt_ResNet-50-deploy.prototxt", (1, 3, 224, 224)),
+    ("shicai+MobileNet-Caffe__mobilenet_deploy.prototxt", (1, 3, 96, 96)),
+    ("soeaver+caffe-model__cls_inception_deploy_inception-v3.prototxt", (1, 3, 139, 139)),
+    ("shelhamer+fcn.berkeleyvision.org__voc-fcn8s_deploy.prototxt", (1, 3, 64, 64)),
+    ("CMU-Perceptual-Computing-Lab+openpose__models_pose_coco_pose_deploy_linevec.prototxt", (1, 3, 32, 32)),
+    ("kpzhang93+MTCNN_face_detection_alignment__code_codes_MTCNNv1_model_det1.prototxt", (1, 3, 24, 24)),
+]
+
+
+# ------------------------------------------------------------------ a minimal .caffemodel writer
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def caffemodel(layers: dict[str, tuple[str, list[np.ndarray]]]) -> bytes:
+    """NetParameter { layer (100) { name (1) type (2) blobs (7) { shape (7) { dim (1) } data (5) } } }."""
+    out = []
+    for name, (type_, blobs) in layers.items():
+        body = _field(1, name.encode()) + _field(2, type_.encode())
+        for a in blobs:
+            shape = _field(1, b"".join(_varint(d) for d in a.shape))
+            body += _field(7, _field(7, shape) + _field(5, np.ascontiguousarray(a, "<f4").tobytes()))
+        out.append(_field(100, body))
+    return b"".join(out)
+
+
+# ------------------------------------------------------------------------------------------ test
+
+def random_weights(net: Net, rng) -> dict[str, list[np.ndarray]]:
+    """Weights that keep activations in range through a deep net: He-scaled filters, small biases,
+    BatchNorm statistics with scale factor 1, Scale near 1, PReLU slopes in [0, 0.5)."""
+    out = {}
+    for s in net.plan.steps:
+        ps = net.params.get(s.node.name)
+        if not ps:
+            continue
+        blobs = []
+        for i, p in enumerate(ps):
+            shape, t = p.data.shape, s.layer.type
+            if t == "BatchNorm":
+                a = [rng.normal(0, 0.1, shape), rng.uniform(0.5, 1.5, shape), np.ones(shape)][i]
+            elif t == "Scale":
+                a = rng.normal(1.0 if i == 0 else 0.0, 0.1, shape)
+            elif t == "PReLU":
+                a = rng.uniform(0, 0.5, shape)
+            elif len(shape) > 1:
+                fan_in = int(np.prod(shape[1:])) if t != "Deconvolution" else int(shape[0] * np.prod(shape[2:]))
+                a = rng.normal(0, np.sqrt(2.0 / max(fan_in, 1)), shape)
+            else:
+                a = rng.normal(0, 0.1, shape)
+            p.data[...] = a
+            blobs.append(p.data.astype(np.float32))
+        out[s.node.name] = (s.layer.type, blobs)
+    return out
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared/reference/real is not available")
+@pytest.mark.parametrize("name, shape", DEPLOY, ids=[d[0].split("__")[-1] for d in DEPLOY])
+def test_deploy_net_matches_opencv(name, shape, tmp_path):
+    path = REAL / name
+    shaped = check(syntax.parse(path.read_text(), str(path)), phase="TEST")
+    data = next(t for s in shaped.graph.nodes if s.layer.fed_by_caller for t in s.tops)
+    shaped = check(syntax.parse(path.read_text(), str(path)), phase="TEST", hints={data: shape})
+    net = Net(lower(shaped, runnable=True), np, dtype=np.float32, seed=0)
+    rng = np.random.default_rng(0)
+    weights = random_weights(net, rng)
+    x = rng.uniform(-1, 1, shape).astype(np.float32)
+    net.forward(**{data: x})
+    model = tmp_path / "w.caffemodel"
+    model.write_bytes(caffemodel(weights))
+    cv = cv2.dnn.readNetFromCaffe(str(path), str(model))
+    cv.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    cv.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    cv.enableFusion(False)
+    cv.setInput(x, data)
+    # the last writer of every blob (an in-place chain's last layer; OpenCV may reuse the rest)
+    last = {}
+    for s in net.plan.steps:
+        if not s.layer.fed_by_caller and s.node.tops:
+            last[s.node.tops[0].split("#")[0]] = s
+    names = [s.node.name for s in last.values()]
+    outs = cv.forward(names)
+    assert len(outs) == len(names)
+    compared = 0
+    for s, got in zip(last.values(), outs):
+        want = net.values[s.node.tops[0]]
+        assert got.size == want.size, (s.node.name, got.shape, want.shape)
+        scale = max(float(np.abs(want).max()), 1e-6)
+        err = float(np.abs(got.reshape(want.shape) - want).max())
+        assert err <= 1e-4 * scale, f"{name}: blob '{s.node.tops[0]}' ({s.layer.type} '{s.node.name}') differs " \
+                                    f"by {err:.3g} (largest value {scale:.3g})"
+        compared += 1
+    assert compared >= 5
