@@ -13,6 +13,7 @@ from .graph import Graph
 from .registry import fmt
 from .shapes import Inference, ShapedGraph, producer_note
 from .syntax import Message, parse_file
+from .weights import Weights, read_weights
 
 
 @dataclass
@@ -51,7 +52,7 @@ def check(ast: Message, phase: str = "TRAIN", stages=(), level: int = 0, hints: 
     for cls in dict.fromkeys(type(n.layer) for n in g.nodes):
         cls.check_net(checking)
     if weights:
-        check_weights(inf, load_weights(weights), weights, c)
+        check_weights(inf, read_weights(weights), c)
     if not c.errors:
         check_usage(inf, c)
     c.raise_if_errors()
@@ -125,22 +126,6 @@ def _relative_paths(e: NetdslError) -> NetdslError:
     return e
 
 
-def load_weights(path: str):
-    """netdsl weights: an .npz of `<layer>/<i>` arrays (what `netdsl train` snapshots)."""
-    import numpy as np
-    if path.endswith(".caffemodel"):
-        raise NetdslError("E0801", f"{path}: binary .caffemodel files are not read by netdsl",
-                          help="convert the weights to .npz arrays named '<layer>/<index>'")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files if not k.startswith("__")}
-    except FileNotFoundError:
-        raise NetdslError("E0801", f"weights file not found: {path}", help="check the path") from None
-    except (OSError, ValueError) as e:
-        raise NetdslError("E0802", f"cannot read weights {path}: {e}",
-                          help="pass an .npz written by `netdsl train` (…_iter_N.npz)") from None
-
-
 # ------------------------------------------------------------------------- net-level checks
 
 def check_param_specs(inf: Inference, c: Collector) -> None:
@@ -195,20 +180,28 @@ def _count(s):
     return n
 
 
-def check_weights(inf: Inference, weights: dict, path: str, c: Collector) -> None:
-    """Loaded weights (`<layer>/<i>` arrays) must match the net's param shapes; a layer may
-    explain a mismatch better (a filter's depth, an InnerProduct's input size)."""
+def check_weights(inf: Inference, weights: Weights, c: Collector) -> None:
+    """Loaded weights must match the net's params as Caffe copies them (by layer name; blob count
+    and shapes, legacy 4-D blobs allowed); a layer may explain a mismatch better (a filter's depth,
+    an InnerProduct's input size)."""
+    path = weights.path
     for node, shapes in inf.nodes.items():
         layer = node.layer
+        blobs = weights.layers.get(layer.name)
+        if blobs is None or not shapes.params:
+            continue
+        at = layer.spec.record.pos("name") or layer.spec.pos          # weights are matched by layer name
+        if weights.whole_layers and len(blobs) != len(shapes.params) or len(blobs) > len(shapes.params):
+            c.error("E0305", f"{layer.type} '{layer.name}' has {len(shapes.params)} param blobs but {path} has "
+                    f"{len(blobs)} for it", at,
+                    notes=[f"in the file: {', '.join(fmt(b.shape) for b in blobs if b is not None)}"],
+                    help="check bias_term (and the layer type), or rename the layer to learn it from scratch")
+            continue
         for i, shape in enumerate(shapes.params):
-            key = f"{layer.name}/{i}"
-            if key not in weights or None in shape:
+            if None in shape or i >= len(blobs) or blobs[i] is None or weights.fit(layer.name, i, tuple(shape)) is not None:
                 continue
-            have = tuple(weights[key].shape)
-            if have == tuple(shape):
-                continue
-            notes = [f"{path} has {key} as {fmt(have)}; the net needs {fmt(shape)}"]
-            at = layer.spec.record.pos("name") or layer.spec.pos          # weights are matched by layer name
+            have = tuple(blobs[i].shape)
+            notes = [f"{path} has {layer.name}/{i} as {fmt(have)}; the net needs {fmt(shape)}"]
             e = layer.explain_weights(i, have, shape)
             if e is not None:
                 notes += e.notes + [producer_note(inf.graph, node.bottoms[0], shapes.bottoms[0])]

@@ -88,6 +88,12 @@ def add_parsers(sub) -> None:
                    help="cuda: the generated CUDA of the compiled train step (graph mode)")
     p.set_defaults(func=cmd_compile)
 
+    p = sub.add_parser("convert", help="convert weights between Caffe's .caffemodel and netdsl's .npz")
+    p.add_argument("input", help="a .caffemodel (V1 or V2) or .npz")
+    p.add_argument("output", help="the file to write: .caffemodel or .npz, by its suffix")
+    p.add_argument("--net", help="a net file: check the weights against it, and take the layer types from it")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("data", help="download a dataset into the data directory (checksum-verified)")
     p.add_argument("dataset", choices=("mnist",))
     p.add_argument("--data-dir", help="where to put it (default: $NETDSL_DATA or the user cache dir)")
@@ -179,6 +185,31 @@ def to_dot(ch) -> str:
     return "\n".join(lines)
 
 
+def cmd_convert(args) -> int:
+    from .executor import save_npz
+    from .weights import read_weights, write_caffemodel
+    w = read_weights(args.input)
+    types = dict(w.types)
+    if args.net:
+        from .check import check_path
+        ch, _, _ = check_path(args.net, weights=args.input)
+        types.update({n.name: n.layer.type for n in ch.graph.nodes})
+    if args.output.endswith(".caffemodel"):
+        partial = [n for n, blobs in w.layers.items() if any(b is None for b in blobs)]
+        if partial:
+            raise NetdslError("E0807", f"{args.input} gives only some blobs of layer '{partial[0]}': a .caffemodel "
+                              "holds every blob of a layer", help="write .npz instead, or add the missing blobs")
+        write_caffemodel(args.output, {n: (types.get(n, ""), blobs) for n, blobs in w.layers.items()})
+    elif args.output.endswith(".npz"):
+        save_npz(args.output, w.arrays())
+    else:
+        raise NetdslError("E0807", f"cannot tell the format to write from '{args.output}'",
+                          help="name the output .caffemodel or .npz")
+    n = sum(len(b) for b in w.layers.values())
+    print(f"wrote {args.output}: {len(w.layers)} layers, {n} blobs")
+    return EXIT_OK
+
+
 def cmd_data(args) -> int:
     from .data.download import download_mnist
     path = download_mnist(args.data_dir, force=args.force)
@@ -192,14 +223,13 @@ def cmd_train(args) -> int:
     trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
                       data_dir=args.data_dir, out=args.out, graph=args.graph)
     if args.weights:
-        loaded = trainer.net.load(args.weights)
-        trainer.log(f"Copied weights of {len(loaded)} layers from {args.weights}", echo=True)
+        trainer.log(str(trainer.net.load(args.weights)), echo=True)
     if args.snapshot:
         trainer.restore(args.snapshot)
     result = trainer.run()
     if result.interrupted:
         return 130
-    print(f"trained {result.iterations} iterations in {result.seconds:.1f} s; weights: {result.last_snapshot}.npz")
+    print(f"trained {result.iterations} iterations in {result.seconds:.1f} s; weights: {result.last_snapshot}{trainer.weights_suffix}")
     return 0
 
 

@@ -37,6 +37,19 @@ class ParamBlob:
 
 
 @dataclass
+class Copied:
+    """What Net.load copied: the layers, and the file's layers the net does not have."""
+    layers: list[str]
+    not_in_net: list[str]
+    path: str = ""
+
+    def __str__(self) -> str:
+        n = len(self.layers)
+        skipped = f"; not in the net: {', '.join(self.not_in_net)}" if self.not_in_net else ""
+        return f"copied {n} layer{'s' if n != 1 else ''} from {self.path}{skipped}"
+
+
+@dataclass
 class RunContext:
     """What data layers need to bind to their source."""
     data_dir: str | None = None
@@ -194,29 +207,48 @@ class Net:
         return out
 
     def save(self, path: str) -> None:
-        save_npz(path, self.state())
+        """The weights as `.caffemodel` (Caffe's binary NetParameter, by the suffix) or netdsl's .npz."""
+        if path.endswith(".caffemodel"):
+            from .weights import write_caffemodel
+            types = {s.node.name: s.layer.type for s in self.plan.steps}
+            write_caffemodel(path, {name: (types[name], [to_host(p.data) for p in ps])
+                                    for name, ps in self.params.items()}, self.plan.name)
+        else:
+            save_npz(path, self.state())
 
-    def load(self, path_or_arrays) -> list[str]:
-        """Copy weights by layer name (as Caffe's CopyTrainedLayersFrom); returns the layers
-        loaded. A shape mismatch is a located error naming both shapes."""
-        from .check import load_weights
-        arrays = load_weights(path_or_arrays) if isinstance(path_or_arrays, str) else path_or_arrays
-        loaded = []
-        for name, ps in self.params.items():
+    def load(self, weights) -> Copied:
+        """Copy weights by layer name as Caffe's CopyTrainedLayersFrom: a path (.caffemodel, V1 or V2,
+        or .npz), a weights.Weights, or `<layer>/<i>` arrays. Layers of the file the net lacks are
+        skipped and listed; a blob count or shape mismatch is an error naming the layer, the blob
+        and both shapes."""
+        from .weights import Weights, from_arrays, read_weights
+        if isinstance(weights, (str, os.PathLike)):
+            weights = read_weights(str(weights))
+        elif not isinstance(weights, Weights):
+            weights = from_arrays(weights)
+        mine = self.params
+        for name, blobs in weights.layers.items():
+            ps = mine.get(name)
+            if ps is None:
+                continue
+            if weights.whole_layers and len(blobs) != len(ps) or len(blobs) > len(ps):
+                raise NetdslError("E0305", f"cannot copy layer '{name}' from {weights.path}: it has {len(blobs)} "
+                                  f"blob{'s' if len(blobs) != 1 else ''} there but {len(ps)} in the net",
+                                  help="check bias_term and the layer type, or rename the layer to learn it from "
+                                       "scratch")
             for i, p in enumerate(ps):
-                key = f"{name}/{i}"
-                if key not in arrays:
+                if i >= len(blobs) or blobs[i] is None:
                     continue
-                a = arrays[key]
-                if tuple(a.shape) != tuple(p.data.shape):
-                    raise NetdslError("E0305", f"cannot load param {i} of layer '{name}': the weights are "
-                                      f"{'x'.join(map(str, a.shape))} but the net needs "
+                a = weights.fit(name, i, tuple(p.data.shape))
+                if a is None:
+                    raise NetdslError("E0305", f"cannot copy blob {i} of layer '{name}' from {weights.path}: it is "
+                                      f"{'x'.join(map(str, blobs[i].shape))} there but the net needs "
                                       f"{'x'.join(map(str, p.data.shape))}",
                                       help="to learn this layer from scratch rather than load it, rename the layer; "
                                            "`netdsl check --weights` lists every mismatch")
                 p.data[...] = self.xp.asarray(a, dtype=self.dtype)
-                loaded.append(name)
-        return sorted(set(loaded))
+        return Copied([n for n in weights.layers if n in mine], [n for n in weights.layers if n not in mine],
+                      weights.path)
 
 
 def save_npz(path: str, arrays: dict) -> None:

@@ -242,9 +242,10 @@ def _mark_broken(specs: list[LayerSpec], errors) -> None:
 
 def _check_fillers(layer: Layer, c: Collector) -> bool:
     """An unknown filler type would only fail when the weights are drawn: report it here."""
-    bad = False
+    bad, seen = False, set()
     for f in layer.fillers():
-        if f is not None and f.type not in FILLER_TYPES:
+        if f is not None and id(f) not in seen and f.type not in FILLER_TYPES:
+            seen.add(id(f))                    # one filler may serve several blobs (RNN's weights)
             c.error("E0104", f"{layer.type} '{layer.name}': unknown filler type \"{f.type}\"", f.pos("type"),
                     help=suggest(f.type, FILLER_TYPES) or f"use one of: {', '.join(FILLER_TYPES)}")
             bad = True

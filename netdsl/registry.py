@@ -162,7 +162,7 @@ class Layer:
     no_backward: ClassVar[bool] = False   # never propagates gradients (data, accuracy, targets)
     frozen_params: ClassVar[bool] = False # params are statistics, not learned (BatchNorm)
     stateful: ClassVar[bool] = False      # forward takes a RunState (RNG stream, data source)
-    runnable: ClassVar[bool] = True       # False: checked only (Python, ROIPooling)
+    runnable: ClassVar[bool] = True       # False: checked only (Python; data layers whose files netdsl cannot read)
     run_help: ClassVar[str] = "remove it from the nets you train or run"
     filter_depth_axis: ClassVar[int | None] = None  # param 0 is a filter spanning its input's depth on this axis
     sets_size: ClassVar[bool] = False     # computes a spatial size (Convolution, Pooling): diagnostics trace to it
@@ -224,7 +224,10 @@ class Layer:
         (`checking`: the graph, its shapes, the collector, and the other phases; see check.py)."""
 
     def pos(self, field: str | None) -> Pos:
-        return self.p.pos(field) or self.spec.pos if field else self.spec.pos
+        """Where a param (or a whole `xxx_param` message) is written; else the layer."""
+        if not field:
+            return self.spec.pos
+        return self.p.pos(field) or (self.spec.record.pos(field) if self.spec.record.has(field) else None) or self.spec.pos
 
     # -- running (implemented per layer) ----------------------------------------------------
     def open(self, ctx) -> Any:

@@ -85,6 +85,10 @@ class Trainer:
         prefix = cfg.snapshot_prefix or os.path.splitext(os.path.basename(solver_path))[0]
         self.out = out or os.path.dirname(prefix) or "."
         self.prefix = os.path.join(self.out, os.path.basename(prefix))
+        # weights snapshots: Caffe's binary .caffemodel when the solver asks for BINARYPROTO by name,
+        # else netdsl's .npz (its default: one numpy file, no protobuf needed to read it back)
+        explicit = self.sf.record.has("snapshot_format") and cfg.snapshot_format == "BINARYPROTO"
+        self.weights_suffix = ".caffemodel" if explicit else ".npz"
         os.makedirs(self.out, exist_ok=True)
         self.progress_on = sys.stderr.isatty() if progress is None else progress
         self.log = Logger(self.prefix + ".log", echo=not self.progress_on)
@@ -105,10 +109,10 @@ class Trainer:
     # -- snapshots --------------------------------------------------------------------------
     def snapshot(self) -> str:
         base = f"{self.prefix}_iter_{self.iter}"
-        self.net.save(base + ".npz")
+        self.net.save(base + self.weights_suffix)
         state = {f"solver/{k}": v for k, v in self.solver.state_dict().items()}
         state["iter"] = np.array(self.iter)
-        state["weights"] = np.array(os.path.basename(base + ".npz"))
+        state["weights"] = np.array(os.path.basename(base + self.weights_suffix))
         state["seed"] = np.array(self.seed)
         state["losses"] = np.array(list(self.losses), dtype=np.float64)
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
@@ -117,7 +121,7 @@ class Trainer:
                 for k, v in cursor.items():
                     state[f"{name}/data/{layer}/{k}"] = np.array(v)
         save_npz(base + ".solverstate.npz", state)
-        self.log(f"Snapshotting to binary proto file {base}.npz")
+        self.log(f"Snapshotting to binary proto file {base}{self.weights_suffix}")
         self.log(f"Snapshotting solver state to binary proto file {base}.solverstate.npz")
         self.last_snapshot = base
         return base
@@ -254,7 +258,7 @@ class Trainer:
             if bad:
                 snap = self.snapshot()
                 raise NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced "
-                                  "NaN or Inf", notes=[f"the last good weights are in {snap}.npz (resume with "
+                                  "NaN or Inf", notes=[f"the last good weights are in {snap}{self.weights_suffix} (resume with "
                                                        f"--snapshot {snap}.solverstate.npz)"],
                                   help="lower base_lr, add clip_gradients, or check the input scaling")
             self.losses.append(loss)

@@ -80,6 +80,6 @@ def test_missing_input_is_a_clear_error(tiny):
 def test_load_rejects_mismatched_weights(tiny, tmp_path):
     path = str(tmp_path / "w.npz")
     np.savez(path, **{"fc/0": np.zeros((7, 180), np.float32)})
-    with pytest.raises(NetdslError, match="weights are 7x180 but the net needs 3x180") as e:
+    with pytest.raises(NetdslError, match="blob 0 of layer .fc. from .*: it is 7x180 there but the net needs 3x180") as e:
         netdsl.load(tiny, weights=path)
     assert "rename the layer" in e.value.diagnostic.help

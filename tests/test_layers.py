@@ -115,7 +115,9 @@ class Case:
       "d" distinct values at least 0.05 apart and 0.025 away from 0 (shared pool across every "d"
           bottom of the case, so Eltwise MAX has no ties either), "lab<C>" integer labels in [0,C),
       "lab<C>i" the same with some -1 (ignored) labels, "u" uniform (0,1) targets, "ui" the same with
-      some -1 (ignored), "w" positive weights, "ref" a reference blob (shape only, no gradient).
+      some -1 (ignored), "w" positive weights, "ref" a reference blob (shape only, no gradient),
+      "roi<N>x<H>x<W>" R x 5 integer rois of an N-image batch of H x W pixels, "cont" recurrent
+      T x N continuation flags (0/1, 0 at t = 0).
     grad: the bottoms to gradient-check (default: those drawn "n" or "d").
     grad_tops: the tops that carry a gradient (default all; not Pooling's mask or the loss's prob).
     params: per-param generator ("n" default, "pos", "bnmean"/"bnvar"/"bnfactor" for BatchNorm).
@@ -301,13 +303,120 @@ CASES += [
     C("Accuracy", "", ((6, 4), (6,)), tops=2, inputs=("n", "lab4"), id="per-class"),
     C("Accuracy", "accuracy_param { axis: 2 }", ((2, 3, 4), (2, 3)), inputs=("n", "lab4"), id="axis2"),
     # neuron layers (layers/neuron.py)
+    C("PReLU", "", ((2, 3, 4),), inputs=("d",), id="per-channel"),
+    C("PReLU", "", ((2, 3, 2, 2),), inputs=("d",), id="per-channel-4d"),
+    C("PReLU", "prelu_param { channel_shared: true }", ((2, 3, 2, 2),), inputs=("d",), id="channel-shared"),
+    C("PReLU", "", ((5, 4),), inputs=("d",), id="2d"),
+    C("ELU", "", ((2, 3, 4),), inputs=("d",), id="alpha1"),
+    C("ELU", "elu_param { alpha: 0.5 }", ((2, 3, 4),), inputs=("d",), id="alpha0.5"),
+    C("AbsVal", "", ((2, 3, 4),), inputs=("d",)),
+    C("Power", "", ((2, 3, 4),), id="identity"),
+    C("Power", "power_param { power: 1 scale: 3 shift: -1 }", ((2, 3, 4),), id="linear"),
+    C("Power", "power_param { power: 2 scale: 0.5 shift: 1 }", ((2, 3, 4),), id="square"),
+    C("Power", "power_param { power: 3 scale: 2 }", ((2, 3, 4),), id="cube-shift0"),
+    C("Power", "power_param { power: 0.5 }", ((2, 3, 4),), inputs=("w",), grad=(0,), id="sqrt-shift0"),
+    C("Power", "power_param { power: 2.5 scale: 0.5 shift: 3 }", ((2, 3, 4),), id="general"),
+    C("Power", "power_param { power: -1.5 scale: -1 shift: 2 }", ((2, 3, 4),), inputs=("w",), grad=(0,),
+      id="negative-power"),
+    C("Power", "power_param { power: 0 scale: 2 shift: 1 }", ((2, 3, 4),), id="power0-constant"),
+    C("Power", "power_param { power: 3 scale: 0 shift: 2 }", ((2, 3, 4),), id="scale0-constant"),
+    C("Exp", "", ((2, 3, 4),), id="e"),
+    C("Exp", "exp_param { base: 2 scale: 0.5 shift: 1 }", ((2, 3, 4),), id="base2"),
+    C("Exp", "exp_param { scale: -1 shift: 0.5 }", ((2, 3, 4),), id="e-shift"),
+    C("Log", "", ((2, 3, 4),), inputs=("w",), grad=(0,), id="e"),
+    C("Log", "log_param { base: 10 scale: 2 shift: 1 }", ((2, 3, 4),), inputs=("w",), grad=(0,), id="base10"),
+    C("Log", "log_param { scale: 0.5 shift: 4 }", ((2, 3, 4),), id="e-shift"),
+    C("BNLL", "", ((2, 3, 4),)),
+    C("Threshold", "", ((2, 3, 4),), inputs=("d",), id="default"),
+    C("Threshold", "threshold_param { threshold: 0.1 }", ((2, 3, 4),), inputs=("d",), id="0.1"),
+    C("Clip", "clip_param { min: -0.3 max: 0.4 }", ((2, 3, 4),), inputs=("d",)),
     # common layers (layers/common.py)
+    C("Bias", "", ((2, 3, 2, 2),), id="1bottom"),
+    C("Bias", "bias_param { axis: 1 num_axes: 2 }", ((2, 3, 2, 2),), id="num_axes2"),
+    C("Bias", "bias_param { num_axes: 0 }", ((2, 3, 2),), id="num_axes0-scalar"),
+    C("Bias", "bias_param { axis: 2 num_axes: -1 }", ((2, 3, 2, 2),), id="num_axes-1"),
+    C("Bias", "", ((2, 3, 2, 2), (3,)), id="2bottoms"),
+    C("Bias", "bias_param { axis: 0 }", ((2, 3, 4), (2, 3)), id="2bottoms-axis0"),
+    C("Bias", "bias_param { axis: 2 }", ((2, 3, 4), ()), id="2bottoms-scalar"),
+    C("Embed", "embed_param { num_output: 3 input_dim: 4 }", ((2, 5),), inputs=("lab4",), id="bias"),
+    C("Embed", "embed_param { num_output: 2 input_dim: 3 bias_term: false }", ((7,),), inputs=("lab3",), id="nobias"),
+    C("Tile", "tile_param { tiles: 3 }", ((2, 3, 2),), id="axis1"),
+    C("Tile", "tile_param { axis: 0 tiles: 2 }", ((2, 3),), id="axis0"),
+    C("Tile", "tile_param { axis: -1 tiles: 2 }", ((2, 2, 3),), id="axis-1"),
+    *[C("Reduction", f"reduction_param {{ operation: {op} axis: {ax} coeff: {c} }}", ((2, 3, 4),), inputs=("d",),
+        id=f"{op}-axis{ax}") for op, ax, c in (("SUM", 0, 1), ("ASUM", 1, 2), ("SUMSQ", 2, -0.5), ("MEAN", -1, 3))],
+    C("Reduction", "", ((3, 2),), id="default"),
+    C("ArgMax", "", ((3, 5),), id="default"),
+    C("ArgMax", "argmax_param { top_k: 3 out_max_val: true }", ((2, 3, 2, 2),), id="flat-k3-val"),
+    C("ArgMax", "argmax_param { axis: 1 top_k: 2 }", ((2, 4, 3),), id="axis1-k2"),
+    C("ArgMax", "argmax_param { axis: -1 out_max_val: true }", ((2, 3, 4),), id="axis-1-val"),
+    C("MVN", "", ((2, 3, 3, 4),), id="default"),
+    C("MVN", "mvn_param { across_channels: true }", ((2, 3, 2, 3),), id="across"),
+    C("MVN", "mvn_param { normalize_variance: false }", ((2, 3, 2, 2),), id="mean-only"),
+    C("MVN", "mvn_param { across_channels: true normalize_variance: false }", ((3, 4),), id="2d-mean-only"),
+    C("MVN", "mvn_param { across_channels: true }", ((3, 5),), id="2d-across"),
+    C("SPP", "spp_param { pyramid_height: 1 }", ((2, 2, 3, 4),), inputs=("d",), id="h1-max"),
+    C("SPP", "spp_param { pyramid_height: 2 }", ((2, 2, 5, 7),), inputs=("d",), id="h2-max-padded"),
+    C("SPP", "spp_param { pyramid_height: 3 pool: AVE }", ((2, 2, 6, 7),), id="h3-ave"),
+    C("SPP", "spp_param { pyramid_height: 3 pool: MAX }", ((1, 2, 8, 6),), inputs=("d",), id="h3-max"),
+    C("Filter", "", ((4, 3), (4,)), inputs=("n", "lab2"), id="1blob"),
+    C("Filter", "", ((6, 2, 2), (6, 3), (6, 1, 1)), tops=2, inputs=("n", "n", "lab2"), id="2blobs"),
+    C("BatchReindex", "", ((3, 2, 2), (5,)), inputs=("n", "lab3"), id="repeats"),
+    C("BatchReindex", "", ((4, 3), (2,)), inputs=("n", "lab4"), id="fewer"),
+    C("Parameter", "parameter_param { shape { dim: 2 dim: 3 } }", (), id="2x3"),
+    C("Parameter", "parameter_param { shape { } }", (), id="scalar"),
+    # Im2col reads convolution_param, whose num_output the shared schema requires; Im2col ignores it
+    C("Im2col", "convolution_param { num_output: 1 kernel_size: 3 }", ((2, 3, 5, 5),), id="k3"),
+    C("Im2col", "convolution_param { num_output: 1 kernel_size: 3 stride: 2 pad: 1 }", ((2, 2, 5, 6),),
+      id="stride2-pad1"),
+    C("Im2col", "convolution_param { num_output: 1 kernel_size: 2 dilation: 2 pad: 1 }", ((1, 2, 4, 5),),
+      id="dilation2"),
+    C("Im2col", "convolution_param { num_output: 1 kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 pad_w: 1 }",
+      ((2, 2, 4, 5),), id="kh3-kw2"),
     # more losses (layers/loss.py) and ROIPooling (layers/rpn.py)
+    C("InfogainLoss", "", ((4, 3), (4,), (3, 3)), inputs=("n", "lab3", "w"), id="default"),
+    C("InfogainLoss", "loss_param { ignore_label: -1 }", ((2, 3, 2, 2), (2, 1, 2, 2), (3, 3)),
+      inputs=("n", "lab3i", "w"), id="ignore-spatial"),
+    *[C("InfogainLoss", f"loss_param {{ ignore_label: -1 normalization: {m} }}", ((2, 3, 2), (2, 2), (9,)),
+        inputs=("n", "lab3i", "w"), id=f"norm-{m}") for m in ("FULL", "BATCH_SIZE", "NONE")],
+    C("InfogainLoss", "infogain_loss_param { axis: 2 }", ((2, 3, 4), (2, 3), (4, 4)), inputs=("n", "lab4", "w"),
+      id="axis2"),
+    C("InfogainLoss", "", ((3, 4), (3,), (4, 4)), tops=2, inputs=("n", "lab4", "w"), grad_tops=(0,), id="prob-top"),
+    C("HingeLoss", "", ((4, 5), (4,)), inputs=("n", "lab5"), id="L1"),
+    C("HingeLoss", "hinge_loss_param { norm: L2 }", ((4, 5), (4,)), inputs=("n", "lab5"), id="L2"),
+    C("HingeLoss", "hinge_loss_param { norm: L2 }", ((3, 4, 1, 1), (3, 1, 1, 1)), inputs=("n", "lab4"), id="L2-nchw"),
+    C("MultinomialLogisticLoss", "", ((4, 5), (4,)), inputs=("u", "lab5"), grad=(0,), id="default"),
+    C("MultinomialLogisticLoss", "", ((3, 4, 1, 1), (3, 1, 1, 1)), inputs=("u", "lab4"), grad=(0,), id="nchw"),
+    # without legacy_version Caffe's gradient divides by d + 1e-4: pairs inside the margin are checked by hand
+    C("ContrastiveLoss", "", ((4, 8, 1, 1), (4, 8, 1, 1), (4, 1, 1, 1)), inputs=("n", "n", "lab2"), id="default"),
+    C("ContrastiveLoss", "contrastive_loss_param { margin: 20 legacy_version: true }", ((5, 3), (5, 3), (5,)),
+      inputs=("n", "n", "lab2"), id="legacy-in-margin"),
+    C("ROIPooling", "roi_pooling_param { pooled_h: 3 pooled_w: 2 spatial_scale: 0.5 }", ((2, 3, 6, 7), (6, 5)),
+      inputs=("d", "roi2x12x14"), id="scale0.5"),
+    C("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 2 }", ((1, 2, 5, 6), (4, 5)),
+      inputs=("d", "roi1x5x6"), id="scale1"),
+    C("ROIPooling", "roi_pooling_param { pooled_h: 3 pooled_w: 3 spatial_scale: 0.0625 }", ((1, 2, 4, 5), (5, 5)),
+      inputs=("d", "roi1x64x80"), id="zf-1/16"),
     # recurrent layers (layers/recurrent.py)
+    C("RNN", "recurrent_param { num_output: 3 }", ((4, 2, 3), (4, 2)), inputs=("n", "cont"), id="basic"),
+    C("RNN", "recurrent_param { num_output: 2 }", ((3, 2, 2, 2), (3, 2)), inputs=("n", "cont"), id="4d-input"),
+    C("RNN", "recurrent_param { num_output: 3 }", ((4, 2, 3), (4, 2), (2, 5)), inputs=("n", "cont", "n"), id="static"),
+    C("RNN", "recurrent_param { num_output: 3 expose_hidden: true }", ((4, 2, 3), (4, 2), (1, 2, 3)), tops=2,
+      inputs=("n", "cont", "n"), grad=(0,), grad_tops=(0,), id="expose"),
+    C("RNN", "recurrent_param { num_output: 2 expose_hidden: true }", ((3, 3, 2), (3, 3), (3, 2, 2), (1, 3, 2)),
+      tops=2, inputs=("n", "cont", "n", "n"), grad=(0, 2), grad_tops=(0,), id="static-expose"),
+    C("LSTM", "recurrent_param { num_output: 3 }", ((4, 2, 3), (4, 2)), inputs=("n", "cont"), id="basic"),
+    C("LSTM", "recurrent_param { num_output: 2 }", ((3, 2, 2, 2), (3, 2)), inputs=("n", "cont"), id="4d-input"),
+    C("LSTM", "recurrent_param { num_output: 3 }", ((4, 2, 3), (4, 2), (2, 5)), inputs=("n", "cont", "n"), id="static"),
+    C("LSTM", "recurrent_param { num_output: 3 expose_hidden: true }", ((4, 2, 3), (4, 2), (1, 2, 3), (1, 2, 3)),
+      tops=3, inputs=("n", "cont", "n", "n"), grad=(0,), grad_tops=(0,), id="expose"),
+    C("LSTM", "recurrent_param { num_output: 2 expose_hidden: true }",
+      ((3, 3, 2), (3, 3), (3, 2, 2), (1, 3, 2), (1, 3, 2)), tops=3, inputs=("n", "cont", "n", "n", "n"), grad=(0, 2),
+      grad_tops=(0,), id="static-expose"),
 ]
 
 DATA_TYPES = {"Input", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
-CHECK_ONLY = {"Data", "Python", "ROIPooling"}      # runnable = False or no reader: shape rule only
+CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python"}   # runnable = False: shape rule only
 
 
 def ids(cases):
@@ -345,6 +454,16 @@ def gen(kind: str, shape, rng, pool=None) -> np.ndarray:
         return rng.uniform(0.5, 1.5, shape)
     if kind == "ref":
         return np.zeros(shape)
+    if kind == "cont":      # recurrent layers' T x N continuation flags: 0 starts a sequence (always at t = 0)
+        c = (rng.uniform(size=shape) > 0.3).astype(F64)
+        c[0] = 0.0
+        return c
+    if kind.startswith("roi"):  # "roi<N>x<H>x<W>": R x 5 rois (batch < N, x1, y1, x2, y2), whole image pixels
+        nb, hh, ww = (int(v) for v in kind[3:].split("x"))   # some reach past the image; none is malformed
+        r = shape[0]
+        x1, y1 = rng.integers(-2, ww, r), rng.integers(-2, hh, r)
+        x2, y2 = x1 + rng.integers(0, ww // 2 + 3, r), y1 + rng.integers(0, hh // 2 + 3, r)
+        return np.stack([rng.integers(0, nb, r), x1, y1, x2, y2], axis=1).astype(F64)
     raise ValueError(kind)
 
 
@@ -412,7 +531,9 @@ def test_shape_rule_matches_forward(case: Case):
     layer, rng, bottoms, params = setup_case(case)
     assert [tuple(s) for s in layer.param_shapes] == [p.shape for p in params]
     tops, _ = forward(layer, bottoms, params)
-    assert [tuple(t.shape) for t in tops] == [tuple(s) for s in layer.top_shapes]
+    rule = [tuple(s) for s in layer.top_shapes]       # None: a data-dependent dim (Filter's count)
+    assert len(tops) == len(rule) and all(_compatible(r, t.shape) for r, t in zip(rule, tops)), \
+        ([tuple(t.shape) for t in tops], rule)
     for t in tops:
         assert t.dtype == F64, f"{case.id}: a float64 forward returned {t.dtype}"
         assert np.all(np.isfinite(t))
@@ -905,7 +1026,7 @@ def test_proposal_shapes(ntops, phase):
 
 
 def test_roipooling_shape_rule_is_caffe_fast_rcnn():
-    """Checked only (runnable = False): rois R x 5 and a C x H x W map give R x C x pooled_h x pooled_w."""
+    """rois R x 5 and a C x H x W map give R x C x pooled_h x pooled_w (the forward is table-tested)."""
     text = ('layer { name: "in" type: "Input" top: "x" top: "rois" input_param { shape { dim: 1 dim: 8 dim: 6 dim: 6 }'
             ' shape { dim: 7 dim: 5 } } }\n'
             'layer { name: "L" type: "ROIPooling" bottom: "x" bottom: "rois" top: "pool" '
@@ -1311,6 +1432,1173 @@ def test_graph_mode_kernels_of_every_layer_compile(tmp_path):
     r = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_90", "--ptx", str(src), "-o", str(tmp_path / "layers.ptx")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# =============================================================================================
+# ---- neuron layers (layers/neuron.py): Caffe's formulas by hand, then PyTorch oracles
+
+def _neuron(type_, params, x, layer_params=(), dy=None):
+    """Forward, then backward of dy (default ones), of a one-bottom layer: (layer, y, dx, dparams)."""
+    x = np.asarray(x, F64)
+    ps = [np.asarray(p, F64) for p in layer_params]
+    layer, (y,), saved = run(type_, params, x, layer_params=ps)
+    if layer.no_backward:
+        return layer, y, None, None
+    (dx,), dps = layer.backward(np, saved, [np.ones_like(y) if dy is None else dy], ps, [True])
+    return layer, y, dx, dps
+
+
+def _check_error(type_, params, shape=(2, 3)):
+    from netdsl.errors import NetdslError
+    with pytest.raises(NetdslError) as e:
+        build_layer(type_, params, [shape])
+    return [d.code for d in e.value.diagnostics]
+
+
+def test_prelu_default_slope_is_a_quarter_per_channel():
+    text = ('name: "t"\nlayer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 2 } } }\n'
+            'layer { name: "p" type: "PReLU" bottom: "x" top: "x" }\n'
+            'layer { name: "q" type: "PReLU" bottom: "x" top: "y" prelu_param { channel_shared: true } }\n'
+            'layer { name: "r" type: "PReLU" bottom: "y" top: "z" prelu_param { filler { value: 0.1 } } }\n')
+    net = make_net(text, phase="TEST")
+    (p,), (q,), (r,) = net.params["p"], net.params["q"], net.params["r"]
+    np.testing.assert_array_equal(p.data, [0.25] * 3)          # Caffe's default, not the filler's 0
+    np.testing.assert_array_equal(q.data, [0.25])              # channel_shared: one slope
+    np.testing.assert_array_equal(r.data, [0.1] * 3)           # a given filler replaces the default
+    x = np.array([[[-2.0, 4.0]] * 3] * 2)
+    out = net.forward(x=x)["z"]
+    np.testing.assert_allclose(out, np.where(x > 0, x, x * 0.25 ** 2 * 0.1))
+
+
+def test_prelu_gradients_by_hand():
+    x = np.array([[-2.0, 3.0, 0.0], [-1.0, -4.0, 5.0]])          # N = 2, C = 3
+    a = np.array([0.5, 0.25, -1.0])
+    _, y, dx, (da,) = _neuron("PReLU", "", x, [a])
+    np.testing.assert_allclose(y, [[-1.0, 3.0, 0.0], [-0.5, -1.0, 5.0]])
+    # x <= 0 takes the slope (Caffe's side of the kink at 0); the slope's gradient sums x there
+    np.testing.assert_allclose(dx, [[0.5, 1.0, -1.0], [0.5, 0.25, 1.0]])
+    np.testing.assert_allclose(da, [-3.0, -4.0, 0.0])
+    _, y, dx, (da,) = _neuron("PReLU", "prelu_param { channel_shared: true }", x, [[0.5]])
+    np.testing.assert_allclose(da, [-7.0])
+    np.testing.assert_allclose(dx, np.where(x > 0, 1.0, 0.5))
+    assert _check_error("PReLU", "", shape=(4,)) == ["E0221"]   # Caffe: CHECK_GE(num_axes, 2)
+
+
+def test_elu_and_absval_by_hand():
+    x = np.array([-1.0, 0.0, 2.0])
+    _, y, dx, _ = _neuron("ELU", "elu_param { alpha: 0.5 }", x)
+    np.testing.assert_allclose(y, [0.5 * (math.exp(-1) - 1), 0.0, 2.0])
+    np.testing.assert_allclose(dx, [0.5 * math.exp(-1), 0.5, 1.0])     # at 0: alpha + y = alpha
+    _, y, dx, _ = _neuron("AbsVal", "", [-2.0, 0.0, 3.0])
+    np.testing.assert_array_equal(y, [2.0, 0.0, 3.0])
+    np.testing.assert_array_equal(dx, [-1.0, 0.0, 1.0])                 # caffe_cpu_sign(0) = 0
+    # AbsVal is the one Caffe refuses to run in place (CHECK_NE(top, bottom))
+    assert [t for t in ("PReLU", "ELU", "AbsVal", "Power", "Exp", "Log", "BNLL", "Threshold", "Clip")
+            if not layer_types()[t].in_place] == ["AbsVal"]
+
+
+def test_power_special_cases_follow_caffe():
+    x = np.array([-2.0, 0.0, 2.0])
+    dy = np.array([0.3, -0.7, 1.1])
+    # power * scale == 0: a constant (1 for power 0, even 0^0; shift^power otherwise) and a zero gradient
+    _, y, dx, _ = _neuron("Power", "power_param { power: 0 scale: 2 shift: 0 }", x, dy=dy)
+    np.testing.assert_array_equal(y, [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(dx, [0.0, 0.0, 0.0])
+    _, y, dx, _ = _neuron("Power", "power_param { power: 3 scale: 0 shift: 2 }", x, dy=dy)
+    np.testing.assert_array_equal(y, [8.0, 8.0, 8.0])
+    np.testing.assert_array_equal(dx, [0.0, 0.0, 0.0])
+    # power 1: linear, gradient scale
+    _, y, dx, _ = _neuron("Power", "power_param { scale: 3 shift: -1 }", x, dy=dy)
+    np.testing.assert_allclose(y, [-7.0, -1.0, 5.0])
+    np.testing.assert_allclose(dx, 3 * dy)
+    # power 2: 2 scale (shift + scale x) with no division, so it is 0 (not 0/0) where the base is 0
+    _, y, dx, _ = _neuron("Power", "power_param { power: 2 scale: 0.5 shift: 1 }", x)
+    np.testing.assert_allclose(y, [0.0, 1.0, 4.0])
+    np.testing.assert_allclose(dx, [0.0, 1.0, 2.0])
+    # shift 0: power y / x, NaN at x = 0 exactly as Caffe's caffe_div
+    _, y, dx, _ = _neuron("Power", "power_param { power: 3 scale: 2 }", [0.0, 1.0])
+    np.testing.assert_allclose(y, [0.0, 8.0])
+    assert np.isnan(dx[0]) and dx[1] == pytest.approx(24.0)
+    # the general case: diff_scale y / (shift + scale x)
+    _, y, dx, _ = _neuron("Power", "power_param { power: 2.5 scale: 0.5 shift: 3 }", [2.0])
+    np.testing.assert_allclose(y, [32.0])
+    np.testing.assert_allclose(dx, [2.5 * 0.5 * 8.0])
+    # a negative base to a fractional power is NaN, as C's pow
+    _, y, _, _ = _neuron("Power", "power_param { power: 0.5 shift: -4 }", [1.0])
+    assert np.isnan(y[0])
+
+
+def test_bnll_is_stable_at_large_magnitudes():
+    x = np.array([-1000.0, -60.0, 0.0, 60.0, 1000.0])
+    _, y, dx, _ = _neuron("BNLL", "", x)
+    np.testing.assert_allclose(y, [0.0, math.exp(-60), math.log(2), 60.0, 1000.0], rtol=1e-15, atol=0)
+    e50 = math.exp(50)
+    # Caffe's gradient clamps x at 50 before e^x / (e^x + 1)
+    np.testing.assert_allclose(dx, [0.0, math.exp(-60) / (1 + math.exp(-60)), 0.5, e50 / (e50 + 1), e50 / (e50 + 1)],
+                               rtol=1e-15, atol=0)
+    layer = build_layer("BNLL", "", [(3,)])
+    x32 = np.array([-1000.0, 100.0, 1000.0], np.float32)
+    (y32,), saved = layer.forward(np, [x32], [])
+    (dx32,), _ = layer.backward(np, saved, [np.ones(3, np.float32)], [], [True])
+    assert y32.dtype == dx32.dtype == np.float32
+    np.testing.assert_array_equal(y32, [0.0, 100.0, 1000.0])      # never log(1 + inf)
+    np.testing.assert_array_equal(dx32, [0.0, 1.0, 1.0])          # never inf / inf
+
+
+def test_exp_and_log_with_base_scale_shift():
+    x = np.array([0.0, 1.0, -1.0])
+    _, y, dx, _ = _neuron("Exp", "exp_param { base: 2 scale: 3 shift: 1 }", x)
+    np.testing.assert_allclose(y, [2.0, 16.0, 0.25])
+    np.testing.assert_allclose(dx, y * 3 * math.log(2))
+    # base -1 is e; with a shift the factor is e^shift (BVLC master; older Caffe computed (-1)^shift)
+    _, y, dx, _ = _neuron("Exp", "exp_param { shift: 1 }", x)
+    np.testing.assert_allclose(y, np.exp(1 + x))
+    np.testing.assert_allclose(dx, y)
+    _, y, dx, _ = _neuron("Exp", "exp_param { base: 1 scale: 5 }", x)
+    np.testing.assert_array_equal(y, [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(dx, [0.0, 0.0, 0.0])
+    _, y, dx, _ = _neuron("Log", "log_param { base: 10 scale: 2 shift: 1 }", [0.0, 4.5, 49.5])
+    np.testing.assert_allclose(y, [0.0, 1.0, 2.0], atol=1e-15)
+    np.testing.assert_allclose(dx, 2 / (math.log(10) * np.array([1.0, 10.0, 100.0])))
+    _, y, dx, _ = _neuron("Log", "", [1.0, math.e])
+    np.testing.assert_allclose(y, [0.0, 1.0])
+    np.testing.assert_allclose(dx, [1.0, 1 / math.e])
+    # Caffe's LayerSetUp CHECKs: base -1 or > 0; Log also needs 1 / log(base) finite
+    assert _check_error("Exp", "exp_param { base: 0 }") == ["E0107"]
+    assert _check_error("Exp", "exp_param { base: -2 }") == ["E0107"]
+    assert _check_error("Log", "log_param { base: 1 }") == ["E0107"]
+    assert _check_error("Log", "log_param { base: -0.5 }") == ["E0107"]
+    build_layer("Log", "log_param { base: 0.5 }", [(2, 3)])
+
+
+def test_threshold_is_strict_and_has_no_backward():
+    _, y, dx, _ = _neuron("Threshold", "threshold_param { threshold: 0.5 }", [-1.0, 0.5, 0.6, 2.0])
+    np.testing.assert_array_equal(y, [0.0, 0.0, 1.0, 1.0])
+    _, y, _, _ = _neuron("Threshold", "", [-0.1, 0.0, 0.1])
+    np.testing.assert_array_equal(y, [0.0, 0.0, 1.0])
+    assert layer_types()["Threshold"].no_backward
+    # the plan prunes backward through it: the InnerProduct before it gets no gradient
+    text = ('name: "t"\nlayer { name: "in" type: "Input" top: "x" top: "t" input_param { shape { dim: 3 dim: 4 } '
+            'shape { dim: 3 dim: 2 } } }\n' + _ip("a", "x", "a", 2)
+            + 'layer { name: "th" type: "Threshold" bottom: "a" top: "h" }\n'
+            + 'layer { name: "l" type: "EuclideanLoss" bottom: "h" bottom: "t" top: "l" }\n')
+    net = make_net(text)
+    net.zero_grad()
+    net.forward(**_feed())
+    net.backward()
+    assert not any(np.any(p.grad) for p in net.params["a"])
+
+
+def test_clip_bounds_and_gradient_at_the_bounds():
+    x = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    _, y, dx, _ = _neuron("Clip", "clip_param { min: -1 max: 1 }", x)
+    np.testing.assert_array_equal(y, [-1.0, -1.0, 0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(dx, [0.0, 1.0, 1.0, 1.0, 0.0])   # min <= x <= max: both bounds pass it
+    _, y, _, _ = _neuron("Clip", "clip_param { min: 1 max: -1 }", x)
+    np.testing.assert_array_equal(y, [1.0] * 5)                    # max(min, min(x, max)), not np.clip
+    assert _check_error("Clip", "clip_param { min: 0 }") == ["E0106"]
+    assert _check_error("Clip", "") == ["E0106"]                   # Caffe would clip to [0, 0]
+
+
+NEURON_TORCH = [   # (id, type, params, the same function in torch of (torch, x, *params))
+    ("prelu", "PReLU", "", lambda t, x, a: t.nn.functional.prelu(x, a)),
+    ("prelu-shared", "PReLU", "prelu_param { channel_shared: true }", lambda t, x, a: t.nn.functional.prelu(x, a)),
+    ("elu", "ELU", "elu_param { alpha: 0.7 }", lambda t, x: t.nn.functional.elu(x, 0.7)),
+    ("absval", "AbsVal", "", lambda t, x: t.abs(x)),
+    ("power", "Power", "power_param { power: 2.5 scale: 0.5 shift: 3 }", lambda t, x: (3 + 0.5 * x) ** 2.5),
+    ("power-square", "Power", "power_param { power: 2 scale: -1.5 shift: 0.5 }", lambda t, x: (0.5 - 1.5 * x) ** 2),
+    ("exp", "Exp", "exp_param { base: 2 scale: 0.5 shift: 1 }", lambda t, x: 2 ** (1 + 0.5 * x)),
+    ("log", "Log", "log_param { base: 10 scale: 0.5 shift: 4 }", lambda t, x: t.log10(4 + 0.5 * x)),
+    ("bnll", "BNLL", "", lambda t, x: t.nn.functional.softplus(x)),
+    ("clip", "Clip", "clip_param { min: -0.5 max: 0.5 }", lambda t, x: t.clamp(x, -0.5, 0.5)),
+]
+
+
+@pytest.mark.parametrize("type_, params, fn", [c[1:] for c in NEURON_TORCH], ids=[c[0] for c in NEURON_TORCH])
+def test_neuron_layers_match_torch(type_, params, fn):
+    torch = _torch()
+    rng = np.random.default_rng(zlib.crc32(params.encode()))
+    x = rng.standard_normal((2, 3, 2, 2)) * 1.5
+    x.flat[:3] = (0.5, -0.5, 0.0)       # Clip's bounds and the kinks at 0: torch takes the same side as Caffe
+    layer = build_layer(type_, params, [x.shape])
+    ps = [rng.standard_normal(s) * 0.7 for s in layer.param_shapes]
+    tops, saved = forward(layer, [x], ps)
+    dy = rng.standard_normal(x.shape)
+    (dx,), dps = layer.backward(np, saved, [dy], ps, [True])
+    xt = torch.tensor(x, requires_grad=True)
+    pt = [torch.tensor(p, requires_grad=True) for p in ps]
+    yt = fn(torch, xt, *pt)
+    yt.backward(torch.tensor(dy))
+    assert_close(tops[0], yt.detach().numpy(), 1e-12, "top")
+    assert_close(dx, xt.grad.numpy(), 1e-12, "bottom")
+    for g, p in zip(dps, pt):
+        assert_close(g, p.grad.numpy(), 1e-12, "slope")
+
+
+# =============================================================================================
+# ---- recurrent layers: values by hand, Caffe's blob layout and fillers, cont resets, the state
+# carried between forwards, no gradient to cont / h_0 / c_0, PyTorch oracles
+
+def _sigm(v):
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+def _rec_layer(type_, H, shapes, expose=False):
+    extra = " expose_hidden: true" if expose else ""
+    ntops = 1 + (({"RNN": 1, "LSTM": 2}[type_]) if expose else 0)
+    return build_layer(type_, f"recurrent_param {{ num_output: {H}{extra} }}", shapes, ntops)
+
+
+def test_rnn_by_hand():
+    """H = K = 1: h_t = tanh(w_hh cont_t h_{t-1} + w_xh x_t + b_h), o_t = tanh(w_ho h_t + b_o)."""
+    x, cont = np.array([0.5, -1.0, 2.0]).reshape(3, 1, 1), np.array([[0.0], [1.0], [0.0]])
+    w_xh, b_h, w_hh, w_ho, b_o = 0.8, 0.1, -0.5, 1.5, -0.2
+    params = [np.array([[w_xh]]), np.array([b_h]), np.array([[w_hh]]), np.array([[w_ho]]), np.array([b_o])]
+    (o,), _ = forward(_rec_layer("RNN", 1, [x.shape, cont.shape]), [x, cont], params)
+    h1 = math.tanh(w_xh * 0.5 + b_h)
+    h2 = math.tanh(w_hh * h1 + w_xh * -1.0 + b_h)
+    h3 = math.tanh(w_xh * 2.0 + b_h)                      # cont_3 = 0: h_2 is forgotten
+    np.testing.assert_allclose(o.ravel(), [math.tanh(w_ho * h + b_o) for h in (h1, h2, h3)], rtol=1e-14)
+
+
+def test_lstm_by_hand():
+    """Zero weights and biases (0, 0, 0, atanh 0.5): i = f = o = 1/2, g = 1/2, so c_t = cont_t c_{t-1}/2 + 1/4:
+    c = 1/4, 3/8, 7/16, then 1/4 again where cont restarts the sequence; h_t = tanh(c_t) / 2."""
+    x, cont = np.zeros((4, 1, 2)), np.array([[0.0], [1.0], [1.0], [0.0]])
+    params = [np.zeros((4, 2)), np.array([0.0, 0.0, 0.0, math.atanh(0.5)]), np.zeros((4, 1))]
+    layer = _rec_layer("LSTM", 1, [x.shape, cont.shape, (1, 1, 1), (1, 1, 1)], expose=True)
+    (h, h_T, c_T), _ = forward(layer, [x, cont, np.full((1, 1, 1), 5.0), np.full((1, 1, 1), 9.0)], params)
+    cs = [0.25, 0.375, 0.4375, 0.25]                      # h_0 = 5, c_0 = 9 are zeroed by cont_1 = 0
+    np.testing.assert_allclose(h.ravel(), [0.5 * math.tanh(c) for c in cs], rtol=1e-14)
+    np.testing.assert_allclose([h_T.item(), c_T.item()], [0.5 * math.tanh(0.25), 0.25], rtol=1e-14)
+
+
+def test_lstm_gate_order_is_i_f_o_g():
+    """One step, H = K = 1, cont 1 with h_0 and c_0 exposed, and every weight distinct: Caffe's gate
+    rows are (i, f, o, g), and W_hc reads cont_t h_{t-1}."""
+    x, cont, h0, c0 = np.full((1, 1, 1), 0.7), np.ones((1, 1)), np.full((1, 1, 1), -0.4), np.full((1, 1, 1), 0.9)
+    W_xc, b_c, W_hc = np.array([0.3, -0.6, 1.1, 0.5]), np.array([0.05, 0.2, -0.1, 0.3]), np.array([0.7, 0.4, -0.8, 1.2])
+    layer = _rec_layer("LSTM", 1, [x.shape, cont.shape, h0.shape, c0.shape], expose=True)
+    (h, h_T, c_T), _ = forward(layer, [x, cont, h0, c0], [W_xc.reshape(4, 1), b_c, W_hc.reshape(4, 1)])
+    a = W_xc * 0.7 + b_c + W_hc * -0.4
+    i, f, o, g = _sigm(a[0]), _sigm(a[1]), _sigm(a[2]), math.tanh(a[3])
+    c = f * 0.9 + i * g
+    assert c_T.item() == pytest.approx(c, rel=1e-14)
+    assert h.item() == h_T.item() == pytest.approx(o * math.tanh(c), rel=1e-14)
+
+
+def _rec_net_text(type_, H, T, N, K, static=0, fillers=""):
+    inputs = f'shape {{ dim: {T} dim: {N} dim: {K} }} shape {{ dim: {T} dim: {N} }}'
+    tops = 'top: "x" top: "cont"'
+    if static:
+        inputs += f' shape {{ dim: {N} dim: {static} }}'
+        tops += ' top: "xs"'
+    bottoms = 'bottom: "x" bottom: "cont"' + (' bottom: "xs"' if static else "")
+    return (f'name: "t"\nlayer {{ name: "in" type: "Input" {tops} input_param {{ {inputs} }} }}\n'
+            f'layer {{ name: "r" type: "{type_}" {bottoms} top: "h" recurrent_param {{ num_output: {H} {fillers} }} }}\n')
+
+
+def test_rnn_lstm_blob_order_shapes_and_fillers():
+    """Caffe's blob order: LSTM W_xc, b_c, W_xc_static, W_hc; RNN W_xh, b_h, W_xh_static, W_hh, W_ho, b_o.
+    Weights take weight_filler and biases bias_filler; unset, both are Caffe's constant 0."""
+    fill = 'weight_filler { type: "gaussian" std: 0.1 } bias_filler { type: "constant" value: 0.5 }'
+    lstm = make_net(_rec_net_text("LSTM", 4, 3, 2, 5, static=6, fillers=fill), "TEST")
+    ps = lstm.params["r"]
+    assert [p.data.shape for p in ps] == [(16, 5), (16,), (16, 6), (16, 4)]
+    rnn = make_net(_rec_net_text("RNN", 4, 3, 2, 5, static=6, fillers=fill), "TEST")
+    qs = rnn.params["r"]
+    assert [p.data.shape for p in qs] == [(4, 5), (4,), (4, 6), (4, 4), (4, 4), (4,)]
+    for blobs, biases in ((ps, {1}), (qs, {1, 5})):
+        for j, p in enumerate(blobs):
+            if j in biases:
+                assert np.all(p.data == 0.5)
+            else:
+                assert 0.05 < float(p.data.std()) < 0.15 and abs(float(p.data.mean())) < 0.05
+    plain = make_net(_rec_net_text("LSTM", 4, 3, 2, 5), "TEST")
+    assert all(not np.any(p.data) for p in plain.params["r"])
+
+
+@pytest.mark.parametrize("type_", ["RNN", "LSTM"])
+def test_cont_zero_mid_sequence_restarts_the_state(type_):
+    """Each stream's segments between zeros of cont, run on their own from a zero state, give the
+    same outputs and input gradients, and their parameter gradients sum to the whole's."""
+    T, N, K, H = 6, 2, 3, 3
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((T, N, K))
+    cont = np.array([[0, 0], [1, 1], [1, 0], [0, 1], [1, 1], [1, 0]], dtype=F64)
+    layer = _rec_layer(type_, H, [x.shape, cont.shape])
+    params = [rng.standard_normal(s) * 0.7 for s in layer.param_shapes]
+    dy = rng.standard_normal((T, N, H))
+    (y,), saved = forward(layer, [x, cont], params)
+    (dx, dc), dps = layer.backward(np, saved, [dy], params, [True, True])
+    assert dc is None
+    total = [np.zeros_like(p) for p in params]
+    for n in range(N):
+        starts = [t for t in range(T) if cont[t, n] == 0] + [T]
+        for a, b in zip(starts, starts[1:]):
+            seg = _rec_layer(type_, H, [(b - a, 1, K), (b - a, 1)])
+            xs, cs = x[a:b, n:n + 1], np.ones((b - a, 1))
+            (ys,), sv = forward(seg, [xs, cs], params)
+            assert_close(y[a:b, n:n + 1], ys, 1e-12, f"stream {n} steps {a}..{b}")
+            (dxs, _), dss = seg.backward(np, sv, [dy[a:b, n:n + 1]], params, [True, False])
+            assert_close(dx[a:b, n:n + 1], dxs, 1e-12, f"dx stream {n} steps {a}..{b}")
+            total = [u + v for u, v in zip(total, dss)]
+    for j, (u, v) in enumerate(zip(dps, total)):
+        assert_close(u, v, 1e-12, f"param {j}")
+
+
+@pytest.mark.parametrize("type_", ["RNN", "LSTM"])
+def test_state_carries_into_the_next_forward_unless_cont_restarts(type_):
+    """Without expose_hidden Caffe copies h_T (and c_T) into the next forward's h_0 (c_0): a long
+    sequence fed in two batches with cont_1 = 1 in the second equals it fed at once."""
+    T, N, K, H = 3, 2, 2, 3
+    fill = 'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 0.5 }'
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2 * T, N, K))
+    cont = np.ones((2 * T, N))
+    cont[0] = 0
+    whole = make_net(_rec_net_text(type_, H, 2 * T, N, K, fillers=fill), "TEST")
+    halves = make_net(_rec_net_text(type_, H, T, N, K, fillers=fill), "TEST")
+    y = whole.forward(x=x, cont=cont)["h"]
+    halves.forward(x=x[:T], cont=cont[:T])
+    assert_close(halves.forward(x=x[T:], cont=cont[T:])["h"], y[T:], 1e-12)
+    fresh = make_net(_rec_net_text(type_, H, T, N, K, fillers=fill), "TEST")
+    restart = cont[T:].copy()
+    restart[0] = 0
+    assert_close(halves.forward(x=x[T:], cont=restart)["h"], fresh.forward(x=x[T:], cont=restart)["h"], 1e-12)
+
+
+@pytest.mark.parametrize("type_", ["RNN", "LSTM"])
+def test_exposed_hidden_state_gets_no_gradient_and_h_T_gradients_are_ignored(type_):
+    """Caffe shares only the data of h_0 / c_0 and h_T / c_T with its unrolled net: no gradient to
+    the initial state (nor to cont), and the final state's top gradients have no effect."""
+    T, N, K, H = 3, 2, 2, 2
+    nh = {"RNN": 1, "LSTM": 2}[type_]
+    shapes = [(T, N, K), (T, N)] + [(1, N, H)] * nh
+    layer = _rec_layer(type_, H, shapes, expose=True)
+    rng = np.random.default_rng(7)
+    bottoms = [rng.standard_normal(shapes[0]), np.ones((T, N))] + [rng.standard_normal(s) for s in shapes[2:]]
+    params = [rng.standard_normal(s) * 0.7 for s in layer.param_shapes]
+    tops, saved = forward(layer, bottoms, params)
+    if type_ == "LSTM":                                   # RNN's top is o, not h
+        assert_close(tops[1][0], tops[0][-1], 0, "h_T")
+    dy = [rng.standard_normal(t.shape) for t in tops]
+    db, dp = layer.backward(np, saved, dy, params, [True] * len(bottoms))
+    assert db[1:] == [None] * (1 + nh)
+    db0, dp0 = layer.backward(np, saved, [dy[0]] + [np.zeros_like(d) for d in dy[1:]], params, [True] * len(bottoms))
+    assert_close(db[0], db0[0], 0, "dx")
+    for a, b in zip(dp, dp0):
+        assert_close(a, b, 0, "param grads")
+
+
+def test_rnn_lstm_shape_errors():
+    from netdsl.errors import NetdslError
+
+    def codes(type_, params, shapes, ntops=1):
+        with pytest.raises(NetdslError) as e:
+            build_layer(type_, f"recurrent_param {{ {params} }}", shapes, ntops, "TEST")
+        return [d.code for d in e.value.diagnostics]
+    assert codes("LSTM", "num_output: 2", [(3, 2, 4), (3, 3)]) == ["E0221"]                # cont is not T x N
+    assert codes("RNN", "num_output: 2", [(3,), (3, 1)]) == ["E0221"]                     # x is not T x N x ...
+    assert codes("LSTM", "num_output: 2", [(3, 2, 4), (3, 2), (3, 5)]) == ["E0221"]       # static input not N x ...
+    assert codes("LSTM", "num_output: 2 expose_hidden: true", [(3, 2, 4), (3, 2), (1, 2, 3), (1, 2, 2)], 3) == ["E0221"]
+    assert codes("LSTM", "num_output: 2 expose_hidden: true", [(3, 2, 4), (3, 2), (1, 2, 2)], 3) == ["E0202"]
+    assert codes("RNN", "num_output: 2 expose_hidden: true", [(3, 2, 4), (3, 2), (1, 2, 2)], 1) == ["E0202"]
+    assert codes("RNN", "num_output: 0", [(3, 2, 4), (3, 2)]) == ["E0107"]
+    assert codes("RNN", "", [(3, 2, 4), (3, 2)]) == ["E0106"]
+
+
+def _torch_gates(w, H):
+    """Caffe's gate blocks (i, f, o, g) <-> torch's (i, f, g, o): the same swap both ways."""
+    return np.concatenate([w[:2 * H], w[3 * H:], w[2 * H:3 * H]])
+
+
+@pytest.mark.parametrize("static, expose", [(False, False), (True, False), (False, True), (True, True)])
+def test_lstm_matches_torch(static, expose):
+    """torch.nn.LSTM with Caffe's weights (gate rows reordered, bias_hh = 0; the static input as
+    extra input columns tiled over T). cont = 1 after the first step; with expose_hidden also at
+    t = 1, so torch's (h_0, c_0) are Caffe's exposed h_0 / c_0."""
+    torch = _torch()
+    T, N, K, H, S = 5, 3, 4, 3, 2
+    rng = np.random.default_rng(8 + 2 * static + expose)
+    shapes = [(T, N, K), (T, N)] + ([(N, S)] if static else []) + ([(1, N, H)] * 2 if expose else [])
+    layer = _rec_layer("LSTM", H, shapes, expose)
+    x, cont = rng.standard_normal(shapes[0]), np.ones((T, N))
+    if not expose:
+        cont[0] = 0
+    bottoms = [x, cont] + [rng.standard_normal(s) for s in shapes[2:]]
+    params = [rng.standard_normal(s) * 0.5 for s in layer.param_shapes]
+    tops, saved = forward(layer, bottoms, params)
+    net = torch.nn.LSTM(K + (S if static else 0), H).double()
+    W_ih = np.concatenate([params[0], params[2]], axis=1) if static else params[0]
+    with torch.no_grad():
+        net.weight_ih_l0.copy_(torch.tensor(_torch_gates(W_ih, H)))
+        net.weight_hh_l0.copy_(torch.tensor(_torch_gates(params[-1], H)))
+        net.bias_ih_l0.copy_(torch.tensor(_torch_gates(params[1], H)))
+        net.bias_hh_l0.zero_()
+    xt = torch.tensor(x, requires_grad=True)
+    inp = xt
+    if static:
+        st = torch.tensor(bottoms[2], requires_grad=True)
+        inp = torch.cat([xt, st.expand(T, N, S)], dim=2)
+    state = tuple(torch.tensor(b) for b in bottoms[-2:]) if expose else None
+    yt, (hn, cn) = net(inp, state)
+    assert_close(tops[0], yt.detach().numpy(), 1e-12, "h")
+    if expose:
+        assert_close(tops[1], hn.detach().numpy(), 1e-12, "h_T")
+        assert_close(tops[2], cn.detach().numpy(), 1e-12, "c_T")
+    dy = rng.standard_normal(tops[0].shape)
+    yt.backward(torch.tensor(dy))
+    dtops = [dy] + [np.zeros(t.shape) for t in tops[1:]]
+    db, dp = layer.backward(np, saved, dtops, params, [True] * len(bottoms))
+    assert_close(db[0], xt.grad.numpy(), 1e-12, "dx")
+    gW = _torch_gates(net.weight_ih_l0.grad.numpy(), H)
+    assert_close(dp[0], gW[:, :K], 1e-12, "dW_xc")
+    assert_close(dp[1], _torch_gates(net.bias_ih_l0.grad.numpy(), H), 1e-12, "db_c")
+    assert_close(dp[-1], _torch_gates(net.weight_hh_l0.grad.numpy(), H), 1e-12, "dW_hc")
+    if static:
+        assert_close(dp[2], gW[:, K:], 1e-12, "dW_xc_static")
+        assert_close(db[2], st.grad.numpy(), 1e-12, "dx_static")
+
+
+@pytest.mark.parametrize("static, expose", [(False, False), (True, False), (False, True), (True, True)])
+def test_rnn_matches_torch(static, expose):
+    """torch.nn.RNN (tanh; bias_hh = 0) gives Caffe's h; Caffe's output layer o = tanh(W_ho h + b_o)
+    is added in torch."""
+    torch = _torch()
+    T, N, K, H, S = 5, 3, 4, 3, 2
+    rng = np.random.default_rng(20 + 2 * static + expose)
+    shapes = [(T, N, K), (T, N)] + ([(N, S)] if static else []) + ([(1, N, H)] if expose else [])
+    layer = _rec_layer("RNN", H, shapes, expose)
+    x, cont = rng.standard_normal(shapes[0]), np.ones((T, N))
+    if not expose:
+        cont[0] = 0
+    bottoms = [x, cont] + [rng.standard_normal(s) for s in shapes[2:]]
+    params = [rng.standard_normal(s) * 0.5 for s in layer.param_shapes]
+    tops, saved = forward(layer, bottoms, params)
+    net = torch.nn.RNN(K + (S if static else 0), H, nonlinearity="tanh").double()
+    with torch.no_grad():
+        net.weight_ih_l0.copy_(torch.tensor(np.concatenate([params[0], params[2]], axis=1) if static else params[0]))
+        net.weight_hh_l0.copy_(torch.tensor(params[-3]))
+        net.bias_ih_l0.copy_(torch.tensor(params[1]))
+        net.bias_hh_l0.zero_()
+    W_ho, b_o = (torch.tensor(p, requires_grad=True) for p in params[-2:])
+    xt = torch.tensor(x, requires_grad=True)
+    inp = xt
+    if static:
+        st = torch.tensor(bottoms[2], requires_grad=True)
+        inp = torch.cat([xt, st.expand(T, N, S)], dim=2)
+    hs, hn = net(inp, torch.tensor(bottoms[-1]) if expose else None)
+    ot = torch.tanh(hs @ W_ho.T + b_o)
+    assert_close(tops[0], ot.detach().numpy(), 1e-12, "o")
+    if expose:
+        assert_close(tops[1], hn.detach().numpy(), 1e-12, "h_T")
+    dy = rng.standard_normal(tops[0].shape)
+    ot.backward(torch.tensor(dy))
+    dtops = [dy] + [np.zeros(t.shape) for t in tops[1:]]
+    db, dp = layer.backward(np, saved, dtops, params, [True] * len(bottoms))
+    assert_close(db[0], xt.grad.numpy(), 1e-12, "dx")
+    gW = net.weight_ih_l0.grad.numpy()
+    assert_close(dp[0], gW[:, :K], 1e-12, "dW_xh")
+    assert_close(dp[1], net.bias_ih_l0.grad.numpy(), 1e-12, "db_h")
+    assert_close(dp[-3], net.weight_hh_l0.grad.numpy(), 1e-12, "dW_hh")
+    assert_close(dp[-2], W_ho.grad.numpy(), 1e-12, "dW_ho")
+    assert_close(dp[-1], b_o.grad.numpy(), 1e-12, "db_o")
+    if static:
+        assert_close(dp[2], gW[:, K:], 1e-12, "dW_xh_static")
+        assert_close(db[2], st.grad.numpy(), 1e-12, "dx_static")
+
+
+@pytest.mark.parametrize("type_", ["RNN", "LSTM"])
+def test_recurrent_net_gradients(type_):
+    """Through a Net: the layer with a static input, InnerProduct (axis 2) and EuclideanLoss; the
+    params' gradients match central differences, and cont gets none."""
+    text = _rec_net_text(type_, 3, 4, 2, 2, static=2) + (
+        'layer { name: "t" type: "Input" top: "y" input_param { shape { dim: 4 dim: 2 dim: 1 } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "h" top: "p" inner_product_param { num_output: 1 axis: 2 '
+        'weight_filler { type: "gaussian" std: 0.5 } } }\n'
+        'layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "y" top: "loss" }\n')
+    text = text.replace("num_output: 3 ", 'num_output: 3 weight_filler { type: "gaussian" std: 0.5 } ')
+    net = make_net(text)
+    rng = np.random.default_rng(9)
+    cont = np.ones((4, 2))
+    cont[0] = 0
+    cont[2, 1] = 0
+    feed = dict(x=rng.standard_normal((4, 2, 2)), cont=cont, xs=rng.standard_normal((2, 2)), y=rng.standard_normal((4, 2, 1)))
+    assert net_grads_match_numeric(net, feed) == 2 + len(net.params["r"])
+    assert net.blobs["cont"].grad is None
+
+
+# =============================================================================================
+# ---- common layers (layers/common.py): Caffe's semantics by hand, then PyTorch oracles
+
+def _common_error(type_, params, shapes, ntops=1):
+    from netdsl.errors import NetdslError
+    with pytest.raises(NetdslError) as e:
+        build_layer(type_, params, shapes, ntops)
+    return {d.code for d in e.value.diagnostics}
+
+
+def test_bias_values_and_gradients():
+    x = np.arange(12.0).reshape(2, 3, 2)
+    layer = build_layer("Bias", "", [x.shape])
+    assert layer.param_shapes == [(3,)]
+    (y,), saved = forward(layer, [x], [np.array([0.5, 0.0, -1.0])])
+    np.testing.assert_array_equal(y, x + [[[0.5], [0.0], [-1.0]]])
+    dy = np.random.default_rng(0).standard_normal(x.shape)
+    (dx,), (db,) = layer.backward(np, saved, [dy], [np.zeros(3)], [True])
+    np.testing.assert_array_equal(dx, dy)
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 2)), rtol=1e-14)
+    # a scalar 2nd bottom applies from axis 0 whatever `axis` says (Caffe), and gets the total gradient
+    layer, (y,), saved = run("Bias", "bias_param { axis: 2 }", x, np.array(2.0))
+    np.testing.assert_array_equal(y, x + 2)
+    (dx, db), dp = layer.backward(np, saved, [dy], [], [True, True])
+    assert dp == [] and db.shape == () and float(db) == pytest.approx(dy.sum(), rel=1e-14)
+    # the default filler is constant 0 (Scale's is 1)
+    assert build_layer("Bias", "", [x.shape]).fillers()[0].value == 0.0
+    assert "E0322" in _common_error("Bias", "", [(2, 3, 4), (4,)])
+    assert "E0220" in _common_error("Bias", "bias_param { axis: 2 num_axes: 2 }", [(2, 3, 4)])
+
+
+def test_embed_rows_bias_and_repeated_indices():
+    W, b = np.arange(12.0).reshape(4, 3), np.array([0.5, -1.0, 2.0])
+    idx = np.array([[0.0, 3.0], [3.0, 1.0]])
+    layer = build_layer("Embed", "embed_param { num_output: 3 input_dim: 4 }", [idx.shape])
+    assert layer.param_shapes == [(4, 3), (3,)] and layer.top_shapes == [(2, 2, 3)]
+    (y,), saved = forward(layer, [idx], [W, b])
+    np.testing.assert_array_equal(y, W[idx.astype(int)] + b)
+    dy = np.random.default_rng(1).standard_normal(y.shape)
+    (dx,), (dW, db) = layer.backward(np, saved, [dy], [W, b], [True])
+    assert dx is None                       # never a gradient to the indices
+    want = np.zeros((4, 3))
+    for (n, t), i in np.ndenumerate(idx):
+        want[int(i)] += dy[n, t]
+    np.testing.assert_allclose(dW, want, rtol=1e-14)
+    assert not dW[2].any()
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 1)), rtol=1e-14)
+    from netdsl.errors import NetdslError
+    for bad in (4.0, -1.0, 1.5, np.nan):
+        with pytest.raises(NetdslError) as e:
+            forward(layer, [np.array([[0.0, bad], [1.0, 2.0]])], [W, b])
+        assert e.value.diagnostic.code == "E0621"
+    assert "E0106" in _common_error("Embed", "embed_param { num_output: 3 }", [(2,)])
+
+
+def test_tile_repeats_the_whole_trailing_block():
+    x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    _, (y,), _ = run("Tile", "tile_param { tiles: 2 }", x)
+    np.testing.assert_array_equal(y, [[1, 2, 3, 1, 2, 3], [4, 5, 6, 4, 5, 6]])
+    layer, (y,), saved = run("Tile", "tile_param { axis: 0 tiles: 3 }", x)
+    np.testing.assert_array_equal(y, np.vstack([x, x, x]))
+    dy = np.arange(18.0).reshape(6, 3)
+    (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+    np.testing.assert_array_equal(dx, dy[:2] + dy[2:4] + dy[4:])
+    assert "E0106" in _common_error("Tile", "", [(2, 3)])
+    assert "E0107" in _common_error("Tile", "tile_param { tiles: 0 }", [(2, 3)])
+
+
+def test_reduction_operations_by_hand():
+    x = np.array([[[1.0, -2.0], [0.0, 3.0]], [[-1.0, 4.0], [2.0, -0.5]]])
+    for op, want in (("SUM", x.sum()), ("ASUM", np.abs(x).sum()), ("SUMSQ", (x * x).sum()), ("MEAN", x.mean())):
+        layer, (y,), _ = run("Reduction", f"reduction_param {{ operation: {op} coeff: 2 }}", x)
+        assert y.shape == () and layer.top_shapes == [()]
+        assert float(y) == pytest.approx(2 * want, rel=1e-14), op
+    # axis 1 keeps the leading axis and reduces ALL the tail axes (Caffe reduces no middle axis)
+    layer, (y,), saved = run("Reduction", "reduction_param { operation: ASUM axis: 1 coeff: -3 }", x)
+    np.testing.assert_allclose(y, -3 * np.abs(x).reshape(2, -1).sum(axis=1), rtol=1e-14)
+    (dx,), _ = layer.backward(np, saved, [np.array([1.0, 2.0])], [], [True])
+    np.testing.assert_array_equal(dx, -3 * np.sign(x) * np.array([1.0, 2.0]).reshape(2, 1, 1))
+    assert dx[0, 1, 0] == 0                 # sign(0) = 0, as caffe_cpu_sign
+    layer, (y,), saved = run("Reduction", "reduction_param { operation: MEAN axis: -1 coeff: 4 }", x)
+    np.testing.assert_allclose(y, 4 * x.mean(axis=-1), rtol=1e-14)
+    dy = np.arange(4.0).reshape(2, 2)
+    (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+    np.testing.assert_allclose(dx, np.repeat(dy[..., None] * 4 / 2, 2, axis=-1), rtol=1e-14)
+    layer, _, saved = run("Reduction", "reduction_param { operation: SUMSQ axis: 2 coeff: 0.5 }", x)
+    (dx,), _ = layer.backward(np, saved, [np.ones((2, 2))], [], [True])
+    np.testing.assert_allclose(dx, x, rtol=1e-14)            # 2 * coeff * x
+
+
+def test_argmax_ties_layouts_and_values():
+    # Caffe sorts (value, index) pairs with std::greater: among equal values the larger index wins
+    x = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    _, (y,), _ = run("ArgMax", "", x)
+    assert y.shape == (2, 1, 1)             # Caffe gives at least 3 axes: N x 1 x top_k
+    np.testing.assert_array_equal(y.reshape(-1), [2, 3])
+    _, (y,), _ = run("ArgMax", "argmax_param { top_k: 3 out_max_val: true }", x)
+    assert y.shape == (2, 2, 3)             # per sample: the k indices, then the k values
+    np.testing.assert_array_equal(y, [[[2, 1, 0], [3, 3, 1]], [[3, 2, 1], [2, 2, 2]]])
+    x4 = np.random.default_rng(2).permutation(24).reshape(2, 3, 2, 2).astype(F64)
+    layer, (y,), _ = run("ArgMax", "argmax_param { top_k: 2 }", x4)
+    assert y.shape == layer.top_shapes[0] == (2, 1, 2, 1)
+    np.testing.assert_array_equal(y[:, 0, :, 0], np.argsort(-x4.reshape(2, -1), axis=1)[:, :2])
+    _, (y,), _ = run("ArgMax", "argmax_param { axis: 1 top_k: 2 out_max_val: true }", x4)
+    np.testing.assert_array_equal(y, -np.sort(-x4, axis=1)[:, :2])
+    _, (y,), _ = run("ArgMax", "argmax_param { axis: -1 }", x4)
+    np.testing.assert_array_equal(y, np.argmax(x4, axis=-1)[..., None])
+    assert "E0361" in _common_error("ArgMax", "argmax_param { top_k: 5 }", [(2, 4)])
+    assert "E0361" in _common_error("ArgMax", "argmax_param { axis: 1 top_k: 4 }", [(2, 3, 5)])
+
+
+def test_mvn_adds_eps_to_the_std_and_keeps_caffes_gradient():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, 2, 3))
+    for across, rows in ((False, x.reshape(6, -1)), (True, x.reshape(2, -1))):
+        layer, (y,), saved = run("MVN", f"mvn_param {{ across_channels: {str(across).lower()} eps: 0.5 }}", x)
+        d = rows - rows.mean(axis=1, keepdims=True)
+        sd = np.sqrt((d ** 2).mean(axis=1, keepdims=True)) + 0.5        # eps on the std, not the variance
+        np.testing.assert_allclose(y, (d / sd).reshape(x.shape), rtol=1e-13)
+        # backward is Caffe's (dy - mean(dy) - y mean(y dy)) / (std + eps): the exact gradient only
+        # when eps = 0, so with this large eps it differs from the numerical one (as Caffe's does)
+        dy = rng.standard_normal(x.shape)
+        (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+        g, yr = dy.reshape(rows.shape), (d / sd)
+        want = (g - g.mean(axis=1, keepdims=True) - yr * (yr * g).mean(axis=1, keepdims=True)) / sd
+        np.testing.assert_allclose(dx, want.reshape(x.shape), rtol=1e-12)
+        num = numeric_grad(lambda: float((forward(layer, [x], [])[0][0] * dy).sum()), x)
+        assert np.abs(dx - num).max() > 1e-3
+    _, (y,), _ = run("MVN", "", np.full((2, 2, 3), 7.0))
+    assert y.shape == (2, 2, 3, 1) and not y.any()           # constant rows: 0 / (0 + eps)
+    # Caffe reshapes the top to num x channels x height x width
+    layer, (y,), _ = run("MVN", "mvn_param { across_channels: true }", x.reshape(2, -1))
+    assert y.shape == layer.top_shapes[0] == (2, 18, 1, 1)
+    _, (y,), saved = run("MVN", "mvn_param { normalize_variance: false }", x)
+    np.testing.assert_allclose(y, x - x.mean(axis=(2, 3), keepdims=True), atol=1e-15)
+    assert "E0221" in _common_error("MVN", "", [(1, 2, 3, 4, 5)])
+
+
+def test_spp_levels_are_caffes_pooling_flattened_and_concatenated():
+    from netdsl.layers.common import SPP
+    assert SPP.level(5, 2) == (3, 1) and SPP.level(7, 2) == (4, 1) and SPP.level(7, 4) == (2, 1)
+    assert SPP.level(6, 4) == (2, 1) and SPP.level(8, 4) == (2, 0) and SPP.level(5, 1) == (5, 0)
+    x = np.random.default_rng(4).permutation(2 * 2 * 6 * 7).reshape(2, 2, 6, 7) * 0.1
+    for pool in ("MAX", "AVE"):
+        layer, (y,), _ = run("SPP", f"spp_param {{ pyramid_height: 3 pool: {pool} }}", x)
+        parts = []
+        for bins in (1, 2, 4):
+            (kh, ph), (kw, pw) = SPP.level(6, bins), SPP.level(7, bins)
+            ref, _ = pool_ref(x, pool, kh, kw, kh, kw, ph, pw)
+            assert ref.shape[2:] == (bins, bins)
+            parts.append(ref.reshape(2, -1))
+        assert y.shape == layer.top_shapes[0] == (2, 2 * 21)
+        np.testing.assert_allclose(y, np.concatenate(parts, axis=1), rtol=1e-14)
+    _, (y,), _ = run("SPP", "spp_param { pyramid_height: 1 }", x)      # one level: not flattened
+    np.testing.assert_array_equal(y, x.max(axis=(2, 3), keepdims=True))
+    # 4 bins over 5 rows need pad 2 >= kernel 2, which Caffe's Pooling rejects
+    assert "E0402" in _common_error("SPP", "spp_param { pyramid_height: 3 }", [(1, 1, 5, 8)])
+    assert "E0106" in _common_error("SPP", "", [(1, 1, 5, 8)])
+    assert "E0109" in _common_error("SPP", "spp_param { pyramid_height: 2 pool: STOCHASTIC }", [(1, 1, 4, 4)])
+
+
+def test_filter_keeps_nonzero_items_and_routes_gradients():
+    x, z = np.arange(12.0).reshape(4, 3), np.arange(8.0).reshape(4, 2, 1)
+    sel = np.array([0.0, 2.0, 0.0, -1.0]).reshape(4, 1)           # nonzero, whatever its sign, keeps
+    layer = build_layer("Filter", "", [x.shape, z.shape, sel.shape], ntops=2)
+    assert layer.top_shapes == [(None, 3), (None, 2, 1)]
+    tops, saved = forward(layer, [x, z, sel], [])
+    np.testing.assert_array_equal(tops[0], x[[1, 3]])
+    np.testing.assert_array_equal(tops[1], z[[1, 3]])
+    dys = [np.ones(t.shape) for t in tops]
+    (dx, dz, dsel), _ = layer.backward(np, saved, dys, [], [True, True, False])
+    assert dsel is None
+    np.testing.assert_array_equal(dx, [[0, 0, 0], [1, 1, 1], [0, 0, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(dz[:, :, 0], [[0, 0], [1, 1], [0, 0], [1, 1]])
+    tops, saved = forward(layer, [x, z, np.zeros((4, 1))], [])
+    assert tops[0].shape == (0, 3)
+    (dx, _, _), _ = layer.backward(np, saved, [np.zeros((0, 3)), np.zeros((0, 2, 1))], [], [True, False, False])
+    assert dx.shape == x.shape and not dx.any()
+    assert "E0221" in _common_error("Filter", "", [(4, 3), (4, 2)])
+    assert "E0221" in _common_error("Filter", "", [(4, 3), (5,)])
+    assert "E0202" in _common_error("Filter", "", [(4, 3), (4, 3), (4,)], ntops=1)
+
+
+def test_filter_in_a_net_has_a_data_dependent_top():
+    text = ('name: "t"\n'
+            'layer { name: "in" type: "Input" top: "x" top: "s" input_param { shape { dim: 4 dim: 3 } '
+            'shape { dim: 4 } } }\n'
+            'layer { name: "f" type: "Filter" bottom: "x" bottom: "s" top: "y" }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "y" top: "z" inner_product_param { num_output: 2 } }\n')
+    net = make_net(text, phase="TEST")
+    out = net.forward(x=np.ones((4, 3)), s=np.array([1.0, 0.0, 1.0, 1.0]))
+    assert out["z"].shape == (3, 2)
+    assert_net_shapes(net)
+
+
+def test_batch_reindex_gathers_and_accumulates():
+    x = np.arange(6.0).reshape(3, 2)
+    perm = np.array([2.0, 0.0, 2.0, 2.7])            # 2.7 -> 2: Caffe's static_cast<int> truncates
+    layer, (y,), saved = run("BatchReindex", "", x, perm)
+    assert layer.top_shapes == [(4, 2)]
+    np.testing.assert_array_equal(y, x[[2, 0, 2, 2]])
+    dy = np.arange(8.0).reshape(4, 2) + 1
+    (dx, dp), _ = layer.backward(np, saved, [dy], [], [True, False])
+    assert dp is None
+    np.testing.assert_array_equal(dx, [dy[1], [0, 0], dy[0] + dy[2] + dy[3]])
+    from netdsl.errors import NetdslError
+    for bad in (3.0, -0.5):
+        with pytest.raises(NetdslError):
+            forward(layer, [x, np.array([0.0, bad, 1.0, 1.0])], [])
+    assert "E0221" in _common_error("BatchReindex", "", [(3, 2), (2, 2)])
+
+
+def test_parameter_top_is_its_zero_initialised_blob():
+    text = ('name: "t"\n'
+            'layer { name: "p" type: "Parameter" top: "p" parameter_param { shape { dim: 2 dim: 3 } } }\n'
+            'layer { name: "in" type: "Input" top: "t" input_param { shape { dim: 2 dim: 3 } } }\n'
+            'layer { name: "l" type: "EuclideanLoss" bottom: "p" bottom: "t" top: "l" }\n')
+    net = make_net(text)
+    (blob,) = net.params["p"]
+    assert blob.data.shape == (2, 3) and not blob.data.any()     # Caffe fills nothing
+    blob.data[...] = np.arange(6.0).reshape(2, 3)
+    t = np.ones((2, 3))
+    net.forward(t=t)
+    np.testing.assert_array_equal(net.values["p"], blob.data)
+    net.backward()
+    np.testing.assert_allclose(blob.grad, (blob.data - t) / 2, rtol=1e-14)
+    assert "E0107" in _common_error("Parameter", "parameter_param { shape { dim: 2 dim: -1 } }", [])
+
+
+def test_im2col_matches_naive_caffe_loops():
+    x = np.random.default_rng(5).standard_normal((2, 2, 5, 6))
+    layer, (y,), saved = run("Im2col", "convolution_param { num_output: 1 kernel_h: 3 kernel_w: 2 stride_h: 2 "
+                                       "pad: 1 dilation: 2 }", x)
+    kh, kw, sh, sw, ph, pw, dh, dw = 3, 2, 2, 1, 1, 1, 2, 2
+    oh, ow = (5 + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1, (6 + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
+    ref = np.zeros((2, 2 * kh * kw, oh, ow))
+    for n, c, i, j, r, q in itertools.product(range(2), range(2), range(kh), range(kw), range(oh), range(ow)):
+        h, w = r * sh - ph + i * dh, q * sw - pw + j * dw
+        if 0 <= h < 5 and 0 <= w < 6:
+            ref[n, (c * kh + i) * kw + j, r, q] = x[n, c, h, w]
+    np.testing.assert_array_equal(y, ref)
+    dy = np.random.default_rng(6).standard_normal(y.shape)
+    (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+    want = np.zeros(x.shape)                   # col2im: every column entry back to its pixel, summed
+    for n, c, i, j, r, q in itertools.product(range(2), range(2), range(kh), range(kw), range(oh), range(ow)):
+        h, w = r * sh - ph + i * dh, q * sw - pw + j * dw
+        if 0 <= h < 5 and 0 <= w < 6:
+            want[n, c, h, w] += dy[n, (c * kh + i) * kw + j, r, q]
+    np.testing.assert_allclose(dx, want, rtol=1e-13, atol=1e-15)
+    assert "E0401" in _common_error("Im2col", "convolution_param { num_output: 1 kernel_size: 7 }", [(1, 1, 5, 5)])
+
+
+def test_im2col_needs_no_num_output():
+    build_layer("Im2col", "convolution_param { kernel_size: 2 }", [(1, 1, 4, 4)])
+
+
+def test_common_layers_match_torch():
+    torch = _torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(7)
+    # Embed = F.embedding (+ bias); its weight gradient accumulates repeated indices
+    W, b, idx = rng.standard_normal((5, 3)), rng.standard_normal(3), rng.integers(0, 5, (4, 3)).astype(F64)
+    layer, (y,), saved = run("Embed", "embed_param { num_output: 3 input_dim: 5 }", idx, layer_params=(W, b))
+    Wt = torch.tensor(W, requires_grad=True)
+    yt = F.embedding(torch.tensor(idx, dtype=torch.long), Wt) + torch.tensor(b)
+    dy = rng.standard_normal(y.shape)
+    yt.backward(torch.tensor(dy))
+    _, (dW, _) = layer.backward(np, saved, [dy], [W, b], [False])
+    assert_close(y, yt.detach().numpy(), 1e-14)
+    assert_close(dW, Wt.grad.numpy(), 1e-13)
+    # Tile = Tensor.repeat along the axis
+    x = rng.standard_normal((2, 3, 4))
+    _, (y,), _ = run("Tile", "tile_param { axis: 1 tiles: 3 }", x)
+    np.testing.assert_array_equal(y, torch.tensor(x).repeat(1, 3, 1).numpy())
+    # ArgMax without axis = topk over each flattened sample (distinct values: no ties)
+    x = rng.permutation(60).reshape(3, 4, 5).astype(F64)
+    _, (y,), _ = run("ArgMax", "argmax_param { top_k: 4 out_max_val: true }", x)
+    v, i = torch.topk(torch.tensor(x).flatten(1), 4)
+    np.testing.assert_array_equal(y, torch.stack([i.double(), v], 1).numpy())
+    # BatchReindex = index_select, whose backward accumulates
+    x, perm = rng.standard_normal((4, 3)), np.array([3.0, 1.0, 3.0, 0.0, 3.0])
+    layer, (y,), saved = run("BatchReindex", "", x, perm)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.index_select(xt, 0, torch.tensor(perm, dtype=torch.long))
+    dy = rng.standard_normal(y.shape)
+    yt.backward(torch.tensor(dy))
+    (dx, _), _ = layer.backward(np, saved, [dy], [], [True, False])
+    assert_close(y, yt.detach().numpy(), 1e-15)
+    assert_close(dx, xt.grad.numpy(), 1e-14)
+
+
+@pytest.mark.parametrize("op", ["SUM", "ASUM", "SUMSQ", "MEAN"])
+def test_reduction_matches_torch(op):
+    torch = _torch()
+    x = np.random.default_rng(8).standard_normal((2, 3, 4))
+    layer, (y,), saved = run("Reduction", f"reduction_param {{ operation: {op} axis: 1 coeff: 1.5 }}", x)
+    xt = torch.tensor(x, requires_grad=True)
+    f = {"SUM": lambda a: a, "ASUM": torch.abs, "SUMSQ": lambda a: a * a, "MEAN": lambda a: a}[op]
+    yt = 1.5 * (f(xt).flatten(1).mean(1) if op == "MEAN" else f(xt).flatten(1).sum(1))
+    dy = np.array([0.7, -1.3])
+    yt.backward(torch.tensor(dy))
+    (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+    assert_close(y, yt.detach().numpy(), 1e-14)
+    assert_close(dx, xt.grad.numpy(), 1e-14)
+
+
+@pytest.mark.parametrize("across", [False, True])
+def test_mvn_matches_torch_group_norm(across):
+    """MVN = group_norm (1 group across channels, C groups per channel) up to Caffe's eps 1e-9
+    on the std (torch adds eps to the variance; here 0)."""
+    torch = _torch()
+    x = np.random.default_rng(9).standard_normal((2, 3, 4, 5))
+    layer, (y,), saved = run("MVN", f"mvn_param {{ across_channels: {str(across).lower()} }}", x)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.group_norm(xt, 1 if across else 3, eps=0.0)
+    dy = np.random.default_rng(10).standard_normal(x.shape)
+    yt.backward(torch.tensor(dy))
+    (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+    assert_close(y, yt.detach().numpy(), 1e-8)
+    assert_close(dx, xt.grad.numpy(), 1e-8)
+
+
+@pytest.mark.parametrize("pool", ["MAX", "AVE"])
+def test_spp_matches_torch_pooling(pool):
+    """Each level is torch pooling with kernel = stride = ceil(in / bins), Caffe's pad and
+    ceil_mode (AVE: count_include_pad, as Caffe's divisor); then flatten and concatenate."""
+    torch = _torch()
+    from netdsl.layers.common import SPP
+    F = torch.nn.functional
+    x = np.random.default_rng(11).permutation(2 * 3 * 6 * 7).reshape(2, 3, 6, 7) * 0.01
+    layer, (y,), saved = run("SPP", f"spp_param {{ pyramid_height: 3 pool: {pool} }}", x)
+    xt = torch.tensor(x, requires_grad=True)
+    parts = []
+    for bins in (1, 2, 4):
+        (kh, ph), (kw, pw) = SPP.level(6, bins), SPP.level(7, bins)
+        if pool == "MAX":
+            p = F.max_pool2d(xt, (kh, kw), (kh, kw), (ph, pw), ceil_mode=True)
+        else:
+            p = F.avg_pool2d(xt, (kh, kw), (kh, kw), (ph, pw), ceil_mode=True, count_include_pad=True)
+        parts.append(p.flatten(1))
+    yt = torch.cat(parts, 1)
+    dy = np.random.default_rng(12).standard_normal(y.shape)
+    yt.backward(torch.tensor(dy))
+    (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+    assert_close(y, yt.detach().numpy(), 1e-14)
+    assert_close(dx, xt.grad.numpy(), 1e-13)
+
+
+def test_im2col_matches_torch_unfold():
+    torch = _torch()
+    x = np.random.default_rng(13).standard_normal((2, 3, 6, 5))
+    layer, (y,), saved = run("Im2col", "convolution_param { num_output: 1 kernel_size: 3 stride: 2 pad: 1 "
+                                       "dilation: 2 }", x)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = torch.nn.functional.unfold(xt, 3, dilation=2, padding=1, stride=2)
+    dy = np.random.default_rng(14).standard_normal(y.shape)
+    yt.backward(torch.tensor(dy.reshape(yt.shape)))
+    (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+    assert_close(y.reshape(yt.shape), yt.detach().numpy(), 1e-15)
+    assert_close(dx, xt.grad.numpy(), 1e-14)
+
+
+# =============================================================================================
+# ---- more losses and ROIPooling: exact Caffe values, Caffe's loops, PyTorch oracles
+
+def _run(type_, params, bottoms, dtop=1.0, phase="TRAIN", ntops=1):
+    """Forward and backward of one layer on given float64 bottoms: (loss or top, dbottoms)."""
+    layer = build_layer(type_, params, [b.shape for b in bottoms], ntops, phase)
+    tops, saved = layer.forward(np, bottoms, [])
+    dtops = [np.array(dtop) if t.shape == () else np.full(t.shape, dtop) for t in tops]
+    dbottoms, _ = layer.backward(np, saved, dtops, [], [True] * len(bottoms))
+    return tops[0], dbottoms
+
+
+def _diagnostics(type_, params, shapes, ntops=1):
+    from netdsl.errors import NetdslError
+    with pytest.raises(NetdslError) as e:
+        build_layer(type_, params, shapes, ntops)
+    return e.value.diagnostics
+
+
+KLOG = 1e-20       # Caffe's kLOG_THRESHOLD
+
+
+def test_infogain_loss_by_hand():
+    """Equal scores: p = 1/3. loss = -sum_l H[y, l] log p_l / VALID count; gradient p * rowsum(H[y]) - H[y]."""
+    H = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.5, 0.5, 0.0]])
+    loss, (dx, dl, dh) = _run("InfogainLoss", "", [np.zeros((2, 3)), np.array([0.0, 2.0]), H])
+    assert_close(loss, math.log(3), 1e-12, "loss")              # (log 3 + (0.5 + 0.5) log 3) / 2
+    third = 1 / 3
+    assert_close(dx, np.array([[third - 1, third, third], [third - 0.5, third - 0.5, third]]) / 2, 1e-12, "dx")
+    assert dl is None and dh is None                            # no gradient to the labels or H
+
+
+def test_infogain_loss_identity_h_is_softmax_loss_and_ignore_label():
+    rng = np.random.default_rng(3)
+    x, lab = rng.standard_normal((2, 4, 3)), np.array([[0.0, 3.0, -1.0], [2.0, -1.0, 1.0]])
+    p = "loss_param { ignore_label: -1 }"
+    a, (da, _, _) = _run("InfogainLoss", p, [x, lab, np.eye(4)])
+    b, (db, _) = _run("SoftmaxWithLoss", p, [x, lab])
+    assert_close(a, b, 1e-12, "loss")
+    assert_close(da, db, 1e-12, "dx")
+    assert not np.any(da[0, :, 2]) and not np.any(da[1, :, 1])     # ignored positions get zero gradient
+
+
+def test_infogain_loss_clamps_at_klog_threshold_not_flt_min():
+    """p_1 = e^-1000 underflows to 0: Caffe's log(max(p, kLOG_THRESHOLD = 1e-20)) = -46.05, not
+    log(FLT_MIN) = -87.34 as SoftmaxWithLoss; the gradient p * rowsum - H does not see the clamp."""
+    loss, (dx, _, _) = _run("InfogainLoss", "", [np.array([[0.0, -1000.0]]), np.array([0.0]),
+                                                 np.array([[0.0, 1.0], [0.0, 0.0]])])
+    assert_close(loss, -math.log(KLOG), 1e-12, "loss")
+    assert_close(dx, np.array([[1.0, -1.0]]), 1e-12, "dx")
+
+
+def test_infogain_loss_param_errors():
+    ds = _diagnostics("InfogainLoss", 'infogain_loss_param { source: "H.binaryproto" }', [(2, 3), (2,), (3, 3)])
+    assert [d.code for d in ds] == ["E0109"]
+    d = ds[0]
+    assert "third bottom" in d.help and "source" in d.help and "Caffe weights" in " ".join(d.notes)
+    line = build_net_text("InfogainLoss", 'infogain_loss_param { source: "H.binaryproto" }', [(2, 3), (2,), (3, 3)],
+                          1, "TRAIN").splitlines()[d.pos.line - 1]
+    assert line[d.pos.column - 1:].startswith("source")          # points at the field
+    assert [d.code for d in _diagnostics("InfogainLoss", "", [(2, 3), (2,)])] == ["E0202"]
+    assert [d.code for d in _diagnostics("InfogainLoss", "loss_param { normalize: true }",
+                                         [(2, 3), (2,), (3, 3)])] == ["E0108"]
+    assert [d.code for d in _diagnostics("InfogainLoss", "", [(2, 3), (2,), (2, 2)])] == ["E0360"]
+    assert [d.code for d in _diagnostics("InfogainLoss", "", [(2, 3), (3,), (3, 3)])] == ["E0360"]
+
+
+def test_hinge_loss_l1_and_l2_by_hand():
+    """t = -1 at the label, +1 elsewhere; m = max(0, 1 + t x). L1 = sum m / N, dx = sign(t m) / N
+    (0 where the margin is met, x = -1 off the label included); L2 = sum m^2 / N, dx = 2 t m / N."""
+    x, lab = np.array([[0.5, -2.0, 0.3], [1.5, 0.2, -1.0]]), np.array([0.0, 1.0])
+    l1, (d1, dl) = _run("HingeLoss", "", [x, lab])
+    assert_close(l1, (0.5 + 0 + 1.3 + 2.5 + 0.8 + 0) / 2, 1e-12, "L1")
+    assert_close(d1, np.array([[-1, 0, 1], [1, -1, 0]]) / 2, 1e-12, "L1 dx")
+    l2, (d2, _) = _run("HingeLoss", "hinge_loss_param { norm: L2 }", [x, lab])
+    assert_close(l2, (0.25 + 1.69 + 6.25 + 0.64) / 2, 1e-12, "L2")
+    assert_close(d2, np.array([[-0.5, 0, 1.3], [2.5, -0.8, 0]]), 1e-12, "L2 dx")
+    assert dl is None
+
+
+def test_multinomial_logistic_loss_by_hand_with_the_clamp():
+    """loss = -sum log(max(p[label], 1e-20)) / N; Caffe's gradient -1 / (N max(p, 1e-20)), clamp included."""
+    p = np.array([[0.2, 0.5, 0.3], [0.0, 0.1, 0.9]])
+    loss, (dp, dl) = _run("MultinomialLogisticLoss", "", [p, np.array([1.0, 0.0])])
+    assert_close(loss, (-math.log(0.5) - math.log(KLOG)) / 2, 1e-12, "loss")
+    want = np.zeros((2, 3))
+    want[0, 1], want[1, 0] = -1 / (2 * 0.5), -1 / (2 * KLOG)
+    np.testing.assert_allclose(dp, want, rtol=1e-12)
+    assert dl is None
+
+
+def test_contrastive_loss_by_hand():
+    """a = 0, b = (3,4), (0.3,0.4), (3,4): d = 5, 0.5, 5. y = 2 (similar: int(y) != 0), 0.7 (int 0:
+    dissimilar), 0. margin 1: loss = (25 + (1 - 0.5)^2 + 0) / 3 / 2. Caffe's gradient for a pair
+    inside the margin is -(margin - d) / (d + 1e-4) (a - b) / N (not / d); b gets its negative."""
+    a, b, y = np.zeros((3, 2)), np.array([[3.0, 4.0], [0.3, 0.4], [3.0, 4.0]]), np.array([2.0, 0.7, 0.0])
+    loss, (da, db, dy) = _run("ContrastiveLoss", "", [a, b, y], dtop=1.5)
+    assert_close(loss, (25 + 0.25) / 6, 1e-12, "loss")
+    d = a - b
+    want = np.stack([d[0], -(1 - 0.5) / (0.5 + 1e-4) * d[1], 0 * d[2]]) * 1.5 / 3
+    assert_close(da, want, 1e-12, "da")
+    assert_close(db, -want, 1e-12, "db")
+    assert dy is None
+    exact = -(1 - 0.5) / 0.5 * d[1] * 1.5 / 3               # the derivative of the loss: Caffe's differs by 2e-4
+    assert 1e-4 < float(np.abs(da[1] - exact).max() / np.abs(exact).max()) < 3e-4
+    loss, (da, db, _) = _run("ContrastiveLoss", "contrastive_loss_param { legacy_version: true }", [a, b, y])
+    assert_close(loss, (25 + (1 - 0.25)) / 6, 1e-12, "legacy loss")      # max(margin - d^2, 0)
+    assert_close(da, np.stack([d[0], -d[1], 0 * d[2]]) / 3, 1e-12, "legacy da")
+    assert_close(db, -da, 1e-12, "legacy db")
+
+
+def test_contrastive_loss_shape_errors():
+    assert [d.code for d in _diagnostics("ContrastiveLoss", "", [(2, 3), (2, 4), (2,)])] == ["E0360"]
+    assert [d.code for d in _diagnostics("ContrastiveLoss", "", [(2, 3), (2, 3), (3,)])] == ["E0360"]
+    assert [d.code for d in _diagnostics("ContrastiveLoss", "", [(2, 3, 2, 2), (2, 3, 2, 2), (2,)])] == ["E0221"]
+
+
+def test_hinge_and_multinomial_need_one_label_per_sample():
+    for t in ("HingeLoss", "MultinomialLogisticLoss"):
+        assert [d.code for d in _diagnostics(t, "", [(4, 3), (3,)])] == ["E0360"]
+        assert [d.code for d in _diagnostics(t, "", [(4, 3), (4, 3)])] == ["E0360"]
+
+
+# ---- ROIPooling
+
+def _roi(params, x, rois, dy=None):
+    layer = build_layer("ROIPooling", f"roi_pooling_param {{ {params} }}", [x.shape, rois.shape], phase="TEST")
+    (y,), saved = layer.forward(np, [x, rois], [])
+    (dx, dr), _ = layer.backward(np, saved, [np.ones_like(y) if dy is None else dy], [], [True, False])
+    assert dr is None                                           # no gradient to the rois
+    return y, dx
+
+
+def test_roipooling_by_hand_overlapping_bins_share_an_argmax():
+    """roi (0,0)-(3,2) on a 4 x 5 map, 2 x 2 bins: roi 4 wide, 3 high; bin rows floor(1.5 i) ..
+    ceil(1.5 (i+1)) = [0,2) and [1,3) overlap on row 1, columns [0,2) and [2,4). The maximum 100 at
+    (1, 1) wins both left bins, so its gradient is the sum of theirs."""
+    x = np.arange(20.0).reshape(1, 1, 4, 5)
+    x[0, 0, 1, 1] = 100.0
+    dy = np.array([1.0, 2.0, 3.0, 4.0]).reshape(1, 1, 2, 2)
+    y, dx = _roi("pooled_h: 2 pooled_w: 2", x, np.array([[0.0, 0, 0, 3, 2]]), dy)
+    np.testing.assert_array_equal(y[0, 0], [[100, 8], [100, 13]])
+    want = np.zeros((4, 5))
+    want[1, 1], want[1, 3], want[2, 3] = 1 + 3, 2, 4
+    np.testing.assert_array_equal(dx[0, 0], want)
+
+
+def test_roipooling_rounds_halves_away_from_zero_like_c():
+    """spatial_scale 0.5: x 1 -> 0.5 -> 1 and 5 -> 2.5 -> 3 (C's round; NumPy's would give 0 and 2),
+    so the 1 x 1 bin is rows and columns 1..3 and its max is x[3, 3]."""
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    y, _ = _roi("pooled_h: 1 pooled_w: 1 spatial_scale: 0.5", x, np.array([[0.0, 1, 1, 5, 5]]))
+    assert y.item() == 15.0
+    y, _ = _roi("pooled_h: 1 pooled_w: 1 spatial_scale: 0.5", x, np.array([[0.0, 1, 1, 3, 3]]))
+    assert y.item() == 10.0                                     # 1.5 -> 2: rows and columns 1..2
+
+
+def test_roipooling_clipping_and_empty_bins_give_zero():
+    """roi (-1,-1)-(1,1) at scale 0.5: -0.5 -> -1, 0.5 -> 1; 3 x 3 bins of one cell each. The first
+    bin row and column fall off the map: 0 there (even though every value is negative)."""
+    x = -np.arange(1.0, 17.0).reshape(1, 1, 4, 4)
+    dy = np.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    y, dx = _roi("pooled_h: 3 pooled_w: 3 spatial_scale: 0.5", x, np.array([[0.0, -1, -1, 1, 1]]), dy)
+    np.testing.assert_array_equal(y[0, 0], [[0, 0, 0], [0, -1, -2], [0, -5, -6]])
+    want = np.zeros((4, 4))
+    want[:2, :2] = [[5, 6], [8, 9]]
+    np.testing.assert_array_equal(dx[0, 0], want)
+
+
+def test_roipooling_malformed_roi_pools_one_cell_but_gets_no_gradient():
+    """x2 < x1 and y2 < y1: Caffe forces the roi to 1 x 1 (every bin is x[y1, x1]), but its backward loops
+    visit only cells inside [x1, x2] x [y1, y2], none here: no gradient, as caffe-fast-rcnn."""
+    x = np.arange(24.0).reshape(2, 1, 3, 4)
+    y, dx = _roi("pooled_h: 2 pooled_w: 2", x, np.array([[1.0, 2, 1, 0, 0]]))
+    np.testing.assert_array_equal(y, np.full((1, 1, 2, 2), x[1, 0, 1, 2]))
+    assert not np.any(dx)
+
+
+def test_roipooling_batch_index_picks_the_image():
+    x = np.stack([np.zeros((2, 3, 3)), np.ones((2, 3, 3))]) + np.arange(9.0).reshape(3, 3)
+    y, dx = _roi("pooled_h: 1 pooled_w: 1", x, np.array([[1.0, 0, 0, 2, 2], [0.0, 0, 0, 1, 1]]))
+    np.testing.assert_array_equal(y[:, :, 0, 0], [[9, 9], [4, 4]])
+    assert dx[1, :, 2, 2].tolist() == [1, 1] and dx[0, :, 1, 1].tolist() == [1, 1] and dx.sum() == 4
+    with pytest.raises(ValueError):
+        _roi("pooled_h: 1 pooled_w: 1", x, np.array([[2.0, 0, 0, 2, 2]]))
+
+
+def test_roipooling_param_errors():
+    ds = _diagnostics("ROIPooling", "roi_pooling_param { pooled_h: 0 pooled_w: 7 }", [(1, 2, 4, 4), (3, 5)])
+    assert [d.code for d in ds] == ["E0107"]
+    assert [d.code for d in _diagnostics("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 2 }",
+                                         [(2, 4), (3, 5)])] == ["E0221"]
+    assert [d.code for d in _diagnostics("ROIPooling", "roi_pooling_param { pooled_h: 2 pooled_w: 2 }",
+                                         [(1, 2, 4, 4), (3, 4)])] == ["E0373"]
+
+
+def _roi_pool_caffe_loops(x, rois, pooled_h, pooled_w, scale, dy):
+    """caffe-fast-rcnn's ROIPoolingLayer::Forward_cpu and Backward_cpu, loop for loop, in float64
+    (the backward visits the cells inside the roi and, for each, the bins that may contain it)."""
+    n, c, h, w = x.shape
+
+    def cround(v):
+        return math.floor(v + 0.5) if v >= 0 else math.ceil(v - 0.5)
+    y = np.full((len(rois), c, pooled_h, pooled_w), -float(np.finfo(np.float32).max))
+    arg = np.full(y.shape, -1)
+    dx = np.zeros_like(x)
+    for r, roi in enumerate(rois):
+        b = int(roi[0])
+        x1, y1, x2, y2 = (cround(v * scale) for v in roi[1:])
+        bh, bw = max(y2 - y1 + 1, 1) / pooled_h, max(x2 - x1 + 1, 1) / pooled_w
+        for ch, i, j in itertools.product(range(c), range(pooled_h), range(pooled_w)):
+            hs, he = min(max(math.floor(i * bh) + y1, 0), h), min(max(math.ceil((i + 1) * bh) + y1, 0), h)
+            ws, we = min(max(math.floor(j * bw) + x1, 0), w), min(max(math.ceil((j + 1) * bw) + x1, 0), w)
+            if he <= hs or we <= ws:
+                y[r, ch, i, j] = 0
+            for hh, ww in itertools.product(range(hs, he), range(ws, we)):
+                if x[b, ch, hh, ww] > y[r, ch, i, j]:
+                    y[r, ch, i, j], arg[r, ch, i, j] = x[b, ch, hh, ww], hh * w + ww
+        for ch, hh, ww in itertools.product(range(c), range(max(0, y1), min(h, y2 + 1)), range(max(0, x1), min(w, x2 + 1))):
+            p0 = min(max(math.floor((hh - y1) / bh), 0), pooled_h), min(max(math.ceil((hh - y1 + 1) / bh), 0), pooled_h)
+            q0 = min(max(math.floor((ww - x1) / bw), 0), pooled_w), min(max(math.ceil((ww - x1 + 1) / bw), 0), pooled_w)
+            for i, j in itertools.product(range(*p0), range(*q0)):
+                if arg[r, ch, i, j] == hh * w + ww:
+                    dx[b, ch, hh, ww] += dy[r, ch, i, j]
+    return y, dx
+
+
+ROI_CASES = [c for c in CASES if c.type == "ROIPooling"]
+
+
+@pytest.mark.parametrize("case", ROI_CASES, ids=ids(ROI_CASES))
+def test_roipooling_matches_caffe_loops(case: Case):
+    layer, rng, (x, rois), _ = setup_case(case)
+    rois = np.concatenate([rois, [[0, 5, 4, 1, 6], [0, 2, 9, 3, 1], [0, 40, 40, 60, 70]]])   # malformed, off the map
+    p = layer.p
+    dy = rng.standard_normal((len(rois), x.shape[1], p.pooled_h, p.pooled_w))
+    want_y, want_dx = _roi_pool_caffe_loops(x, rois, p.pooled_h, p.pooled_w, p.spatial_scale, dy)
+    y, dx = _roi(f"pooled_h: {p.pooled_h} pooled_w: {p.pooled_w} spatial_scale: {p.spatial_scale}", x, rois, dy)
+    assert_close(y, want_y, 0, "top")
+    assert_close(dx, want_dx, 1e-12, "dx")
+
+
+def test_roipooling_runs_in_a_net_and_trains():
+    """ROIPooling was checked only (E0610 when run); it now lowers with runnable=True and its input
+    gradient flows through a net."""
+    text = ('name: "t"\nlayer { name: "in" type: "Input" top: "x" top: "rois" top: "t" input_param { '
+            'shape { dim: 1 dim: 2 dim: 6 dim: 6 } shape { dim: 3 dim: 5 } shape { dim: 3 dim: 2 } } }\n'
+            'layer { name: "c" type: "Convolution" bottom: "x" top: "f" convolution_param { num_output: 2 kernel_size: 3 '
+            'pad: 1 weight_filler { type: "gaussian" std: 0.5 } } }\n'
+            'layer { name: "p" type: "ROIPooling" bottom: "f" bottom: "rois" top: "pool" '
+            'roi_pooling_param { pooled_h: 2 pooled_w: 2 spatial_scale: 0.5 } }\n'
+            + _ip("fc", "pool", "y", 2) +
+            'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }\n')
+    ch = check_mod.check(syntax.parse(text, "t.net"), phase="TRAIN")
+    net = Net(plan_mod.lower(ch, runnable=True), np, dtype=F64)
+    rng = np.random.default_rng(4)
+    feed = dict(x=rng.standard_normal((1, 2, 6, 6)), rois=np.array([[0, 0, 0, 11, 11], [0, 2, 4, 7, 9], [0, 6, 0, 9, 3.0]]),
+                t=rng.standard_normal((3, 2)))
+    assert net_grads_match_numeric(net, feed) == 4
+
+
+def test_infogain_loss_matches_torch_soft_target_cross_entropy():
+    """torch's cross_entropy with probability targets H[label] is -sum_l H[y, l] log_softmax_l; Caffe
+    divides the sum by the normaliser (VALID: the non-ignored count)."""
+    torch = _torch()
+    rng = np.random.default_rng(5)
+    x, lab, H = rng.standard_normal((6, 4)), np.array([0.0, 3, -1, 2, 1, -1]), rng.uniform(0, 2, (4, 4))
+    loss, (dx, _, _) = _run("InfogainLoss", "loss_param { ignore_label: -1 }", [x, lab, H])
+    keep = lab >= 0
+    xt = torch.tensor(x, requires_grad=True)
+    lt = torch.nn.functional.cross_entropy(xt[keep], torch.tensor(H[lab[keep].astype(int)]), reduction="sum") / keep.sum()
+    lt.backward()
+    assert_close(loss, lt.item(), 1e-12, "loss")
+    assert_close(dx, xt.grad.numpy(), 1e-12, "dx")
+
+
+def test_hinge_loss_matches_torch():
+    """Caffe's L1 hinge is torch's hinge_embedding_loss (target -1, margin 1) of -t x, summed over
+    classes, / N (torch's multi_margin_loss is a different, pairwise loss); L2 squares the terms."""
+    torch = _torch()
+    F = torch.nn.functional
+    rng = np.random.default_rng(6)
+    x, lab = rng.standard_normal((5, 4)), rng.integers(0, 4, 5).astype(F64)
+    t = torch.tensor(np.where(np.arange(4)[None] == lab[:, None], -1.0, 1.0))
+    for norm in ("L1", "L2"):
+        loss, (dx, _) = _run("HingeLoss", f"hinge_loss_param {{ norm: {norm} }}", [x, lab], dtop=0.7)
+        xt = torch.tensor(x, requires_grad=True)
+        if norm == "L1":
+            lt = F.hinge_embedding_loss(-t * xt, -torch.ones_like(t), margin=1.0, reduction="sum") / 5
+        else:
+            lt = (F.relu(1 + t * xt) ** 2).sum() / 5
+        (lt * 0.7).backward()
+        assert_close(loss, lt.item(), 1e-12, norm)
+        assert_close(dx, xt.grad.numpy(), 1e-12, f"{norm} dx")
+
+
+def test_multinomial_logistic_loss_matches_torch_nll():
+    torch = _torch()
+    rng = np.random.default_rng(7)
+    p = rng.uniform(0.01, 1, (6, 5))
+    p /= p.sum(axis=1, keepdims=True)
+    lab = rng.integers(0, 5, 6)
+    loss, (dp, _) = _run("MultinomialLogisticLoss", "", [p, lab.astype(F64)])
+    pt = torch.tensor(p, requires_grad=True)
+    lt = torch.nn.functional.nll_loss(torch.log(pt.clamp_min(KLOG)), torch.tensor(lab))
+    lt.backward()
+    assert_close(loss, lt.item(), 1e-12, "loss")
+    assert_close(dp, pt.grad.numpy(), 1e-12, "dp")
 
 
 # =============================================================================================

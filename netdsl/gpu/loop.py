@@ -67,7 +67,7 @@ def train_compiled(tr, progress, start: int, t0: float) -> None:
                 raise NetdslError("E0710", f"training diverged at iteration {k}: the loss is NaN or Inf",
                                   notes=["graph mode checks the loss once per chunk of iterations; "
                                          "rerun with --graph off to find the first layer that produced it"]
-                                  + ([f"the last snapshot is {tr.last_snapshot}.npz"] if tr.last_snapshot else []),
+                                  + ([f"the last snapshot is {tr.last_snapshot}{tr.weights_suffix}"] if tr.last_snapshot else []),
                                   help="lower base_lr, add clip_gradients (eager), or check the input scaling")
             tr.losses.append(loss)
             if cfg.display and k % cfg.display == 0:

@@ -8,7 +8,8 @@ from ..gpu.program import Ref, Unsupported
 from ..registry import FILLER, F, Layer, Msg, ShapeError, fmt, register, spatial
 
 CONV = Msg("ConvolutionParameter", {
-    "num_output": F(int, None, required=True, doc="the number of filters = the output depth", example="64"),
+    # required by Convolution and Deconvolution (their validate), not by Im2col, which shares the message
+    "num_output": F(int, None, doc="the number of filters = the output depth", example="64"),
     "bias_term": F(bool, True),
     "pad": F(int, repeated=True), "kernel_size": F(int, repeated=True), "stride": F(int, repeated=True),
     "dilation": F(int, repeated=True),
@@ -46,6 +47,9 @@ class _ConvBase(Layer):
 
     def validate(self):
         p, errs = self.p, []
+        if p.num_output is None:
+            return [ShapeError("E0106", f"layer '{self.name}': missing required field `num_output` in convolution_param",
+                               field="convolution_param", help="add `num_output: 64` (the number of filters = the output depth)")]
         (kh, kw), st, pad, dil = self.geometry()
         if kh is None or kw is None:
             errs.append(ShapeError("E0106", f"{self.type} '{self.name}' has no kernel size", field=None,

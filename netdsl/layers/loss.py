@@ -1,5 +1,5 @@
 """Layers: Softmax, the losses (SoftmaxWithLoss, SigmoidCrossEntropyLoss, EuclideanLoss,
-SmoothL1Loss) and Accuracy."""
+SmoothL1Loss, InfogainLoss, HingeLoss, MultinomialLogisticLoss, ContrastiveLoss) and Accuracy."""
 from __future__ import annotations
 
 import math
@@ -268,6 +268,209 @@ class SmoothL1Loss(_Loss):
         if len(bottoms) == 4:
             g = g * bottoms[2].reshape(d.shape) * bottoms[3].reshape(d.shape)
         return [g, (-g).reshape(bottoms[1].shape)] + [None] * (len(bottoms) - 2), []
+
+
+# ------------------------------------------------------------------ BVLC's other losses
+KLOG_THRESHOLD = 1e-20       # Caffe's kLOG_THRESHOLD (loss_layer.hpp): the floor under a probability before its log
+
+
+def _one_label_per_sample(layer, x: tuple, labels: tuple) -> None:
+    """Caffe's (N, dim) losses (HingeLoss, MultinomialLogisticLoss): num = x.shape[0] samples,
+    dim = count / num scores each, and one label per sample."""
+    n, have = x[0] if x else None, count(labels)
+    if n is not None and have is not None and n != have:
+        flat = (n, count(x, 1))
+        raise _label_count_error(layer, "samples", flat, 1, labels, n, have)
+
+
+@register
+class InfogainLoss(_Loss):
+    """BVLC's InfogainLoss (the version with its own softmax): loss = -sum_l H[label, l] log(prob_l),
+    prob = softmax(scores) on `axis`, normalised like SoftmaxWithLoss. H is the third bottom."""
+    type = "InfogainLoss"
+    bottom_roles = ("the scores", "the labels", "the infogain matrix H (C x C)")
+    messages = {"infogain_loss_param": Msg("InfogainLossParameter", {"source": F(str, ""), "axis": F(int, 1)}),
+                "loss_param": LOSS}
+    n_bottoms = (2, 3)
+    n_tops = (1, 2)
+
+    def validate(self):
+        errs = []
+        if self.p.source:
+            errs.append(ShapeError(
+                "E0109", f"InfogainLoss '{self.name}': reading the infogain matrix H from `source` "
+                f"(\"{self.p.source}\") is not supported yet", field="source",
+                notes=["Caffe reads H from a binaryproto file; netdsl reads that format with Caffe weights "
+                       "support, which it does not have yet"],
+                help="remove `source` and pass H as a third bottom (a C x C blob, e.g. an Input top fed with it)"))
+        elif len(self.spec.bottoms) == 2:
+            errs.append(ShapeError(
+                "E0202", f"InfogainLoss '{self.name}' has 2 bottoms and no infogain matrix", field=None,
+                help="pass H as a third bottom (a C x C blob); Caffe's `source` file is not supported yet"))
+        if self.p.normalize is not None:
+            errs.append(ShapeError(
+                "E0108", f"InfogainLoss '{self.name}': the deprecated `normalize` is refused by Caffe's "
+                "InfogainLoss", field="normalize",
+                help=f"use `normalization: {'VALID' if self.p.normalize else 'BATCH_SIZE'}` instead"))
+        return errs
+
+    def shape(self, bottoms):
+        x, labels = bottoms[0], bottoms[1]
+        ax = canonical_axis(self.p.axis, len(x))
+        outer, inner, have = count(x, 0, ax), count(x, ax + 1), count(labels)
+        need = None if outer is None or inner is None else outer * inner
+        if need is not None and have is not None and need != have:
+            raise _label_count_error(self, "predictions", x, ax, labels, need, have)
+        c = x[ax]
+        if len(bottoms) == 3 and c is not None and count(bottoms[2]) not in (None, c * c):
+            raise ShapeError("E0360", f"InfogainLoss '{self.name}': H '{self.spec.bottoms[2]}' {fmt(bottoms[2])} "
+                             f"holds {count(bottoms[2])} values, but {c} classes need a {c} x {c} matrix",
+                             involves=(0, 2), notes=[f"the classes are on axis {ax} of '{self.spec.bottoms[0]}' "
+                                                     f"{fmt(x)}"],
+                             help=f"give H as a {c} x {c} blob (row = true label, column = predicted class)")
+        return [()] + ([x] if len(self.spec.tops) == 2 else [])
+
+    def forward(self, xp, bottoms, params):
+        x, labels, h = bottoms
+        ax = self.p.axis % x.ndim
+        c = x.shape[ax]
+        outer = math.prod(x.shape[:ax])
+        prob = kernels.softmax(xp, x, ax)
+        p2 = xp.moveaxis(prob, ax, -1).reshape(-1, c)            # (outer*inner, C)
+        lab = labels.reshape(-1).astype(xp.int64)
+        valid = lab != self.p.ignore_label if self.p.ignore_label is not None else xp.ones(lab.shape, bool)
+        rows = h.reshape(c, c).astype(x.dtype)[xp.where(valid, lab, 0)]   # H[label, :] per prediction
+        nll = -(rows * xp.log(xp.maximum(p2, KLOG_THRESHOLD))).sum(axis=1) * valid
+        norm = normalizer(normalization(self.p, "VALID"), outer, p2.shape[0] // outer, int(valid.sum()))
+        tops = [(nll.sum() / norm).astype(x.dtype).reshape(())]
+        if len(self.spec.tops) == 2:
+            tops.append(prob)
+        return tops, (prob, rows, valid, norm, ax)
+
+    def backward(self, xp, saved, dtops, params, need):
+        """Caffe's gradient: prob * sum_l H[label, l] - H[label, :] (the clamp does not enter it)."""
+        prob, rows, valid, norm, ax = saved
+        c = prob.shape[ax]
+        moved = xp.moveaxis(prob, ax, -1)
+        g = moved.reshape(-1, c) * rows.sum(axis=1, keepdims=True) - rows
+        g *= (valid * (dtops[0] / norm)).astype(g.dtype)[:, None]
+        return [xp.ascontiguousarray(xp.moveaxis(g.reshape(moved.shape), -1, ax)), None, None], []
+
+
+@register
+class HingeLoss(_Loss):
+    """BVLC's one-vs-all hinge loss: t = -1 for the true class, +1 for the others;
+    L1 sum(max(0, 1 + t x)) / N, L2 sum(max(0, 1 + t x)^2) / N."""
+    type = "HingeLoss"
+    bottom_roles = ("the scores", "the labels")
+    messages = {"hinge_loss_param": Msg("HingeLossParameter", {"norm": F("enum", "L1", choices=("L1", "L2"))})}
+
+    def shape(self, bottoms):
+        _one_label_per_sample(self, *bottoms)
+        return [()]
+
+    def forward(self, xp, bottoms, params):
+        x, labels = bottoms
+        n = x.shape[0]
+        x2 = x.reshape(n, -1)
+        lab = labels.reshape(-1).astype(xp.int64)
+        t = xp.where(xp.arange(x2.shape[1])[None, :] == lab[:, None], -1, 1).astype(x.dtype)
+        m = xp.maximum(1 + t * x2, 0)                 # Caffe's bottom_diff after forward
+        loss = (m.sum() if self.p.norm == "L1" else (m * m).sum()) / n
+        return [loss.astype(x.dtype).reshape(())], (t * m, n, x.shape)
+
+    def backward(self, xp, saved, dtops, params, need):
+        g, n, shape = saved                          # t * max(0, 1 + t x)
+        if self.p.norm == "L1":
+            g = xp.sign(g) * (dtops[0] / n)          # caffe_cpu_sign: 0 where the margin is met
+        else:
+            g = g * (2 * dtops[0] / n)
+        return [g.reshape(shape), None], []
+
+
+@register
+class MultinomialLogisticLoss(_Loss):
+    """BVLC's MultinomialLogisticLoss: probabilities in (no softmax),
+    loss = -sum log(max(p[label], kLOG_THRESHOLD)) / N."""
+    type = "MultinomialLogisticLoss"
+    bottom_roles = ("the probabilities", "the labels")
+
+    def shape(self, bottoms):
+        _one_label_per_sample(self, *bottoms)
+        return [()]
+
+    def forward(self, xp, bottoms, params):
+        p, labels = bottoms
+        n = p.shape[0]
+        p2 = p.reshape(n, -1)
+        lab = labels.reshape(-1).astype(xp.int64)
+        picked = xp.maximum(p2[xp.arange(n), lab], KLOG_THRESHOLD)
+        loss = -xp.log(picked).sum() / n
+        return [loss.astype(p.dtype).reshape(())], (picked, lab, p.shape)
+
+    def backward(self, xp, saved, dtops, params, need):
+        picked, lab, shape = saved
+        n = shape[0]
+        g = xp.zeros((n, math.prod(shape[1:])), picked.dtype)
+        g[xp.arange(n), lab] = -(dtops[0] / n) / picked      # Caffe: scale / max(p, threshold)
+        return [g.reshape(shape), None], []
+
+
+@register
+class ContrastiveLoss(_Loss):
+    """BVLC's ContrastiveLoss on pairs (a, b) with similarity y: d = ||a - b||, loss =
+    sum(y d^2 + (1 - y) max(margin - d, 0)^2) / 2N (legacy_version: max(margin - d^2, 0))."""
+    type = "ContrastiveLoss"
+    bottom_roles = ("the first features (N x C)", "the second features (N x C)", "the similarity labels (N)")
+    messages = {"contrastive_loss_param": Msg("ContrastiveLossParameter", {
+        "margin": F(float, 1.0), "legacy_version": F(bool, False)})}
+    n_bottoms = (3, 3)
+
+    def shape(self, bottoms):
+        a, b, y = bottoms
+        for i, s in ((0, a), (1, b)):
+            if len(s) < 2 or any(d not in (1, None) for d in s[2:]):
+                raise ShapeError("E0221", f"ContrastiveLoss '{self.name}': features '{self.spec.bottoms[i]}' must be "
+                                 f"N x C (or N x C x 1 x 1), got {fmt(s)}", involves=(i,),
+                                 help="flatten them first (an InnerProduct or a Flatten layer)")
+        if (a[0] is not None and b[0] is not None and a[0] != b[0]) or \
+                (a[1] is not None and b[1] is not None and a[1] != b[1]):
+            raise ShapeError("E0360", f"ContrastiveLoss '{self.name}': the pair's features differ: "
+                             f"{fmt(a)} and {fmt(b)}", involves=(0, 1),
+                             help="both bottoms need the same batch size and feature count (the two branches "
+                                  "of a siamese net)")
+        if a[0] is not None and count(y) is not None and count(y) != a[0]:
+            raise ShapeError("E0360", f"ContrastiveLoss '{self.name}': {count(y)} similarity labels for "
+                             f"{a[0]} pairs", involves=(0, 2), help=f"give one 0/1 label per pair: a blob of shape "
+                                                                     f"{a[0]}")
+        return [()]
+
+    def forward(self, xp, bottoms, params):
+        a, b, y = bottoms
+        n, margin = a.shape[0], self.p.margin
+        d = (a - b.reshape(a.shape)).reshape(n, -1)
+        dist_sq = (d * d).sum(axis=1)
+        similar = y.reshape(-1).astype(xp.int64) != 0            # Caffe's static_cast<int>(y)
+        if self.p.legacy_version:
+            far = xp.maximum(margin - dist_sq, 0)
+        else:
+            far = xp.maximum(margin - xp.sqrt(dist_sq), 0) ** 2
+        loss = xp.where(similar, dist_sq, far).sum() / n / 2
+        return [loss.astype(a.dtype).reshape(())], (d, dist_sq, similar, a.shape, b.shape)
+
+    def backward(self, xp, saved, dtops, params, need):
+        """Caffe's gradient; without legacy_version it divides by d + 1e-4 (not d), as Caffe does."""
+        d, dist_sq, similar, ashape, bshape = saved
+        margin = self.p.margin
+        if self.p.legacy_version:
+            far = xp.where(margin - dist_sq > 0, -1, 0).astype(d.dtype)
+        else:
+            dist = xp.sqrt(dist_sq)
+            mdist = margin - dist
+            far = xp.where(mdist > 0, -mdist / (dist + 1e-4), 0).astype(d.dtype)
+        coef = xp.where(similar, 1, far).astype(d.dtype) * (dtops[0] / d.shape[0])
+        g = coef[:, None] * d
+        return [g.reshape(ashape), (-g).reshape(bshape), None], []
 
 
 @register

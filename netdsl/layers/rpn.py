@@ -1,5 +1,5 @@
-"""Region proposal layers: AnchorTarget and Proposal (built in, not Python layers), ROIPooling
-(checked only), and py-faster-rcnn's Python layers mapped onto them for checking."""
+"""Region proposal layers: AnchorTarget and Proposal (built in, not Python layers), caffe-fast-rcnn's
+ROIPooling, and py-faster-rcnn's Python layers mapped onto them for checking."""
 from __future__ import annotations
 
 import ast
@@ -148,20 +148,90 @@ class Proposal(_AnchorLayer):
 
 @register
 class ROIPooling(Layer):
-    """caffe-fast-rcnn's ROIPooling: checked (shape rule) so Fast R-CNN files check; not runnable."""
+    """caffe-fast-rcnn's ROIPoolingLayer: max pooling of each region of interest (batch index, x1,
+    y1, x2, y2 in image pixels, inclusive corners) into pooled_h x pooled_w bins of the feature map.
+    Corners are scaled by spatial_scale and rounded (C's round: halves away from zero); an RoI is
+    at least 1 x 1 cells; bin (i, j) spans floor(i * roi_h / pooled_h) .. ceil((i + 1) * roi_h /
+    pooled_h) from the RoI's corner, clipped to the map; an empty bin gives 0. The first maximum in
+    row-major order wins; backward routes each bin's gradient to it, only where it lies inside the
+    rounded RoI (Caffe's backward loops, CPU and GPU, visit nothing else). No gradient to the rois."""
     type = "ROIPooling"
-    runnable = False
     bottom_roles = ("the feature map", "the rois")
     messages = {"roi_pooling_param": Msg("ROIPoolingParameter", {
         "pooled_h": F(int, 0), "pooled_w": F(int, 0), "spatial_scale": F(float, 1.0)})}
     n_bottoms = (2, 2)
+    FLT_MAX = float(np.finfo(np.float32).max)      # every bin starts at -FLT_MAX, as in Caffe
+
+    def validate(self):
+        return [ShapeError("E0107", f"ROIPooling '{self.name}': `{name}` must be positive, got {getattr(self.p, name)}",
+                           field=name if self.p.has(name) else None,
+                           help=f"set `{name}` in roi_pooling_param (7 for the VGG16 / ZF Fast R-CNN heads)")
+                for name in ("pooled_h", "pooled_w") if getattr(self.p, name) <= 0]
 
     def shape(self, bottoms):
         x, rois = bottoms
+        if len(x) != 4:
+            raise ShapeError("E0221", f"ROIPooling '{self.name}' needs a 4-D N x C x H x W feature map, got {fmt(x)}",
+                             involves=(0,), help="pool a convolutional feature map")
         if len(rois) != 2 or rois[1] not in (5, None):
             raise ShapeError("E0373", f"ROIPooling '{self.name}': rois must be R x 5, got {fmt(rois)}", involves=(1,),
                              help="feed a Proposal layer's rois")
         return [(rois[0], x[1], self.p.pooled_h, self.p.pooled_w)]
+
+    def _bins(self, xp, dtype, size: int, pooled: int, lo, hi):
+        """Caffe's bin edges along one axis, in the net's precision: (start, end), each R x pooled,
+        relative to the map and clipped to [0, size]."""
+        extent = xp.maximum(hi - lo + 1, 1).astype(dtype)             # malformed RoIs become 1 cell
+        step = extent / dtype.type(pooled)
+        k = xp.arange(pooled + 1, dtype=dtype)[None, :] * step[:, None]
+        start = xp.floor(k[:, :-1]).astype(xp.int64) + lo[:, None]
+        end = xp.ceil(k[:, 1:]).astype(xp.int64) + lo[:, None]
+        return xp.clip(start, 0, size), xp.clip(end, 0, size)
+
+    def forward(self, xp, bottoms, params):
+        x, rois = bottoms
+        n, c, h, w = x.shape
+        r = rois.reshape(-1, 5)
+        nr, dtype = r.shape[0], x.dtype
+        batch = r[:, 0].astype(xp.int64)                                 # C's int conversion truncates
+        if nr and (int(batch.min()) < 0 or int(batch.max()) >= n):
+            raise ValueError(f"ROIPooling '{self.name}': an RoI's batch index is outside [0, {n})")
+        scaled = r[:, 1:].astype(dtype) * dtype.type(self.p.spatial_scale)
+        whole = xp.trunc(scaled)
+        corners = (whole + xp.sign(scaled) * (xp.abs(scaled - whole) >= 0.5)).astype(xp.int64)   # C's round()
+        x1, y1, x2, y2 = corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3]
+        hs, he = self._bins(xp, dtype, h, self.p.pooled_h, y1, y2)
+        ws, we = self._bins(xp, dtype, w, self.p.pooled_w, x1, x2)
+        y = xp.full((nr, c, self.p.pooled_h, self.p.pooled_w), -self.FLT_MAX, dtype)
+        arg = xp.full(y.shape, -1, xp.int64)                            # Caffe's argmax: h * W + w, -1 if none
+        kh = int((he - hs).max()) if nr else 0
+        kw = int((we - ws).max()) if nr else 0
+        bi = batch[:, None, None]
+        for i in range(kh):                       # offsets within a bin in row-major order: the first max wins
+            rows, in_h = xp.minimum(hs + i, h - 1), hs + i < he
+            for j in range(kw):
+                cols, in_w = xp.minimum(ws + j, w - 1), ws + j < we
+                v = xp.moveaxis(x[bi, :, rows[:, :, None], cols[:, None, :]], -1, 1)    # R x C x PH x PW
+                better = (in_h[:, :, None] & in_w[:, None, :])[:, None] & (v > y)
+                y = xp.where(better, v, y)
+                arg = xp.where(better, (rows[:, :, None] * w + cols[:, None, :])[:, None], arg)
+        empty = (he <= hs)[:, :, None] | (we <= ws)[:, None, :]
+        y = xp.where(empty[:, None], xp.zeros((), dtype), y)
+        ah, aw = arg // w, arg % w
+        inside = (arg >= 0) & (ah >= y1[:, None, None, None]) & (ah <= y2[:, None, None, None]) & \
+            (aw >= x1[:, None, None, None]) & (aw <= x2[:, None, None, None])
+        route = (batch[:, None, None, None] * c + xp.arange(c)[None, :, None, None]) * (h * w) + arg
+        return [y], (xp.where(inside, route, -1), x.shape, rois.shape)
+
+    def backward(self, xp, saved, dtops, params, need):
+        route, x_shape, rois_shape = saved
+        if not need[0]:
+            return [None, None], []
+        dy = dtops[0]
+        hit = route >= 0
+        dx = xp.bincount(xp.where(hit, route, 0).ravel(), weights=xp.where(hit, dy, 0).ravel(),
+                         minlength=int(np.prod(x_shape)))
+        return [dx.astype(dy.dtype).reshape(x_shape), None], []
 
 
 # py-faster-rcnn's Python layers, checked as netdsl's built-in equivalents (never imported)
