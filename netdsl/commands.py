@@ -94,6 +94,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--net", help="a net file: check the weights against it, and take the layer types from it")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("upgrade", help="rewrite a V1 net file (or an old solver file) in the current format")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", help="write here (default: print to stdout)")
+    p.set_defaults(func=cmd_upgrade)
+
     p = sub.add_parser("data", help="download a dataset into the data directory (checksum-verified)")
     p.add_argument("dataset", choices=("mnist",))
     p.add_argument("--data-dir", help="where to put it (default: $NETDSL_DATA or the user cache dir)")
@@ -207,6 +212,31 @@ def cmd_convert(args) -> int:
                           help="name the output .caffemodel or .npz")
     n = sum(len(b) for b in w.layers.values())
     print(f"wrote {args.output}: {len(w.layers)} layers, {n} blobs")
+    return EXIT_OK
+
+
+def cmd_upgrade(args) -> int:
+    """As Caffe's upgrade_net_proto_text / upgrade_solver_proto_text: the file in today's format."""
+    import sys
+
+    from .check import is_solver
+    from .files import write_atomic
+    from .syntax import parse_file
+    from .upgrade import is_v1_net, print_text, upgrade_net, upgrade_solver
+    ast = parse_file(args.file)
+    if is_v1_net(ast):
+        new, what = upgrade_net(ast), f"V1 net: {len(ast.get('layers'))} layers upgraded"
+    elif is_solver(ast) and ast.get("solver_type"):
+        new, what = upgrade_solver(ast), "solver: solver_type upgraded to type"
+    else:
+        new, what = ast, "already in the current format; written unchanged"
+    text = print_text(new) + "\n"
+    if args.output:
+        write_atomic(args.output, lambda f: f.write(text.encode()))
+        print(f"{args.file}: {what}; wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+        print(f"{args.file}: {what}", file=sys.stderr)
     return EXIT_OK
 
 

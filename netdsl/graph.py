@@ -6,10 +6,11 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from .errors import Collector, Pos
+from .errors import Collector, NetdslError, Pos
 from .registry import BLOB_SHAPE, FILLER_TYPES, FORK_TYPES, Layer, LayerSpec, layer_parameter_schema, layer_types
 from .schema import F, Msg, Record, suggest
 from .syntax import Message
+from .upgrade import upgrade_net
 
 NET_STATE = Msg("NetState", {"phase": F("enum", "TEST", choices=("TRAIN", "TEST")), "level": F(int, 0),
                              "stage": F(str, repeated=True)})
@@ -100,12 +101,22 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
                 help="check the net it trains (its `net:` field), or run `netdsl train` on it")
         return Graph("", phase, file, [], {})
     if ast.get("layers"):
-        n = len(ast.get("layers"))
-        c.error("E0206", "V1 `layers { }` blocks (Caffe before 2015) are not supported", ast.get("layers")[0].pos,
-                notes=[(f"the file has {n} `layers` block{'s' if n != 1 else ''}; V1 names types by enum "
-                        "(`type: CONVOLUTION`) where current Caffe uses strings (`type: \"Convolution\"`)")],
-                help="upgrade the file with Caffe's upgrade_net_proto_text tool, which writes `layer { }` blocks")
-        return Graph("", phase, file, [], {})
+        first = ast.get("layers")[0].pos
+        if ast.get("layer"):
+            c.error("E0206", "the file mixes V1 `layers { }` blocks with current `layer { }` blocks", first,
+                    help="write every layer as `layer { }` (`netdsl upgrade FILE` converts the V1 ones)")
+            return Graph("", phase, file, [], {})
+        try:
+            ast = upgrade_net(ast)
+        except NetdslError as e:
+            c.diagnostics.extend(e.diagnostics)
+            return Graph("", phase, file, [], {})
+        n = len(ast.get("layer"))
+        c.warning("W0206", f"V1 net file (`layers {{ }}`, Caffe before 2015): its {n} layers were upgraded in memory",
+                  first, notes=["as Caffe's upgrade does: enum types to strings, blobs_lr and weight_decay to "
+                                "`param { lr_mult decay_mult }`, data layers' scale/mean_file/crop_size/mirror to "
+                                "transform_param"],
+                  help=f"upgrade the file for good: `netdsl upgrade {file} -o NEW.prototxt`")
     before = len(c.errors)
     net = net_schema().coerce(ast, c)
     specs = _legacy_inputs(net, c) + _layer_specs(net, c)

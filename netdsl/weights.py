@@ -175,16 +175,22 @@ def _blob(a: np.ndarray):
 
 def write_caffemodel(path: str, layers: dict[str, tuple[str, list[np.ndarray]]], name: str = "") -> None:
     """A V2 binary NetParameter (layer name, type, blobs with `shape` and packed float data) that Caffe,
-    OpenCV 4 and netdsl read. Written atomically."""
+    OpenCV 4 and netdsl read. Streamed a layer at a time (serialised NetParameters concatenate into
+    one: repeated fields append), so only one layer is ever held twice. Written atomically."""
     from .caffe_pb import messages
-    net = messages()["NetParameter"](name=name)
-    for layer_name, (type_, blobs) in layers.items():
-        lp = net.layer.add(name=layer_name, type=type_)
-        for a in blobs:
-            lp.blobs.append(_blob(np.asarray(a, np.float32)))
-    data = net.SerializeToString()
+    net_class = messages()["NetParameter"]
+
+    def write(f) -> None:
+        if name:
+            f.write(net_class(name=name).SerializeToString())
+        for layer_name, (type_, blobs) in layers.items():
+            one = net_class()
+            lp = one.layer.add(name=layer_name, type=type_)
+            for a in blobs:
+                lp.blobs.append(_blob(np.asarray(a, np.float32)))
+            f.write(one.SerializeToString())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_atomic(path, lambda f: f.write(data))
+    write_atomic(path, write)
 
 
 def read_blobproto(path: str) -> np.ndarray:

@@ -92,7 +92,8 @@ class Data(_DataLayer):
         return f"Caffe's Data layer reads {self.p.backend} '{self.p.source or 'its database'}', which netdsl does not open"
 
     def hint_example(self, i):
-        top, n, crop = self.spec.tops[i], self.p.batch_size or "N", self.p.crop_size or None
+        top, n = self.spec.tops[i], self.p.batch_size or "N"
+        crop = self.spec.record.transform_param.crop_size or self.p.crop_size or None
         if i == 1:
             return f"--shape {top}={n}"
         side = f"{crop},{crop}" if crop else "H,W"
