@@ -194,17 +194,18 @@ def cmd_convert(args) -> int:
     from .executor import save_npz
     from .weights import read_weights, write_caffemodel
     w = read_weights(args.input)
-    types = dict(w.types)
+    types, name = dict(w.types), ""
     if args.net:
         from .check import check_path
         ch, _, _ = check_path(args.net, weights=args.input)
         types.update({n.name: n.layer.type for n in ch.graph.nodes})
+        name = ch.graph.name
     if args.output.endswith(".caffemodel"):
         partial = [n for n, blobs in w.layers.items() if any(b is None for b in blobs)]
         if partial:
             raise NetdslError("E0807", f"{args.input} gives only some blobs of layer '{partial[0]}': a .caffemodel "
                               "holds every blob of a layer", help="write .npz instead, or add the missing blobs")
-        write_caffemodel(args.output, {n: (types.get(n, ""), blobs) for n, blobs in w.layers.items()})
+        write_caffemodel(args.output, {n: (types.get(n, ""), blobs) for n, blobs in w.layers.items()}, name)
     elif args.output.endswith(".npz"):
         save_npz(args.output, w.arrays())
     else:

@@ -1,7 +1,9 @@
-"""Real deploy nets of shared/reference/real/ against an independent Caffe runtime: OpenCV 4's Caffe
-importer (`cv2.dnn.readNetFromCaffe`, removed in OpenCV 5; an optional test dependency), given the
-same random weights through a .caffemodel written here and the same input. Every blob that is not
-overwritten in place must agree to 1e-4 of its largest value (float32)."""
+"""Deploy nets against an independent Caffe runtime: OpenCV 4's Caffe importer
+(`cv2.dnn.readNetFromCaffe`, removed in OpenCV 5; an optional test dependency), given the same
+random weights through a .caffemodel that netdsl writes (Net.save) and the same input. Every blob
+that is not overwritten in place must agree to 1e-4 of its largest value (float32). The nets: BVLC's
+LeNet, AlexNet and GoogLeNet (shared/reference/caffe) and the real deploy nets of
+shared/reference/real."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,59 +20,29 @@ cv2 = pytest.importorskip("cv2")
 if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
     pytest.skip("this OpenCV has no Caffe importer (OpenCV 5 removed it)", allow_module_level=True)
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "real"
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
-# (file, input shape: small where the net allows, to keep the test fast)
+# (file under shared/reference, input shape: small where the net allows, to keep the test fast)
 DEPLOY = [
-    ("KaimingHe+deep-residual-networks__prototxt_ResNet-50-deploy.prototxt", (1, 3, 224, 224)),
-    ("shicai+MobileNet-Caffe__mobilenet_deploy.prototxt", (1, 3, 96, 96)),
-    ("soeaver+caffe-model__cls_inception_deploy_inception-v3.prototxt", (1, 3, 139, 139)),
-    ("shelhamer+fcn.berkeleyvision.org__voc-fcn8s_deploy.prototxt", (1, 3, 64, 64)),
-    ("CMU-Perceptual-Computing-Lab+openpose__models_pose_coco_pose_deploy_linevec.prototxt", (1, 3, 32, 32)),
-    ("kpzhang93+MTCNN_face_detection_alignment__code_codes_MTCNNv1_model_det1.prototxt", (1, 3, 24, 24)),
+    ("caffe/examples_mnist_lenet.prototxt", (1, 1, 28, 28)),
+    ("caffe/models_bvlc_alexnet_deploy.prototxt", (1, 3, 227, 227)),
+    ("caffe/models_bvlc_googlenet_deploy.prototxt", (1, 3, 224, 224)),
+    ("real/KaimingHe+deep-residual-networks__prototxt_ResNet-50-deploy.prototxt", (1, 3, 224, 224)),
+    ("real/shicai+MobileNet-Caffe__mobilenet_deploy.prototxt", (1, 3, 96, 96)),
+    ("real/soeaver+caffe-model__cls_inception_deploy_inception-v3.prototxt", (1, 3, 139, 139)),
+    ("real/shelhamer+fcn.berkeleyvision.org__voc-fcn8s_deploy.prototxt", (1, 3, 64, 64)),
+    ("real/CMU-Perceptual-Computing-Lab+openpose__models_pose_coco_pose_deploy_linevec.prototxt", (1, 3, 32, 32)),
+    ("real/kpzhang93+MTCNN_face_detection_alignment__code_codes_MTCNNv1_model_det1.prototxt", (1, 3, 24, 24)),
 ]
-
-
-# ------------------------------------------------------------------ a minimal .caffemodel writer
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def caffemodel(layers: dict[str, tuple[str, list[np.ndarray]]]) -> bytes:
-    """NetParameter { layer (100) { name (1) type (2) blobs (7) { shape (7) { dim (1) } data (5) } } }."""
-    out = []
-    for name, (type_, blobs) in layers.items():
-        body = _field(1, name.encode()) + _field(2, type_.encode())
-        for a in blobs:
-            shape = _field(1, b"".join(_varint(d) for d in a.shape))
-            body += _field(7, _field(7, shape) + _field(5, np.ascontiguousarray(a, "<f4").tobytes()))
-        out.append(_field(100, body))
-    return b"".join(out)
 
 
 # ------------------------------------------------------------------------------------------ test
 
-def random_weights(net: Net, rng) -> dict[str, list[np.ndarray]]:
+def random_weights(net: Net, rng) -> None:
     """Weights that keep activations in range through a deep net: He-scaled filters, small biases,
     BatchNorm statistics with scale factor 1, Scale near 1, PReLU slopes in [0, 0.5)."""
-    out = {}
     for s in net.plan.steps:
-        ps = net.params.get(s.node.name)
-        if not ps:
-            continue
-        blobs = []
-        for i, p in enumerate(ps):
+        for i, p in enumerate(net.params.get(s.node.name, [])):
             shape, t = p.data.shape, s.layer.type
             if t == "BatchNorm":
                 a = [rng.normal(0, 0.1, shape), rng.uniform(0.5, 1.5, shape), np.ones(shape)][i]
@@ -84,25 +56,22 @@ def random_weights(net: Net, rng) -> dict[str, list[np.ndarray]]:
             else:
                 a = rng.normal(0, 0.1, shape)
             p.data[...] = a
-            blobs.append(p.data.astype(np.float32))
-        out[s.node.name] = (s.layer.type, blobs)
-    return out
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="shared/reference/real is not available")
-@pytest.mark.parametrize("name, shape", DEPLOY, ids=[d[0].split("__")[-1] for d in DEPLOY])
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="shared/reference is not available")
+@pytest.mark.parametrize("name, shape", DEPLOY, ids=[d[0].split("__")[-1].split("/")[-1] for d in DEPLOY])
 def test_deploy_net_matches_opencv(name, shape, tmp_path):
-    path = REAL / name
+    path = REFERENCE / name
     shaped = check(syntax.parse(path.read_text(), str(path)), phase="TEST")
     data = next(t for s in shaped.graph.nodes if s.layer.fed_by_caller for t in s.tops)
     shaped = check(syntax.parse(path.read_text(), str(path)), phase="TEST", hints={data: shape})
     net = Net(lower(shaped, runnable=True), np, dtype=np.float32, seed=0)
     rng = np.random.default_rng(0)
-    weights = random_weights(net, rng)
+    random_weights(net, rng)
     x = rng.uniform(-1, 1, shape).astype(np.float32)
     net.forward(**{data: x})
     model = tmp_path / "w.caffemodel"
-    model.write_bytes(caffemodel(weights))
+    net.save(str(model))                      # netdsl's writer: what OpenCV reads is what netdsl wrote
     cv = cv2.dnn.readNetFromCaffe(str(path), str(model))
     cv.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     cv.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)

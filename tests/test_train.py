@@ -158,3 +158,19 @@ def test_plot_writes_png_or_explains(tmp_path, mnist_dir):
         return
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_binaryproto_snapshots_are_caffemodels_that_resume(tmp_path, mnist_dir):
+    """snapshot_format: BINARYPROTO (named in the solver) snapshots Caffe's .caffemodel; resuming
+    from it continues exactly as from netdsl's .npz."""
+    s = solver(tmp_path, max_iter=20, snapshot=10, snapshot_format="BINARYPROTO")
+    r = run_cli("train", s)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    assert (run / "lenet_iter_10.caffemodel").exists() and not (run / "lenet_iter_10.npz").exists()
+    assert "weights: " + str(run / "lenet_iter_20.caffemodel") in r.stdout
+    r = run_cli("train", s, "--snapshot", str(run / "lenet_iter_10.solverstate.npz"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    from netdsl.weights import read_weights
+    a, b = read_weights(str(run / "lenet_iter_20.caffemodel")), read_weights(str(tmp_path / "b" / "lenet_iter_20.caffemodel"))
+    assert all(np.array_equal(x, y) for k in a.layers for x, y in zip(a.layers[k], b.layers[k]))

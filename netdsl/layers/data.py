@@ -211,9 +211,9 @@ class MNIST(_DataLayer):
         if len(p.mean_value) > 1:
             errs.append(ShapeError("E0107", f"MNIST '{self.name}': MNIST has 1 channel but {len(p.mean_value)} "
                                    "mean_value", field="mean_value", help="give one mean_value"))
-        if p.mean_file:
-            errs.append(ShapeError("E0109", f"MNIST '{self.name}': mean_file is not supported", field="mean_file",
-                                   help="use `mean_value: 33.3` instead"))
+        if p.mean_file and p.mean_value:
+            errs.append(ShapeError("E0107", f"MNIST '{self.name}': give mean_file or mean_value, not both",
+                                   field="mean_value", help="remove one of them (Caffe refuses both too)"))
         return errs
 
     def shape(self, bottoms):
@@ -223,12 +223,14 @@ class MNIST(_DataLayer):
     def open(self, ctx):
         from ..data.mnist import MnistFeed, load_mnist
         images, labels = load_mnist(self.p.split.lower(), ctx.data_dir)
-        return MnistFeed(images, labels, ctx.seed, self.p.shuffle and self.phase != "TEST")
+        feed = MnistFeed(images, labels, ctx.seed, self.p.shuffle and self.phase != "TEST")
+        feed.mean = _mean_file(self.p.mean_file, (1, 28, 28)) if self.p.mean_file else None
+        return feed
 
     def forward(self, xp, bottoms, params, state):
         feed = state.source
         idx = feed.next_indices(self.p.batch_size)
-        x = transform(feed.images[idx][:, None].astype(np.float32), self.p, self.phase, state.rng)
+        x = transform(feed.images[idx][:, None].astype(np.float32), self.p, self.phase, state.rng, feed.mean)
         tops = [xp.asarray(x)]
         if len(self.spec.tops) == 2:
             tops.append(xp.asarray(feed.labels[idx].astype(np.float32)))
@@ -237,8 +239,8 @@ class MNIST(_DataLayer):
     # -- graph mode (gpu/lower.py) ---------------------------------------------------------
     def lower_check(self, lw, step):
         p = self.p
-        if p.crop_size or (p.mirror and self.phase == "TRAIN") or len(p.mean_value) > 1:
-            raise Unsupported(f"MNIST '{self.name}': crop_size / mirror / several mean_values")
+        if p.crop_size or (p.mirror and self.phase == "TRAIN") or len(p.mean_value) > 1 or p.mean_file:
+            raise Unsupported(f"MNIST '{self.name}': crop_size / mirror / several mean_values / mean_file")
 
     def lower_forward(self, lw, i, s):
         L, tops = s.layer, s.node.tops
@@ -255,9 +257,22 @@ class MNIST(_DataLayer):
                 lw.blocks(n * 784), note=f"gather {n} MNIST {split} images from the GPU-resident set")
 
 
-def transform(x: np.ndarray, p, phase: str, rng) -> np.ndarray:
-    """Caffe's DataTransformer: crop (random in TRAIN, centre in TEST), mirror, subtract the mean,
-    then scale."""
+def _mean_file(path: str, shape: tuple) -> np.ndarray:
+    """transform_param's mean_file: a mean.binaryproto of the images' full size (C x H x W)."""
+    from ..errors import NetdslError
+    from ..weights import read_blobproto
+    mean = read_blobproto(path)
+    if mean.size != int(np.prod(shape)):
+        raise NetdslError("E0802", f"mean file {path} is {'x'.join(map(str, mean.shape))}, but the images are "
+                          f"{'x'.join(map(str, shape))}", help="use the mean of this dataset (compute_image_mean)")
+    return mean.reshape(shape).astype(np.float32)
+
+
+def transform(x: np.ndarray, p, phase: str, rng, mean: np.ndarray | None = None) -> np.ndarray:
+    """Caffe's DataTransformer: subtract the mean (a mean_file covers the whole image, so it is
+    cropped with it), crop (random in TRAIN, centre in TEST), mirror, then scale."""
+    if mean is not None:
+        x = x - mean[None]
     if p.crop_size:
         c, h, w = p.crop_size, x.shape[2], x.shape[3]
         if phase == "TRAIN":
