@@ -43,10 +43,19 @@ def check(ast: Message, phase: str = "TRAIN", stages=(), level: int = 0, hints: 
     """Build and shape-check one phase; raises Errors with every diagnostic when any is an error."""
     c = Collector()
     phase, stages = phase.upper(), tuple(stages)
+    if phase not in ("TRAIN", "TEST"):
+        raise NetdslError("E0000", f"unknown phase {phase!r}", help='use "train" or "test"')
+    for blob, dims in (hints or {}).items():
+        if not isinstance(dims, (tuple, list)) or any(
+                d is not None and (isinstance(d, bool) or not isinstance(d, int) or d <= 0) for d in dims):
+            raise NetdslError("E0504", f"the shape given for '{blob}' is {dims!r}: a shape is a tuple of positive "
+                              "integers (None for a dimension known only at run time)",
+                              help=f"e.g. shapes={{{blob!r}: (64, 3, 227, 227)}}")
     g = graph_mod.build(ast, phase, stages, level, c)
     inf = shapes_mod.infer(g, dict(hints or {}), c)
     check_param_specs(inf, c)
     check_shared_params(inf, c)
+    check_duplicate_names(inf, c)
     other = "TEST" if phase == "TRAIN" else "TRAIN"
     checking = Checking(g, inf, c, lambda: graph_mod.build(ast, other, stages, level, Collector()))
     for cls in dict.fromkeys(type(n.layer) for n in g.nodes):
@@ -137,6 +146,21 @@ def check_param_specs(inf: Inference, c: Collector) -> None:
                     node.param_specs[n_params].pos() or node.layer.spec.pos,
                     help=f"remove the extra `param {{ }}` blocks (keep {n_params})"
                          + (" or set bias_term: true" if n_params == 1 else ""))
+
+
+def check_duplicate_names(inf: Inference, c: Collector) -> None:
+    """Weights are saved and copied by layer name: two layers with params may not share a name
+    (the graph warns, W0201, about other duplicates)."""
+    first: dict[str, object] = {}
+    for node, shapes in inf.nodes.items():
+        if not shapes.params:
+            continue
+        other = first.setdefault(node.name, node)
+        if other is not node:
+            c.error("E0214", f"two layers with params are named '{node.name}'", node.layer.spec.record.pos("name")
+                    or node.layer.spec.pos, notes=[f"the other is {other.layer.type} '{other.name}' at {other.layer.spec.pos}",
+                                                   "weights are saved, loaded and copied by layer name"],
+                    help="give each layer a unique name (share a param by naming it: `param { name: \"w\" }`)")
 
 
 def check_shared_params(inf: Inference, c: Collector) -> None:

@@ -279,6 +279,9 @@ def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> 
 def cmd_test(args) -> int:
     from . import evaluate
     from .backend import get_backend
+    if args.iterations < 1:
+        raise NetdslError("E0000", f"--iterations must be at least 1, got {args.iterations}",
+                          help="e.g. --iterations 50 (Caffe's default)")
     if evaluate.has_proposal(args.model):       # an RPN: proposal recall over held-out scenes
         return evaluate.cmd_test_recall(args)
     means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,

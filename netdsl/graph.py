@@ -156,6 +156,10 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
                       notes=[f"first used at {names[spec.name]}"],
                       help="give each layer a unique name; weights are saved and loaded by layer name")
         names.setdefault(spec.name, rec.pos("name"))
+        if "\x00" in spec.name:               # a zip member name (.npz snapshot) would be cut there
+            c.error("E0215", f"layer name {spec.name!r} contains a NUL character", rec.pos("name"),
+                    help="remove the \\0 from the name: weights are saved under the layer's name")
+            continue
         layer = cls(spec, phase)
         if not _arity_ok(layer, c, current):
             continue

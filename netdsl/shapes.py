@@ -99,6 +99,14 @@ def infer(g: Graph, hints: dict[str, Shape], c: Collector) -> Inference:
         reported = False
         for i, (user, top) in enumerate(zip(layer.spec.tops, node.tops)):
             shape = tops[i] if i < len(tops) else None
+            bad = _bad_dim(shape)
+            if bad is not None:
+                reported = True
+                c.error("E0505", f"the shape of '{user}' ({layer.type} '{layer.name}') has dimension {bad!r}: every "
+                        "dimension must be a positive integer below 2^31", layer.spec.record.item_pos("top", i)
+                        or layer.spec.pos, notes=[f"the shape is {fmt(tuple(shape))}"],
+                        help="fix the shape's dims (input_param, input_dim, --shape), or the num_output that made it")
+                continue
             if shape is None and reported:
                 continue
             if shape is None:
@@ -114,6 +122,16 @@ def infer(g: Graph, hints: dict[str, Shape], c: Collector) -> Inference:
     for name in sorted(set(hints) - used_hints):
         _unused_hint(g, name, hints[name], c)
     return inf
+
+
+def _bad_dim(shape):
+    """The first dimension of a shape that no blob can have (<= 0, fractional, >= 2^31), or None."""
+    if shape is None:
+        return None
+    for d in shape:
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or not 0 < d < 2 ** 31):
+            return d
+    return None
 
 
 def _report(inf: Inference, node: Node, bottoms, e: ShapeError, c: Collector) -> None:

@@ -355,6 +355,20 @@ def validate(cfg: SolverConfig) -> list[str]:
     if policy in ("step", "exp", "inv", "multistep", "sigmoid") and cfg.gamma < 0:
         problem("gamma", f"lr_policy '{policy}' needs gamma >= 0")
 
+    # numbers the update multiplies by must be finite (a NaN lr makes every "good" snapshot NaN)
+    for name in ("base_lr", "momentum", "weight_decay", "gamma", "power", "delta", "momentum2", "rms_decay",
+                 "clip_gradients"):
+        v = getattr(cfg, name, None)
+        if v is not None and not math.isfinite(v):
+            problem(name, f"{name} must be a finite number, got {v}")
+    if math.isfinite(cfg.base_lr) and cfg.base_lr < 0:
+        problem("base_lr", f"base_lr must be >= 0, got {cfg.base_lr}")
+    if kind in ("AdaGrad", "RMSProp", "AdaDelta", "Adam", "AdamW") and cfg.delta <= 0:
+        problem("delta", f"{kind} divides by sqrt(history) + delta: delta must be > 0, got {cfg.delta}")
+    if cfg.max_iter < 0:
+        problem("max_iter", f"max_iter must be >= 0, got {cfg.max_iter}")
+    if cfg.display < 0:
+        problem("display", f"display must be >= 0 (0: never), got {cfg.display}")
     if cfg.iter_size < 1:
         problem("iter_size", "iter_size must be at least 1")
     if cfg.average_loss < 1:

@@ -78,9 +78,12 @@ class Trainer:
         self.sf: SolverFile = load_solver(solver_path)
         cfg = self.sf.cfg
         if max_iter is not None:
+            if max_iter < 0:
+                raise NetdslError("E0000", f"--max-iter must be >= 0, got {max_iter}", help="e.g. --max-iter 1000")
             cfg.max_iter = max_iter
-        self.seed = seed if seed is not None else (cfg.random_seed if cfg.random_seed >= 0 else
-                                                   int.from_bytes(os.urandom(4), "little") >> 1)
+        if seed is None or seed < 0:      # Caffe's random_seed -1: a seed from the system
+            seed = cfg.random_seed if seed is None and cfg.random_seed >= 0 else None
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         self.backend = backend
         prefix = cfg.snapshot_prefix or os.path.splitext(os.path.basename(solver_path))[0]
         self.out = out or os.path.dirname(prefix) or "."

@@ -296,6 +296,10 @@ class Flatten(_View):
         x = bottoms[0]
         a = canonical_axis(self.p.axis, len(x))
         e = canonical_axis(self.p.end_axis, len(x), "end_axis", "end_axis")
+        if e < a:
+            raise ShapeError("E0220", f"Flatten '{self.name}': end_axis {self.p.end_axis} (axis {e}) comes before axis "
+                             f"{self.p.axis} (axis {a}) of the {len(x)}-D input", field="end_axis", involves=(0,),
+                             help=f"use an end_axis at or after axis {a} (-1: to the last axis)")
         return [x[:a] + (count(x, a, e + 1),) + x[e + 1:]]
 
 
