@@ -191,13 +191,21 @@ def test_duplicate_names_in_different_phases_are_fine():
     assert c.diagnostics == [] and g.nodes[1].layer.type == "Sigmoid"
 
 
-def test_solver_files_and_v1_layers_are_rejected():
+def test_solver_files_are_rejected_and_v1_layers_upgraded():
     c = Collector()
     g = build(parse('net: "n.net"\nbase_lr: 0.01\n', "s.net"), "TRAIN", (), 0, c)
     assert diags(c) == [("E0205", "1:1")] and g.nodes == []
     c = Collector()
-    build(parse('name: "v1"\nlayers { name: "c" type: CONVOLUTION }\n', "t.net"), "TEST", (), 0, c)
-    assert diags(c) == [("E0206", "2:1")]
+    g = build(parse('name: "v1"\ninput: "x"\ninput_dim: 1\ninput_dim: 1\ninput_dim: 4\ninput_dim: 4\n'
+                    'layers { name: "c" type: CONVOLUTION bottom: "x" top: "c" blobs_lr: 1 blobs_lr: 2 weight_decay: 1 '
+                    'weight_decay: 0 convolution_param { num_output: 2 kernel_size: 3 } }\n', "t.net"), "TEST", (), 0, c)
+    assert diags(c) == [("W0206", "7:1")]
+    conv = g.nodes[1]
+    assert conv.layer.type == "Convolution"
+    assert [(p.lr_mult, p.decay_mult) for p in conv.param_specs] == [(1.0, 1.0), (2.0, 0.0)]
+    c = Collector()
+    build(parse('layers { name: "c" type: RELU }\nlayer { name: "d" type: "ReLU" }\n', "t.net"), "TEST", (), 0, c)
+    assert diags(c) == [("E0206", "1:1")]                  # V1 and V2 blocks mixed
 
 
 def test_build_without_a_collector():
