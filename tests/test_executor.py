@@ -101,3 +101,17 @@ def test_force_backward_gives_the_inputs_a_gradient():
     forced.forward(data=x, label=label)
     forced.backward()
     np.testing.assert_allclose(forced.blobs["data"].grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_memory_data_is_fed_by_forward_like_input():
+    """Caffe's MemoryData (pycaffe's set_input_arrays): its tops are forward()'s arguments."""
+    text = ('layer { name: "m" type: "MemoryData" top: "data" top: "label" '
+            'memory_data_param { batch_size: 2 channels: 1 height: 2 width: 2 } }\n'
+            'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 3 } }\n')
+    shaped = check(syntax.parse(text, "t.net"), phase="TEST")
+    assert shaped.blobs["data"] == (2, 1, 2, 2) and shaped.blobs["label"] == (2,)
+    net = Net(lower(shaped), np, dtype=np.float64)
+    out = net.forward(data=np.ones((2, 1, 2, 2)), label=np.zeros(2))
+    assert out["fc"].shape == (2, 3)
+    with pytest.raises(Exception, match="needs the net's inputs"):
+        net.forward()

@@ -415,7 +415,7 @@ CASES += [
       grad_tops=(0,), id="static-expose"),
 ]
 
-DATA_TYPES = {"Input", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
+DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
 CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python"}   # runnable = False: shape rule only
 
 

@@ -45,6 +45,24 @@ class Input(_DataLayer):
 
 
 @register
+class MemoryData(Input):
+    """Caffe's MemoryData: batches handed over from code (pycaffe's set_input_arrays); in netdsl the
+    arrays are forward()'s keyword arguments, as for Input: data N x C x H x W and label N."""
+    type = "MemoryData"
+    messages = {"memory_data_param": Msg("MemoryDataParameter", {
+        "batch_size": F(int, 0), "channels": F(int, 0), "height": F(int, 0), "width": F(int, 0)}),
+        "transform_param": TRANSFORM}
+    n_tops = (1, 2)
+
+    def validate(self):
+        return []
+
+    def shape(self, bottoms):
+        p = self.p
+        return [(p.batch_size, p.channels, p.height, p.width), (p.batch_size,)][: len(self.spec.tops)]
+
+
+@register
 class DummyData(_DataLayer):
     type = "DummyData"
     stateful = True
