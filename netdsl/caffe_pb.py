@@ -34,18 +34,6 @@ _MESSAGES = {
                      ("layer", 100, _REP, _F.TYPE_MESSAGE, "LayerParameter")],
 }
 
-# V1LayerParameter.LayerType, from caffe.proto: the enum number -> the type string of today
-V1_TYPES = {
-    0: "", 35: "AbsVal", 1: "Accuracy", 30: "ArgMax", 2: "BNLL", 3: "Concat", 37: "ContrastiveLoss",
-    4: "Convolution", 5: "Data", 39: "Deconvolution", 6: "Dropout", 32: "DummyData", 7: "EuclideanLoss",
-    25: "Eltwise", 38: "Exp", 8: "Flatten", 9: "HDF5Data", 10: "HDF5Output", 28: "HingeLoss", 11: "Im2col",
-    12: "ImageData", 13: "InfogainLoss", 14: "InnerProduct", 15: "LRN", 29: "MemoryData",
-    16: "MultinomialLogisticLoss", 34: "MVN", 17: "Pooling", 26: "Power", 18: "ReLU", 19: "Sigmoid",
-    27: "SigmoidCrossEntropyLoss", 36: "Silence", 20: "Softmax", 21: "SoftmaxWithLoss", 22: "Split", 33: "Slice",
-    23: "TanH", 24: "WindowData", 31: "Threshold",
-}
-
-
 @lru_cache(maxsize=1)
 def messages() -> dict:
     """The message classes, by name."""

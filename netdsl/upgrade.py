@@ -10,19 +10,25 @@ import json
 from .errors import NetdslError
 from .syntax import Field, Message, Scalar, Word
 
-# V1LayerParameter.LayerType names -> today's type strings (UpgradeV1LayerType)
-V1_NAMES = {
-    "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL", "CONCAT": "Concat",
-    "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution", "DECONVOLUTION": "Deconvolution",
-    "DATA": "Data", "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss",
-    "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten", "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output",
-    "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col", "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss",
-    "INNER_PRODUCT": "InnerProduct", "LRN": "LRN", "MEMORY_DATA": "MemoryData",
-    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss", "MVN": "MVN", "POOLING": "Pooling", "POWER": "Power",
-    "RELU": "ReLU", "SIGMOID": "Sigmoid", "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss",
-    "SILENCE": "Silence", "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split",
-    "SLICE": "Slice", "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
-}
+# V1LayerParameter.LayerType (caffe.proto): enum number, enum name, today's type string
+# (UpgradeV1LayerType); text files name the enum, binary .caffemodel files store its number
+V1_LAYER_TYPES = (
+    (1, 'ACCURACY', 'Accuracy'), (2, 'BNLL', 'BNLL'), (3, 'CONCAT', 'Concat'), (4, 'CONVOLUTION', 'Convolution'),
+    (5, 'DATA', 'Data'), (6, 'DROPOUT', 'Dropout'), (7, 'EUCLIDEAN_LOSS', 'EuclideanLoss'),
+    (8, 'FLATTEN', 'Flatten'), (9, 'HDF5_DATA', 'HDF5Data'), (10, 'HDF5_OUTPUT', 'HDF5Output'),
+    (11, 'IM2COL', 'Im2col'), (12, 'IMAGE_DATA', 'ImageData'), (13, 'INFOGAIN_LOSS', 'InfogainLoss'),
+    (14, 'INNER_PRODUCT', 'InnerProduct'), (15, 'LRN', 'LRN'),
+    (16, 'MULTINOMIAL_LOGISTIC_LOSS', 'MultinomialLogisticLoss'), (17, 'POOLING', 'Pooling'), (18, 'RELU', 'ReLU'),
+    (19, 'SIGMOID', 'Sigmoid'), (20, 'SOFTMAX', 'Softmax'), (21, 'SOFTMAX_LOSS', 'SoftmaxWithLoss'),
+    (22, 'SPLIT', 'Split'), (23, 'TANH', 'TanH'), (24, 'WINDOW_DATA', 'WindowData'), (25, 'ELTWISE', 'Eltwise'),
+    (26, 'POWER', 'Power'), (27, 'SIGMOID_CROSS_ENTROPY_LOSS', 'SigmoidCrossEntropyLoss'),
+    (28, 'HINGE_LOSS', 'HingeLoss'), (29, 'MEMORY_DATA', 'MemoryData'), (30, 'ARGMAX', 'ArgMax'),
+    (31, 'THRESHOLD', 'Threshold'), (32, 'DUMMY_DATA', 'DummyData'), (33, 'SLICE', 'Slice'), (34, 'MVN', 'MVN'),
+    (35, 'ABSVAL', 'AbsVal'), (36, 'SILENCE', 'Silence'), (37, 'CONTRASTIVE_LOSS', 'ContrastiveLoss'),
+    (38, 'EXP', 'Exp'), (39, 'DECONVOLUTION', 'Deconvolution'),
+)
+V1_NAMES = {name: type_ for _, name, type_ in V1_LAYER_TYPES}
+V1_NUMBERS = {number: type_ for number, _, type_ in V1_LAYER_TYPES}
 # where V1 data layers kept the fields that moved to transform_param (UpgradeNetDataTransformation)
 _DATA_PARAMS = {"Data": "data_param", "ImageData": "image_data_param", "WindowData": "window_data_param"}
 _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")

@@ -115,11 +115,11 @@ def _looks_like_text(head: bytes) -> bool:
 
 def read_caffemodel(path: str) -> Weights:
     """Caffe's binary NetParameter: V2 `layer` and V1 `layers` entries, each with its blobs."""
-    from .caffe_pb import V1_TYPES
+    from .upgrade import V1_NUMBERS
     net = _parse(path, "NetParameter")
     w = Weights(path, {}, whole_layers=True)
     entries = [(lp.name, lp.type, lp.blobs) for lp in net.layer]
-    entries += [(lp.name, V1_TYPES.get(lp.type, f"V1 type {lp.type}"), lp.blobs) for lp in net.layers]
+    entries += [(lp.name, V1_NUMBERS.get(lp.type, f"V1 type {lp.type}"), lp.blobs) for lp in net.layers]
     for name, type_, blobs in entries:
         if not blobs:
             continue
