@@ -2347,7 +2347,7 @@ def test_infogain_loss_param_errors():
     ds = _diagnostics("InfogainLoss", 'infogain_loss_param { source: "H.binaryproto" }', [(2, 3), (2,), (3, 3)])
     assert [d.code for d in ds] == ["E0109"]
     d = ds[0]
-    assert "third bottom" in d.help and "source" in d.help and "Caffe weights" in " ".join(d.notes)
+    assert "third bottom" in d.help and "source" in d.help and "read_blobproto" in d.help
     line = build_net_text("InfogainLoss", 'infogain_loss_param { source: "H.binaryproto" }', [(2, 3), (2,), (3, 3)],
                           1, "TRAIN").splitlines()[d.pos.line - 1]
     assert line[d.pos.column - 1:].startswith("source")          # points at the field

@@ -78,6 +78,9 @@ class Softmax(Layer):
         ax = self.p.axis % y.ndim
         return [y * (dy - (dy * y).sum(axis=ax, keepdims=True))], []
 
+    def to_onnx(self, ex, step):
+        ex.add_node("Softmax", ex.bottoms(step), ex.tops(step), axis=self.p.axis % len(ex.in_shape(step)))
+
 
 class _Loss(Layer):
     is_loss = True
@@ -300,9 +303,10 @@ class InfogainLoss(_Loss):
             errs.append(ShapeError(
                 "E0109", f"InfogainLoss '{self.name}': reading the infogain matrix H from `source` "
                 f"(\"{self.p.source}\") is not supported yet", field="source",
-                notes=["Caffe reads H from a binaryproto file; netdsl reads that format with Caffe weights "
-                       "support, which it does not have yet"],
-                help="remove `source` and pass H as a third bottom (a C x C blob, e.g. an Input top fed with it)"))
+                notes=["Caffe reads H from a binaryproto file when the layer is set up; netdsl's layers read no "
+                       "files, so H comes as a bottom"],
+                help="remove `source` and pass H as a third bottom: an Input top fed with "
+                     "netdsl.weights.read_blobproto(source)"))
         elif len(self.spec.bottoms) == 2:
             errs.append(ShapeError(
                 "E0202", f"InfogainLoss '{self.name}' has 2 bottoms and no infogain matrix", field=None,
