@@ -344,9 +344,17 @@ def _eof_error(text: str, file: str, toks: list[tuple]) -> NetdslError:
                        help=f"add '{closer}' at the end of `{name[1]} {opener[1]} ... {closer}`")
 
 
+MAX_NET_BYTES = 256 << 20       # a net or solver text larger than this is not one (GoogLeNet's is 36 KB)
+
+
 def parse_file(path: str | Path) -> Message:
     p = Path(path)
     try:
+        if p.exists() and not p.is_file():     # a directory, /dev/zero, a FIFO: never read it to the end
+            raise NetdslError("E0003", f"{p} is not a regular file", help="pass a .net or .prototxt text file")
+        if p.exists() and p.stat().st_size > MAX_NET_BYTES:
+            raise NetdslError("E0003", f"{p} is {p.stat().st_size >> 20} MiB: not a net definition",
+                              help="pass the .prototxt (text), not the weights or a dataset")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise NetdslError("E0003", f"no such file: {p}", help="check the path") from None

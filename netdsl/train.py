@@ -130,18 +130,30 @@ class Trainer:
         return base
 
     def restore(self, path: str) -> None:
+        import zipfile
         try:
             with np.load(path, allow_pickle=False) as z:
                 state = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise NetdslError("E0705", f"cannot read solver state {path}: {e}",
                               help="pass a <prefix>_iter_N.solverstate.npz written by `netdsl train`") from None
-        if "iter" not in state:
-            raise NetdslError("E0705", f"{path} is not a solver state (no 'iter')",
-                              help="pass the .solverstate.npz, not the weights .npz")
+        if "iter" not in state or "weights" not in state:
+            missing = "iter" if "iter" not in state else "weights"
+            raise NetdslError("E0705", f"{path} is not a solver state (no '{missing}')",
+                              help="pass the .solverstate.npz that `netdsl train` wrote beside the weights")
+        for key in ("iter", "seed"):
+            v = state.get(key, np.array(0))
+            if v.shape != () or v.dtype.kind not in "iu" or int(v) < 0:
+                raise NetdslError("E0705", f"{path}: '{key}' is {v!r}, not a non-negative integer",
+                                  help="the solver state is damaged: resume from another snapshot")
         weights = os.path.join(os.path.dirname(path), str(state["weights"]))
         self.net.load(weights)
-        self.solver.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("solver/")})
+        try:
+            self.solver.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("solver/")})
+        except ValueError as e:
+            raise NetdslError("E0705", f"{path} does not fit this solver: {e}",
+                              help="resume with the solver (type and net) that wrote the snapshot, or start from its "
+                                   "weights with --weights") from None
         self.iter = int(state["iter"])
         self.seed = int(state["seed"])
         self.losses.extend(float(x) for x in state["losses"])

@@ -45,6 +45,8 @@ class Weights:
 
 def read_weights(path: str) -> Weights:
     """A weights file, by content: an .npz (a zip), else a binary Caffe NetParameter."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise NetdslError("E0802", f"{path} is not a regular file", help="pass a .caffemodel or .npz file")
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -54,16 +56,24 @@ def read_weights(path: str) -> Weights:
         raise NetdslError("E0802", f"cannot read weights {path}: {e.strerror}", help="check the path") from None
     if head == b"PK\x03\x04":
         return _read_npz(path)
+    if head == b"\x93NUM":
+        raise NetdslError("E0802", f"{path} is a single .npy array, not a set of named weights",
+                          help="save the weights as an .npz of '<layer>/<i>' arrays (np.savez), or a .caffemodel")
     return read_caffemodel(path)
 
 
 def _read_npz(path: str) -> Weights:
+    import zipfile
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files if not k.startswith("__")}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise NetdslError("E0802", f"cannot read weights {path}: {e}",
                           help="pass an .npz written by `netdsl train` (..._iter_N.npz) or a .caffemodel") from None
+    for key, a in arrays.items():
+        if a.dtype.kind not in "fiu" or a.dtype.fields is not None:
+            raise NetdslError("E0802", f"{path}: array '{key}' holds {a.dtype} values, not numbers",
+                              help="weights are float arrays named '<layer>/<i>'")
     return from_arrays(arrays, path)
 
 

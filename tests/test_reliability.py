@@ -103,3 +103,37 @@ def test_cli_counts_must_make_sense(tmp_path):
     assert code == 2 and "--max-iter must be >= 0" in err
     code, err = run("test", ROOT / "nets" / "lenet.net", "--weights", "w.npz", "--iterations", "0")
     assert code == 2 and "--iterations must be at least 1" in err
+
+
+def test_non_regular_files_are_never_read(tmp_path):
+    code, err = run("check", "/dev/zero")
+    assert code == 2 and "is not a regular file" in err
+    code, err = run("check", tmp_path)
+    assert code == 2 and "is not a regular file" in err
+    p = net(tmp_path, IN.format("dim: 1 dim: 3"))
+    code, err = run("check", p, "--weights", tmp_path)
+    assert code == 2 and "is not a regular file" in err
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p, np: p.write_bytes(b"PK\x03\x04broken"), "cannot read weights"),          # a truncated .npz
+    (lambda p, np: np.save(p, np.zeros(3)) or p.with_suffix(".npz.npy").rename(p), "single .npy array"),
+    (lambda p, np: np.savez(p, **{"in/0": np.array(["a", "b"])}), "not numbers"),
+])
+def test_odd_weight_files_are_clear_errors(tmp_path, make, words):
+    import numpy as np
+    w = tmp_path / "w.npz"
+    make(w, np)
+    code, err = run("check", net(tmp_path, IN.format("dim: 1 dim: 3")), "--weights", w)
+    assert code == 2 and words in err
+
+
+def test_damaged_solver_states_are_refused(tmp_path):
+    import numpy as np
+    s = solver(tmp_path)
+    for i, state in enumerate(({"weights": np.array("w.npz")}, {"iter": np.array("10"), "weights": np.array("w.npz")},
+                               {"iter": np.array(-3), "weights": np.array("w.npz")})):
+        path = tmp_path / f"s{i}.solverstate.npz"
+        np.savez(path, **state)
+        code, err = run("train", s, "--snapshot", path)
+        assert code == 2 and "error[E0705]" in err, err
