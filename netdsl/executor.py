@@ -61,7 +61,15 @@ class Net:
 
     def __init__(self, plan: Plan, xp=np, dtype=np.float32, seed: int = 0, data_dir: str | None = None,
                  share_from: Net | None = None):
-        self.plan, self.xp, self.dtype, self.seed = plan, xp, np.dtype(dtype), seed
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            self.dtype = None
+        if self.dtype is None or self.dtype.name not in ("float32", "float64"):
+            raise NetdslError("E0622", f"dtype {dtype!r}: a net runs in float32 or float64",
+                              help='use dtype="float32" (the default) or "float64"')
+        self.plan, self.xp, self.seed = plan, xp, seed
+        self._backward_ready = False
         if xp is np:
             tune_host_allocator()
         shared = share_from.slots if share_from is not None else {}
@@ -126,6 +134,13 @@ class Net:
         if missing:
             raise NetdslError("E0620", f"forward() needs the net's inputs: missing {', '.join(missing)}",
                               help="pass each Input top as a keyword argument: net.forward(data=array)")
+        names = {i.split("#")[0] for i in plan.inputs}
+        unknown = sorted(set(inputs) - names)
+        if unknown:
+            raise NetdslError("E0620", f"forward() got {', '.join(repr(u) for u in unknown)}, which the net does not "
+                              f"take", help=f"the net's inputs: {', '.join(sorted(names)) or 'none'}")
+        for name in names:
+            inputs[name] = self._input(name, inputs[name])
         values = {}
         rng_base = self.forward_count
         for i, step in enumerate(plan.steps):
@@ -151,6 +166,7 @@ class Net:
             self._saved[i] = saved if step.need_backward else None
         self.forward_count += 1
         self.values = values
+        self._backward_ready = True
         return {t.split("#")[0]: values[t] for t in plan.outputs if t in values}
 
     def loss(self) -> float:
@@ -161,8 +177,25 @@ class Net:
                     total += w * float(self.values[t].sum())
         return total
 
+    def _input(self, name: str, value):
+        """An input array: numbers of exactly the shape the plan was checked with, in the net's dtype."""
+        want = tuple(self.plan.blob_shapes[name])
+        try:
+            a = self.xp.asarray(value, dtype=self.dtype)
+        except (TypeError, ValueError):
+            raise NetdslError("E0620", f"forward() input '{name}' is {type(value).__name__} {value!r:.60}: not an "
+                              "array of numbers", help=f"pass an array of shape {want}") from None
+        if a.ndim != len(want) or any(w is not None and w != d for w, d in zip(want, a.shape)):
+            raise NetdslError("E0620", f"forward() input '{name}' has shape {tuple(a.shape)}, but the net was checked "
+                              f"with {want}", help=f"pass shape {want}, or load the net with shapes={{{name!r}: ...}}")
+        return a
+
     def backward(self, _hooks=None) -> None:
         """Accumulate param gradients (into p.grad) from the loss tops of the last forward."""
+        if not self._backward_ready:
+            raise NetdslError("E0623", "backward() needs a forward() first (one backward per forward)",
+                              help="call net.forward(...) before each net.backward()")
+        self._backward_ready = False
         xp, plan, values = self.xp, self.plan, self.values
         grads: dict = {}
         for step in plan.steps:

@@ -137,3 +137,39 @@ def test_damaged_solver_states_are_refused(tmp_path):
         np.savez(path, **state)
         code, err = run("train", s, "--snapshot", path)
         assert code == 2 and "error[E0705]" in err, err
+
+
+API_NET = IN.format("dim: 2 dim: 3").replace('top: "x"', 'top: "x" top: "label"').replace(
+    "shape { dim: 2 dim: 3 }", "shape { dim: 2 dim: 3 } shape { dim: 2 }") + \
+    'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "label" top: "loss" }\n'
+
+
+@pytest.mark.parametrize("inputs, words", [
+    ({"x": [[1, 2, 3]], "label": [0, 1]}, "has shape (1, 3), but the net was checked with (2, 3)"),
+    ({"x": "abc", "label": [0, 1]}, "not an array of numbers"),
+    ({"x": None, "label": [0, 1]}, "has shape ()"),
+    ({"x": [[1, 2, 3]] * 2, "label": [0, 1], "lable": [1, 1]}, "'lable', which the net does not take"),
+    ({"x": [[1, 2, 3]] * 2, "label": [-1, 1]}, "label -1 (position 0 of 'label') is not a class in [0, 3)"),
+    ({"x": [[1, 2, 3]] * 2, "label": [0.5, 1]}, "label 0.5"),
+])
+def test_api_forward_inputs_are_checked(tmp_path, inputs, words):
+    net_ = netdsl.load(str(net(tmp_path, API_NET)), phase="test")
+    with pytest.raises(NetdslError) as e:
+        net_.forward(**inputs)
+    assert words in e.value.diagnostic.message
+
+
+@pytest.mark.parametrize("dtype", ["banana", "int8", "complex64"])
+def test_api_dtype_must_be_a_float_type(tmp_path, dtype):
+    with pytest.raises(NetdslError, match="float32 or float64"):
+        netdsl.load(str(net(tmp_path, API_NET)), phase="test", dtype=dtype)
+
+
+def test_api_backward_needs_a_forward_each_time(tmp_path):
+    net_ = netdsl.load(str(net(tmp_path, API_NET)), phase="train")
+    with pytest.raises(NetdslError, match="backward\\(\\) needs a forward\\(\\) first"):
+        net_.backward()
+    net_.forward(x=[[1, 2, 3]] * 2, label=[0, 2])
+    net_.backward()
+    with pytest.raises(NetdslError, match="one backward per forward"):
+        net_.backward()

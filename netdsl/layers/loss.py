@@ -47,6 +47,27 @@ def normalizer(mode: str, outer: int, inner: int, valid: int) -> float:
     return max(1.0, float(n))        # Caffe clamps the normaliser at 1
 
 
+def class_labels(xp, layer, labels, classes: int):
+    """Labels as class indices: whole numbers in [0, classes), or the layer's ignore_label. Anything
+    else is an error at run time (a label -1 would silently pick the last class, 2.7 would be 2)."""
+    from ..errors import NetdslError
+    lab = labels.reshape(-1)
+    try:
+        ignore = layer.p.ignore_label
+    except AttributeError:
+        ignore = None
+    bad = (lab != xp.floor(lab)) | (lab < 0) | (lab >= classes)
+    if ignore is not None:
+        bad &= lab != ignore
+    if bool(bad.any()):
+        k = int(xp.argmax(bad))
+        raise NetdslError("E0621", f"{layer.type} '{layer.name}': label {float(lab[k]):g} (position {k} of "
+                          f"'{layer.spec.bottoms[1]}') is not a class in [0, {classes})",
+                          help="labels are whole class indices" + (f", or {ignore} (ignore_label)" if ignore is not None
+                                                                    else "; set loss_param { ignore_label: -1 } to skip some"))
+    return lab.astype(xp.int64)
+
+
 GPU_NORM = {"FULL": 0, "BATCH_SIZE": 0, "VALID": 1, "NONE": 2}   # the softmax_loss kernel's NORM (N x C inputs)
 
 
@@ -110,7 +131,7 @@ class SoftmaxWithLoss(_Loss):
         outer, c = int(np.prod(x.shape[:ax])), x.shape[ax]
         prob = kernels.softmax(xp, x, ax)
         p2 = xp.moveaxis(prob, ax, -1).reshape(-1, c)       # (outer*inner, C)
-        lab = labels.reshape(-1).astype(xp.int64)
+        lab = class_labels(xp, self, labels, c)
         valid = lab != self.p.ignore_label if self.p.ignore_label is not None else xp.ones(lab.shape, bool)
         safe = xp.where(valid, lab, 0)
         picked = p2[xp.arange(p2.shape[0]), safe]
@@ -341,7 +362,7 @@ class InfogainLoss(_Loss):
         outer = math.prod(x.shape[:ax])
         prob = kernels.softmax(xp, x, ax)
         p2 = xp.moveaxis(prob, ax, -1).reshape(-1, c)            # (outer*inner, C)
-        lab = labels.reshape(-1).astype(xp.int64)
+        lab = class_labels(xp, self, labels, c)
         valid = lab != self.p.ignore_label if self.p.ignore_label is not None else xp.ones(lab.shape, bool)
         rows = h.reshape(c, c).astype(x.dtype)[xp.where(valid, lab, 0)]   # H[label, :] per prediction
         nll = -(rows * xp.log(xp.maximum(p2, KLOG_THRESHOLD))).sum(axis=1) * valid
@@ -377,7 +398,7 @@ class HingeLoss(_Loss):
         x, labels = bottoms
         n = x.shape[0]
         x2 = x.reshape(n, -1)
-        lab = labels.reshape(-1).astype(xp.int64)
+        lab = class_labels(xp, self, labels, x2.shape[1])
         t = xp.where(xp.arange(x2.shape[1])[None, :] == lab[:, None], -1, 1).astype(x.dtype)
         m = xp.maximum(1 + t * x2, 0)                 # Caffe's bottom_diff after forward
         loss = (m.sum() if self.p.norm == "L1" else (m * m).sum()) / n
@@ -407,7 +428,7 @@ class MultinomialLogisticLoss(_Loss):
         p, labels = bottoms
         n = p.shape[0]
         p2 = p.reshape(n, -1)
-        lab = labels.reshape(-1).astype(xp.int64)
+        lab = class_labels(xp, self, labels, p2.shape[1])
         picked = xp.maximum(p2[xp.arange(n), lab], KLOG_THRESHOLD)
         loss = -xp.log(picked).sum() / n
         return [loss.astype(p.dtype).reshape(())], (picked, lab, p.shape)
@@ -504,7 +525,7 @@ class Accuracy(Layer):
         ax = self.p.axis % x.ndim
         c = x.shape[ax]
         s = xp.moveaxis(x, ax, -1).reshape(-1, c)
-        lab = labels.reshape(-1).astype(xp.int64)
+        lab = class_labels(xp, self, labels, c)
         valid = lab != self.p.ignore_label if self.p.ignore_label is not None else xp.ones(lab.shape, bool)
         safe = xp.where(valid, lab, 0)
         true_score = s[xp.arange(s.shape[0]), safe][:, None]
