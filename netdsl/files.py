@@ -7,6 +7,12 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it over
     `path`: a crash or Ctrl-C mid-write leaves the previous file (if any) intact and no torn one.
@@ -15,6 +21,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())          # mkstemp makes 0600; a file should get the user's umask
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -142,6 +142,9 @@ def build(ast: Message, phase: str = "TRAIN", stages: tuple[str, ...] = (), leve
         if not included(rec, phase, level, set(stages)):
             continue
         cls = types.get(spec.type)
+        if cls is None and spec.broken and not spec.type:    # its `type:` itself was reported (not a string)
+            _keep_names(spec, current)
+            continue
         if cls is None:
             _unknown_type(spec, types, c)
             _keep_names(spec, current)

@@ -256,6 +256,7 @@ def coerce(schema: Msg, m: Message | None, c: Collector, where: str = "", pos: P
             if isinstance(af.value, Message):
                 c.error("E0103", f"{where}`{af.name}` expects {_kind(f.type)}, got a message", af.pos,
                         help=f"write `{af.name}: {_example(f)}`")
+                poss.setdefault(af.name, span(af))      # reported: not "missing" as well
                 continue
             v = _scalar(f, af.name, af.value, c, where)
             if v is _BAD:             # reported; the field keeps its default (but counts as given)

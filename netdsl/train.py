@@ -86,6 +86,8 @@ class Trainer:
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
         self.backend = backend
         prefix = cfg.snapshot_prefix or os.path.splitext(os.path.basename(solver_path))[0]
+        if prefix.endswith(("/", os.sep)):        # Caffe's "dir/" prefix: files named like the solver inside it
+            prefix = os.path.join(prefix, os.path.splitext(os.path.basename(solver_path))[0])
         self.out = out or os.path.dirname(prefix) or "."
         self.prefix = os.path.join(self.out, os.path.basename(prefix))
         # weights snapshots: Caffe's binary .caffemodel when the solver asks for BINARYPROTO by name,

@@ -173,3 +173,25 @@ def test_api_backward_needs_a_forward_each_time(tmp_path):
     net_.backward()
     with pytest.raises(NetdslError, match="one backward per forward"):
         net_.backward()
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import os
+
+    from netdsl.files import write_atomic
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_a_type_or_field_of_the_wrong_kind_is_one_error(tmp_path):
+    code, err = run("check", net(tmp_path, 'layer { name: "a" type: 123 }\n'))
+    assert code == 2 and err.count("error[") == 1 and "`type` expects a quoted string" in err
+    code, err = run("check", net(tmp_path, IN.format("dim: 1 dim: 3")
+                                 + 'layer { name: "f" type: "InnerProduct" bottom: "x" top: "y" '
+                                 'inner_product_param { num_output { } } }\n'))
+    assert code == 2 and err.count("error[") == 1 and "`num_output` expects an integer, got a message" in err
