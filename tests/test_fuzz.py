@@ -131,3 +131,48 @@ def test_deep_nesting_is_an_error_not_a_crash(tmp_path):
     code, out, _ = run_check(deep.read_text(), "deep.net", [])
     diagnostics = json.loads(out)["diagnostics"]
     assert code == 2 and diagnostics and all(d["line"] for d in diagnostics)
+
+
+# ------------------------------------------------------------------ mutations with a known verdict
+# Not only "no crash": these mutations of LeNet have one right answer each, and a wrong success
+# (exit 0) or the wrong error fails the test.
+LENET_TEXT = (REPO / "nets" / "lenet.net").read_text()
+_BOTTOMS = [m for m in re.finditer(r'bottom: "(\w+)"', LENET_TEXT)]
+_NUM_OUTPUTS = [m for m in re.finditer(r"num_output: (\d+)", LENET_TEXT)]
+_BRACES = [m for m in re.finditer(r"\}", LENET_TEXT)]
+
+
+@st.composite
+def known_verdicts(draw):
+    kind = draw(st.sampled_from(["bottom", "num_output", "brace", "pool"]))
+    t = LENET_TEXT
+    if kind == "bottom":                       # a bottom renamed to a blob nobody makes: E0210
+        m = draw(st.sampled_from(_BOTTOMS))
+        name = draw(st.text("xyzq", min_size=3, max_size=6))
+        return t[:m.start(1)] + name + t[m.end(1):], "E0210"
+    if kind == "num_output":                   # zero or negative: E0107; beyond 2^31: E0505
+        m = draw(st.sampled_from(_NUM_OUTPUTS))
+        v = draw(st.sampled_from(["0", "-3", "3000000000"]))
+        return t[:m.start(1)] + v + t[m.end(1):], "E0505" if v == "3000000000" else "E0107"
+    if kind == "brace":                        # a closing brace dropped: a syntax error
+        m = draw(st.sampled_from(_BRACES))
+        return t[:m.start()] + t[m.end():], "E0001/E0002"
+    k = draw(st.integers(30, 60))              # a pooling window past Caffe's arithmetic: E0401
+    return t.replace("kernel_size: 2", f"kernel_size: {k}", 1), "E0401"
+
+
+@settings(max_examples=max(EXAMPLES // 3, 20), deadline=None, suppress_health_check=list(HealthCheck))
+@given(known_verdicts())
+def test_mutations_with_a_known_verdict_get_it(case):
+    """Checked in both phases (a mutated layer may live in one only): the verdict must come."""
+    text, codes = case
+    path = WORKDIR / "verdict.net"
+    path.write_text(text)
+    found = []
+    for phase in ("train", "test"):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(["check", str(path), "--phase", phase, "--json"])
+        assert rc in (0, 2)
+        found += [d["code"] for d in json.loads(out.getvalue())["diagnostics"] if d["severity"] == "error"]
+    assert set(codes.split("/")) & set(found), f"expected {codes}, got {found or 'a success'}"
