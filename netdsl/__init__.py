@@ -13,3 +13,10 @@ def load(path: str, phase: str = "train", device: str = "cpu", weights: str | No
     from .executor import build_net
     return build_net(path, phase, device, weights=weights, seed=seed, data_dir=data_dir, stages=stages,
                      hints=shapes, dtype=dtype)
+
+
+def export_onnx(path, output=None, **kw):
+    """The TEST phase of a net as an onnx.ModelProto (written to `output` when given); keyword
+    options as netdsl.onnx_export.export_onnx. Needs `pip install "netdsl[onnx]"`."""
+    from .onnx_export import export_onnx
+    return export_onnx(path, output, **kw)

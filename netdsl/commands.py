@@ -99,6 +99,21 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--output", help="write here (default: print to stdout)")
     p.set_defaults(func=cmd_upgrade)
 
+    p = sub.add_parser("export", help="export a net's TEST phase (and its weights) to ONNX, with Caffe's semantics")
+    p.add_argument("file")
+    p.add_argument("--weights", help="the trained weights (.caffemodel or .npz); without them the fillers' values")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17, help="the ONNX opset (13 or later; default 17)")
+    p.add_argument("--batch", help="the batch size of every input: N, or `dynamic` (default: the net's)")
+    p.add_argument("--outputs", help="cut the graph at these blobs (comma-separated; default: the blobs nothing reads)")
+    p.add_argument("--fold-batchnorm", action="store_true",
+                   help="fold BatchNorm (and the Scale after it) into the Convolution before it")
+    p.add_argument("--shape", action="append", default=[], metavar="BLOB=D1,D2,...",
+                   help="the shape of a data blob that can't be known without its data (repeatable)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the model with onnxruntime on random input and compare with netdsl's forward")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("data", help="download a dataset into the data directory (checksum-verified)")
     p.add_argument("dataset", choices=("mnist",))
     p.add_argument("--data-dir", help="where to put it (default: $NETDSL_DATA or the user cache dir)")
@@ -238,6 +253,28 @@ def cmd_upgrade(args) -> int:
     else:
         sys.stdout.write(text)
         print(f"{args.file}: {what}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from .onnx_export import export, require_onnx, verify
+    require_onnx(runtime=args.verify)
+    batch = args.batch
+    if batch is not None and batch != "dynamic":
+        if not batch.isdigit() or int(batch) <= 0:
+            raise NetdslError("E0812", f"--batch {batch!r} is not a positive integer or 'dynamic'",
+                              help="e.g. --batch 1 or --batch dynamic")
+        batch = int(batch)
+    model, net = export(args.file, args.output, weights=args.weights, opset=args.opset, batch=batch, outputs=args.outputs,
+                        fold_batchnorm=args.fold_batchnorm, shapes=dict(parse_shape(s) for s in args.shape))
+    g = model.graph
+    print(f"wrote {args.output}: opset {args.opset}, {len(g.node)} nodes, inputs {', '.join(i.name for i in g.input)}; "
+          f"outputs {', '.join(o.name for o in g.output)}")
+    if args.verify:
+        errs = verify(args.output, net)
+        for name, err in errs.items():
+            print(f"verify: {name}: largest relative difference {err:.3g} (onnxruntime vs netdsl)")
+        print(f"verify: largest relative difference {max(errs.values(), default=0.0):.3g}")
     return EXIT_OK
 
 

@@ -257,6 +257,14 @@ class Layer:
         """An activation that can ride in its producer's GEMM epilogue: its negative slope."""
         return None
 
+    # -- ONNX export (onnx_export.py): the layer's nodes through the exporter `ex` ----------------
+    def to_onnx(self, ex, step) -> None:
+        """Emit this layer's ONNX nodes (ex.add_node, ex.const, ex.bottoms(step), ex.tops(step),
+        ex.params(step), shapes from the plan). The default: no mapping, a located error that
+        suggests cutting the graph before the layer (--outputs)."""
+        from .onnx_export import unsupported
+        raise unsupported(self)
+
 
 class RunState:
     """A stateful layer's per-run state, owned by the Net (one per step): the RNG stream of the

@@ -35,6 +35,10 @@ class ReLU(_Elementwise):
         dy, s = dtops[0], self.p.negative_slope
         return [dy * mask if s == 0 else xp.where(mask, dy, dy * s)], []
 
+    def to_onnx(self, ex, step):
+        s = self.p.negative_slope
+        ex.add_node("Relu" if s == 0 else "LeakyRelu", ex.bottoms(step), ex.tops(step), **({"alpha": s} if s else {}))
+
     # -- graph mode (gpu/lower.py) ---------------------------------------------------------
     def epilogue_slope(self):
         return float(self.p.negative_slope)
@@ -75,6 +79,9 @@ class Sigmoid(_Elementwise):
     def backward(self, xp, y, dtops, params, need):
         return [dtops[0] * y * (1 - y)], []
 
+    def to_onnx(self, ex, step):
+        ex.add_node("Sigmoid", ex.bottoms(step), ex.tops(step))
+
 
 @register
 class TanH(_Elementwise):
@@ -86,6 +93,9 @@ class TanH(_Elementwise):
 
     def backward(self, xp, y, dtops, params, need):
         return [dtops[0] * (1 - y * y)], []
+
+    def to_onnx(self, ex, step):
+        ex.add_node("Tanh", ex.bottoms(step), ex.tops(step))
 
 
 def swish(xp, x, beta):
@@ -123,6 +133,10 @@ class Swish(_Elementwise):
     def lower_forward(self, lw, i, s):
         lw.elementwise(SWISH_KERNELS, False, s, self.p.beta)
 
+    def to_onnx(self, ex, step):
+        x, beta = ex.bottoms(step)[0], self.p.beta
+        ex.chain(step, x, [("Mul", [ex.scalar(beta)]) if beta != 1 else None, ("Sigmoid", []), ("Mul", [x])])
+
     def lower_backward(self, lw, i, s):
         lw.elementwise(SWISH_KERNELS, True, s, self.p.beta)
 
@@ -151,6 +165,11 @@ class Dropout(_Elementwise):
         scale = 1.0 / (1.0 - r) if self.p.scale_train else 1.0
         mask = keep.astype(x.dtype) * x.dtype.type(scale)
         return [x * mask], mask
+
+    def to_onnx(self, ex, step):
+        """TEST: identity (times 1 - ratio with the fork's scale_train: false)."""
+        r = self.p.dropout_ratio
+        ex.chain(step, ex.bottoms(step)[0], [None if self.p.scale_train or r == 0 else ("Mul", [ex.scalar(1 - r)])])
 
     def backward(self, xp, mask, dtops, params, need):
         if mask is None:

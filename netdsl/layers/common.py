@@ -118,6 +118,15 @@ class Bias(Layer):
             return [dy, db], []
         return [dy], [db]
 
+    def to_onnx(self, ex, step):
+        x = ex.in_shape(step)
+        if len(step.node.bottoms) == 2:
+            ax, _ = self._span(x, len(ex.in_shape(step, 1)))
+            b = ex.along(ex.bottoms(step)[1], ax, len(x), len(ex.in_shape(step, 1)))
+        else:
+            b = ex.along(ex.params(step)[0], self._span(x, None)[0], len(x))
+        ex.add_node("Add", [ex.bottoms(step)[0], b], ex.tops(step))
+
 
 # ---------------------------------------------------------------------------------------------
 # Embed
@@ -193,6 +202,11 @@ class Tile(Layer):
     def backward(self, xp, x_shape, dtops, params, need):
         outer, inner = self._dims(x_shape)
         return [dtops[0].reshape(outer, self.p.tiles, inner).sum(axis=1).reshape(x_shape)], []
+
+    def to_onnx(self, ex, step):
+        nd = len(ex.in_shape(step))
+        reps = [self.p.tiles if i == self.p.axis % nd else 1 for i in range(nd)]
+        ex.add_node("Tile", ex.bottoms(step) + [ex.ints(reps)], ex.tops(step))
 
 
 @register

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import kernels
 from ..gpu.program import Ref, Unsupported
 from ..registry import FILLER, F, Layer, Msg, ShapeError, fmt, register, spatial
@@ -82,6 +84,21 @@ class _ConvBase(Layer):
     def fillers(self):
         return [self.p.weight_filler] + ([self.p.bias_filler] if self.p.bias_term else [])
 
+    # -- ONNX (onnx_export.py): Conv / ConvTranspose; Caffe's filter layouts are ONNX's ------------
+    onnx_op = "Conv"
+
+    def to_onnx(self, ex, step):
+        (kh, kw), st, (ph, pw), dil = self.geometry()
+        w, *b = ex.params(step)
+        attrs = dict(kernel_shape=[kh, kw], strides=list(st), pads=[ph, pw, ph, pw], dilations=list(dil), group=self.p.group)
+        if self.onnx_op == "ConvTranspose":     # output_padding makes up any difference from Caffe's size
+            n, o = ex.in_shape(step)[2:], ex.out_shape(step)[2:]
+            extra = [o[i] - kernels.deconv_out_size(n[i], (kh, kw)[i], st[i], (ph, pw)[i], dil[i]) for i in (0, 1)]
+            if any(extra):
+                attrs["output_padding"] = extra
+        ex.add_node(self.onnx_op, ex.bottoms(step) + [ex.const("W", w)] + [ex.const("b", v) for v in b], ex.tops(step),
+                    **attrs)
+
     def _check_input(self, x):
         if len(x) != 4:
             raise ShapeError("E0221", f"{self.type} '{self.name}' needs a 4-D N x C x H x W input, "
@@ -141,6 +158,11 @@ class Convolution(_ConvBase):
         (n, c, _, _), (_, m, oh, ow) = bottoms[0], tops[0]
         (kh, kw), _, _, _ = self.geometry()
         return n * m * oh * ow * (c // self.p.group) * kh * kw
+
+    def onnx_fold(self, params, mul, add):
+        """--fold-batchnorm: y' = mul * y + add per output channel, folded into the filters and bias."""
+        b = params[1] if len(params) > 1 else 0.0
+        return [params[0] * mul.reshape(-1, 1, 1, 1), b * mul + add]
 
     def explain_weights(self, i, have, want):
         g = self.p.group
@@ -219,6 +241,7 @@ def _gpu_geometry(lw, s):
 @register
 class Deconvolution(_ConvBase):
     type = "Deconvolution"
+    onnx_op = "ConvTranspose"
     kernel_forward = staticmethod(kernels.deconv2d_forward)
     kernel_backward = staticmethod(kernels.deconv2d_backward)
 
@@ -346,6 +369,28 @@ class Pooling(Layer):
 
     def backward(self, xp, cache, dtops, params, need):
         return [kernels.pool2d_backward(xp, dtops[0], cache)], []
+
+    def to_onnx(self, ex, step):
+        """Caffe's ceil rounding and last-window trim become explicit end pads (floor rounding); AVE
+        windows that overhang in + pad (where Caffe clips the divisor) get a constant correction."""
+        p, x, ins, outs = self.p, ex.in_shape(step), ex.bottoms(step), ex.tops(step)
+        if len(outs) == 2:
+            raise ex.unsupported(step, "the second (mask) top has no ONNX counterpart")
+        if p.global_pooling:
+            return ex.add_node("GlobalMaxPool" if p.pool == "MAX" else "GlobalAveragePool", ins, outs)
+        (kh, kw), (sh, sw), (ph, pw) = self.geometry(x)
+        oh, ow = ex.out_shape(step)[2:]
+        # the last window starts at (o-1)*s - pad: the end pad reaches its end (never negative)
+        ends = [max((o - 1) * s + k - n - q, 0) for o, s, k, n, q in ((oh, sh, kh, x[2], ph), (ow, sw, kw, x[3], pw))]
+        attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw] + ends)
+        if p.pool == "MAX":
+            return ex.add_node("MaxPool", ins, outs, **attrs)
+        div = kernels._ave_divisor(np, kernels.PoolGeom(kh, kw, sh, sw, ph, pw, x[2], x[3], oh, ow), np.float64)
+        ratio = kh * kw / div                   # ONNX divides by the whole window inside its pads
+        exact = np.all(ratio == 1)
+        y = ex.add_node("AveragePool", ins, outs if exact else None, count_include_pad=1, **attrs)
+        if not exact:
+            ex.add_node("Mul", [y, ex.const("divisor_ratio", ratio)], outs)
 
     # -- graph mode (gpu/lower.py) ---------------------------------------------------------
     def lower_check(self, lw, step):

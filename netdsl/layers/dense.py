@@ -78,6 +78,19 @@ class InnerProduct(Layer):
         dx = (dy @ w.T if self.p.transpose else dy @ w).reshape(xshape) if need[0] else None
         return [dx], grads
 
+    def to_onnx(self, ex, step):
+        """axis 1: Flatten + Gemm; any other axis: Reshape (..., K) + MatMul + Add."""
+        axis, x = self.p.axis % len(ex.in_shape(step)), ex.bottoms(step)[0]
+        w, *b = ex.params(step)
+        if axis == 1:
+            x = ex.add_node("Flatten", [x], axis=1) if len(ex.in_shape(step)) > 2 else x
+            return ex.add_node("Gemm", [x, ex.const("W", w)] + [ex.const("b", v) for v in b], ex.tops(step),
+                               transB=int(not self.p.transpose))
+        flat = ex.add_node("Reshape", [x, ex.ints([0] * axis + [-1])])
+        y = ex.add_node("MatMul", [flat, ex.const("W", w if self.p.transpose else w.T)], None if b else ex.tops(step))
+        if b:
+            ex.add_node("Add", [y, ex.const("b", b[0])], ex.tops(step))
+
     # -- graph mode (gpu/lower.py) ---------------------------------------------------------
     def lower_forward(self, lw, i, s):
         L, x = s.layer, s.node.bottoms[0]

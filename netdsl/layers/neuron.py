@@ -61,6 +61,10 @@ class PReLU(_Elementwise):
         dx = xp.where(pos, dy, dy * self._slope(a, x)) if need[0] else None
         return [dx], [da]
 
+    def to_onnx(self, ex, step):
+        a, nd = ex.params(step)[0], len(ex.in_shape(step))
+        ex.add_node("PRelu", ex.bottoms(step) + [ex.along(a, 1 if a.size > 1 else nd - 1, nd, suffix="slope")], ex.tops(step))
+
 
 @register
 class ELU(_Elementwise):
@@ -80,6 +84,9 @@ class ELU(_Elementwise):
         # Caffe: dy (alpha + y) on x <= 0, i.e. alpha e^x from the top alone
         return [xp.where(pos, dy, dy * (y + self.p.alpha))], []
 
+    def to_onnx(self, ex, step):
+        ex.add_node("Elu", ex.bottoms(step), ex.tops(step), alpha=self.p.alpha)
+
 
 @register
 class AbsVal(_Elementwise):
@@ -93,6 +100,9 @@ class AbsVal(_Elementwise):
 
     def backward(self, xp, sign, dtops, params, need):
         return [dtops[0] * sign], []
+
+    def to_onnx(self, ex, step):
+        ex.add_node("Abs", ex.bottoms(step), ex.tops(step))
 
 
 @register
@@ -133,6 +143,15 @@ class Power(_Elementwise):
                 g = y / x * p.power if p.shift == 0 else y / (x * p.scale + p.shift) * ds
         return [dy * g], []
 
+    def to_onnx(self, ex, step):
+        p, x = self.p, ex.bottoms(step)[0]
+        if self._diff_scale() == 0:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return ex.constant_like(x, 1.0 if p.power == 0 else float(np.power(np.float64(p.shift), p.power)), ex.tops(step))
+        ex.chain(step, x, [("Mul", [ex.scalar(p.scale)]) if p.scale != 1 else None,
+                           ("Add", [ex.scalar(p.shift)]) if p.shift != 0 else None,
+                           ("Pow", [ex.scalar(p.power)]) if p.power != 1 else None])
+
 
 @register
 class Exp(_Elementwise):
@@ -164,6 +183,11 @@ class Exp(_Elementwise):
         dx = dtops[0] * y
         return [dx * inner if inner != 1 else dx], []
 
+    def to_onnx(self, ex, step):
+        inner, outer = self._scales()
+        ex.chain(step, ex.bottoms(step)[0], [("Mul", [ex.scalar(inner)]) if inner != 1 else None, ("Exp", []),
+                                             ("Mul", [ex.scalar(outer)]) if outer != 1 else None])
+
 
 @register
 class Log(_Elementwise):
@@ -193,6 +217,12 @@ class Log(_Elementwise):
         num = self.p.scale / self._log_base()
         return [dtops[0] * (num / u) if num != 1 else dtops[0] / u], []
 
+    def to_onnx(self, ex, step):
+        p, k = self.p, 1.0 / self._log_base()
+        ex.chain(step, ex.bottoms(step)[0], [("Mul", [ex.scalar(p.scale)]) if p.scale != 1 else None,
+                                             ("Add", [ex.scalar(p.shift)]) if p.shift != 0 else None, ("Log", []),
+                                             ("Mul", [ex.scalar(k)]) if k != 1 else None])
+
 
 @register
 class BNLL(_Elementwise):
@@ -209,6 +239,9 @@ class BNLL(_Elementwise):
         e = xp.exp(xp.minimum(x, BNLL_THRESHOLD))
         return [dtops[0] * (e / (e + 1))], []
 
+    def to_onnx(self, ex, step):
+        ex.add_node("Softplus", ex.bottoms(step), ex.tops(step))
+
 
 @register
 class Threshold(_Elementwise):
@@ -220,6 +253,10 @@ class Threshold(_Elementwise):
     def forward(self, xp, bottoms, params):
         x = bottoms[0]
         return [(x > self.p.threshold).astype(x.dtype)], None
+
+    def to_onnx(self, ex, step):
+        gt = ex.add_node("Greater", ex.bottoms(step) + [ex.scalar(self.p.threshold)])
+        ex.add_node("Cast", [gt], ex.tops(step), to=1)          # 1: FLOAT
 
 
 @register
@@ -246,3 +283,7 @@ class Clip(_Elementwise):
 
     def backward(self, xp, inside, dtops, params, need):
         return [dtops[0] * inside], []
+
+    def to_onnx(self, ex, step):
+        lo, hi = ex.scalar(self.p.min), ex.scalar(self.p.max)     # max(min, min(x, max)), as Caffe
+        ex.chain(step, ex.bottoms(step)[0], [("Min", [hi]), ("Max", [lo])])

@@ -1,6 +1,8 @@
 """Layers: LRN, BatchNorm (Caffe's moving-average statistics) and Scale."""
 from __future__ import annotations
 
+import numpy as np
+
 from .. import kernels
 from ..registry import FILLER, F, Layer, Msg, ShapeError, canonical_axis, filler_record, fmt, register
 
@@ -39,6 +41,17 @@ class LRN(Layer):
 
     def backward(self, xp, cache, dtops, params, need):
         return [kernels.lrn_backward(xp, dtops[0], cache)], []
+
+    def to_onnx(self, ex, step):
+        """ACROSS_CHANNELS: ONNX LRN (the same alpha/size convention); WITHIN_CHANNEL: Caffe's own
+        construction, x (1 + alpha avgpool(x^2))^-beta (its padded windows always hold size^2 cells)."""
+        p, x = self.p, ex.bottoms(step)[0]
+        if p.norm_region == "ACROSS_CHANNELS":
+            return ex.add_node("LRN", [x], ex.tops(step), alpha=p.alpha, beta=p.beta, bias=p.k, size=p.local_size)
+        n, h = p.local_size, (p.local_size - 1) // 2
+        avg = ex.add_node("AveragePool", [ex.add_node("Mul", [x, x])], kernel_shape=[n, n], pads=[h] * 4, count_include_pad=1)
+        ex.chain(step, avg, [("Mul", [ex.scalar(p.alpha)]), ("Add", [ex.scalar(1.0)]), ("Pow", [ex.scalar(-p.beta)]),
+                             ("Mul", [x])])
 
 
 @register
@@ -98,6 +111,27 @@ class BatchNorm(Layer):
             return [dy * inv_std], []
         dx = (dy - dy.mean(axis=axes, keepdims=True) - y * (dy * y).mean(axis=axes, keepdims=True)) * inv_std
         return [dx], []
+
+    def _stats(self, params):
+        mean_sum, var_sum, factor = params
+        f = float(factor[0])
+        return mean_sum * (0.0 if f == 0 else 1.0 / f), var_sum * (0.0 if f == 0 else 1.0 / f)
+
+    def onnx_affine(self, ex, step):
+        """(mul, add) per channel, for --fold-batchnorm (None: batch statistics)."""
+        if not self.global_stats():
+            return None
+        mean, var = self._stats([np.asarray(a, np.float64) for a in ex.params(step)])
+        inv = 1.0 / np.sqrt(var + self.p.eps)
+        return inv, -mean * inv
+
+    def to_onnx(self, ex, step):
+        if not self.global_stats():
+            raise ex.unsupported(step, "use_global_stats: false normalises by batch statistics")
+        mean, var = self._stats(ex.params(step))
+        c = mean.shape[0]
+        ex.add_node("BatchNormalization", ex.bottoms(step) + [ex.const("scale", np.ones(c)), ex.const("bias", np.zeros(c)),
+                    ex.const("mean", mean), ex.const("var", var)], ex.tops(step), epsilon=self.p.eps)
 
 
 @register
@@ -170,3 +204,21 @@ class Scale(Layer):
         if len(self.spec.bottoms) == 2:
             return [dx, ds], ([db] if db is not None else [])
         return [dx], [ds] + ([db] if db is not None else [])
+
+    def onnx_affine(self, ex, step):
+        """(mul, add) per channel, for --fold-batchnorm (None unless one param over axis 1)."""
+        s, *b = ex.params(step)
+        if len(self.spec.bottoms) == 2 or self.p.axis % len(ex.in_shape(step)) != 1 or s.ndim != 1:
+            return None
+        return s, (b[0] if b else 0.0)
+
+    def to_onnx(self, ex, step):
+        x, nd, ax = ex.bottoms(step)[0], len(ex.in_shape(step)), self.p.axis % len(ex.in_shape(step))
+        params = ex.params(step)
+        if len(step.node.bottoms) == 2:
+            s = ex.along(ex.bottoms(step)[1], ax, nd, len(ex.in_shape(step, 1)))
+        else:
+            s, params = ex.along(params[0], ax, nd, suffix="scale"), params[1:]
+        y = ex.add_node("Mul", [x, s], None if params else ex.tops(step))
+        if params:
+            ex.add_node("Add", [y, ex.along(params[0], ax, nd, suffix="bias")], ex.tops(step))

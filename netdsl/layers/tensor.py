@@ -165,6 +165,14 @@ class Eltwise(Layer):
             return out, []
         return [dy * (saved == i) for i in range(n)], []
 
+    def to_onnx(self, ex, step):
+        ins, op = ex.bottoms(step), self.p.operation
+        if op == "PROD":
+            return ex.chain(step, ins[0], [("Mul", [b]) for b in ins[1:]])
+        if op == "SUM" and self.p.coeff:
+            ins = [b if c == 1 else ex.add_node("Mul", [b, ex.scalar(c)]) for b, c in zip(ins, self.p.coeff)]
+        ex.add_node("Sum" if op == "SUM" else "Max", ins, ex.tops(step))
+
 
 @register
 class Concat(Layer):
@@ -209,6 +217,9 @@ class Concat(Layer):
         ax = self.axis(dy.ndim)
         cuts = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
         return list(xp.split(dy, cuts, axis=ax)), []
+
+    def to_onnx(self, ex, step):
+        ex.add_node("Concat", ex.bottoms(step), ex.tops(step), axis=self.axis(len(ex.in_shape(step))))
 
 
 @register
@@ -256,6 +267,12 @@ class Slice(Layer):
     def backward(self, xp, saved, dtops, params, need):
         return [xp.concatenate(dtops, axis=self.ax)], []
 
+    def to_onnx(self, ex, step):
+        ax = canonical_axis(self.p.slice_dim if self.p.slice_dim is not None and not self.p.has("axis") else self.p.axis,
+                            len(ex.in_shape(step)))
+        sizes = [ex.out_shape(step, i)[ax] for i in range(len(step.node.tops))]
+        ex.add_node("Split", ex.bottoms(step) + [ex.ints(sizes)], ex.tops(step), axis=ax)
+
 
 @register
 class Split(Layer):
@@ -274,6 +291,10 @@ class Split(Layer):
         for d in dtops[1:]:
             g += d
         return [g], []
+
+    def to_onnx(self, ex, step):
+        for t in ex.tops(step):
+            ex.add_node("Identity", ex.bottoms(step), [t])
 
 
 class _View(Layer):
@@ -301,6 +322,11 @@ class Flatten(_View):
                              f"{self.p.axis} (axis {a}) of the {len(x)}-D input", field="end_axis", involves=(0,),
                              help=f"use an end_axis at or after axis {a} (-1: to the last axis)")
         return [x[:a] + (count(x, a, e + 1),) + x[e + 1:]]
+
+    def to_onnx(self, ex, step):
+        x = ex.in_shape(step)
+        a, e = canonical_axis(self.p.axis, len(x)), canonical_axis(self.p.end_axis, len(x))
+        ex.add_node("Reshape", ex.bottoms(step) + [ex.ints([0] * a + [-1] + list(x[e + 1:]))], ex.tops(step))
 
 
 
@@ -376,6 +402,15 @@ class Reshape(_View):
                                  help=help)
         return [x[:axis] + tuple(out) + x[end:]]
 
+    def to_onnx(self, ex, step):
+        """ONNX's 0 copies the input's size at the same index, which is where Caffe's 0 reads it; the
+        axes before `axis` are copied (0), those after the replaced span are given."""
+        x = ex.in_shape(step)
+        axis = self.p.axis if self.p.axis >= 0 else len(x) + 1 + self.p.axis
+        end = len(x) if self.p.num_axes == -1 else axis + self.p.num_axes
+        shape = [0] * axis + list(self.p.shape.dim) + list(x[end:])
+        ex.add_node("Reshape", ex.bottoms(step) + [ex.ints(shape)], ex.tops(step))
+
 
 
 @register
@@ -402,6 +437,9 @@ class Permute(Layer):
     def backward(self, xp, order, dtops, params, need):
         inv = [order.index(i) for i in range(len(order))]
         return [xp.ascontiguousarray(dtops[0].transpose(inv))], []
+
+    def to_onnx(self, ex, step):
+        ex.add_node("Transpose", ex.bottoms(step), ex.tops(step), perm=self.order(len(ex.in_shape(step))))
 
 
 @register
@@ -448,6 +486,13 @@ class Crop(Layer):
         dx = xp.zeros(shape, dtype=dtops[0].dtype)
         dx[idx] = dtops[0]
         return [dx, None], []
+
+    def to_onnx(self, ex, step):
+        ax, off = self.offsets(len(ex.in_shape(step)))
+        ref = ex.in_shape(step, 1)
+        ends = [o + ref[ax + i] for i, o in enumerate(off)]
+        ex.add_node("Slice", [ex.bottoms(step)[0], ex.ints(off), ex.ints(ends), ex.ints(range(ax, ax + len(off)))],
+                    ex.tops(step))
 
 
 @register
