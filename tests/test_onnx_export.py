@@ -336,3 +336,32 @@ def test_check_never_imports_onnx():
     code = (f"import sys; from netdsl.cli import main; rc = main(['check', {str(LENET)!r}]); "
             "assert rc == 0 and 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_trained_lenet_scores_the_same_mnist_accuracy_in_onnxruntime(tmp_path):
+    """nets/lenet.net trained briefly, its weights exported with Caffe's deploy LeNet (the same layer
+    names): onnxruntime classifies 1,000 held-out digits exactly as netdsl does."""
+    import netdsl
+    from netdsl.data.mnist import load_mnist
+    from netdsl.solver import Solver, SolverConfig
+    from support import shared_data_dir
+    data = shared_data_dir()
+    if data is None or not LENET.is_file():
+        pytest.skip("MNIST or shared/reference not available")
+    net = netdsl.load(str(Path(__file__).parents[1] / "nets" / "lenet.net"), phase="train", data_dir=str(data))
+    solver = Solver(SolverConfig(base_lr=0.01, momentum=0.9, weight_decay=5e-4, lr_policy="fixed"), net.learnable)
+    for it in range(150):
+        net.zero_grad()
+        net.forward()
+        net.backward()
+        solver.step(it)
+    net.save(str(tmp_path / "lenet.caffemodel"))
+    images, labels = load_mnist("test", str(data))
+    x = (images[:1000, None].astype(np.float32) * np.float32(0.00390625))
+    model, deploy = export(str(LENET), str(tmp_path / "lenet.onnx"), weights=str(tmp_path / "lenet.caffemodel"),
+                           batch=1000, shapes={"data": (1000, 1, 28, 28)})
+    ours = deploy.forward(data=x)["prob"].argmax(axis=1)
+    session = ort.InferenceSession(str(tmp_path / "lenet.onnx"), providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(axis=1)
+    acc_ours, acc_theirs = float((ours == labels[:1000]).mean()), float((theirs == labels[:1000]).mean())
+    assert acc_ours > 0.85 and acc_theirs == acc_ours and (ours == theirs).all()
