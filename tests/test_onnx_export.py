@@ -341,10 +341,11 @@ def test_check_never_imports_onnx():
 def test_trained_lenet_scores_the_same_mnist_accuracy_in_onnxruntime(tmp_path):
     """nets/lenet.net trained briefly, its weights exported with Caffe's deploy LeNet (the same layer
     names): onnxruntime classifies 1,000 held-out digits exactly as netdsl does."""
+    from support import shared_data_dir
+
     import netdsl
     from netdsl.data.mnist import load_mnist
     from netdsl.solver import Solver, SolverConfig
-    from support import shared_data_dir
     data = shared_data_dir()
     if data is None or not LENET.is_file():
         pytest.skip("MNIST or shared/reference not available")
