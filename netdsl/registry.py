@@ -55,14 +55,7 @@ FORK_TYPES = {
     "PriorBox": "SSD's Caffe fork (weiliu89/caffe)", "DetectionOutput": "SSD's Caffe fork (weiliu89/caffe)",
     "MultiBoxLoss": "SSD's Caffe fork (weiliu89/caffe)", "Normalize": "SSD's Caffe fork (weiliu89/caffe)",
     "AnnotatedData": "SSD's Caffe fork (weiliu89/caffe)",
-    "PSROIPooling": "R-FCN's Caffe fork (daijifeng001/caffe-rfcn)",
     "BoxAnnotatorOHEM": "R-FCN's Caffe fork (daijifeng001/caffe-rfcn)",
-    "BN": "SegNet's and PSPNet's Caffe forks", "Interp": "PSPNet's and DeepLab's Caffe forks (hszhao/PSPNet)",
-    "Upsample": "SegNet's Caffe fork (alexgkendall/caffe-segnet)",
-    "DenseImageData": "SegNet's Caffe fork (alexgkendall/caffe-segnet)",
-    "ConvolutionDepthwise": "the depthwise-convolution forks of MobileNet and ShuffleNet",
-    "DepthwiseConvolution": "the depthwise-convolution forks of MobileNet and ShuffleNet",
-    "ShuffleChannel": "ShuffleNet's Caffe fork (farmingyard/ShuffleNet)", "Axpy": "SENet's Caffe fork (hujie-frank/SENet)",
     "Reorg": "the YOLO Caffe ports", "Region": "the YOLO Caffe ports",
 }
 

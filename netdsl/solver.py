@@ -363,8 +363,10 @@ def validate(cfg: SolverConfig) -> list[str]:
             problem(name, f"{name} must be a finite number, got {v}")
     if math.isfinite(cfg.base_lr) and cfg.base_lr < 0:
         problem("base_lr", f"base_lr must be >= 0, got {cfg.base_lr}")
-    if kind in ("AdaGrad", "RMSProp", "AdaDelta", "Adam", "AdamW") and cfg.delta <= 0:
+    if kind in ("AdaGrad", "RMSProp", "AdaDelta") and cfg.delta <= 0:       # 0/0 for a param with no gradient
         problem("delta", f"{kind} divides by sqrt(history) + delta: delta must be > 0, got {cfg.delta}")
+    if kind in ("Adam", "AdamW") and cfg.delta < 0:
+        problem("delta", f"{kind}'s delta must be >= 0, got {cfg.delta}")
     if cfg.max_iter < 0:
         problem("max_iter", f"max_iter must be >= 0, got {cfg.max_iter}")
     if cfg.display < 0:

@@ -376,17 +376,18 @@ REAL_NETS = {
     "shelhamer+fcn.berkeleyvision.org__voc-fcn8s_deploy.prototxt": [("test", [])],
     "shicai+MobileNet-Caffe__mobilenet_deploy.prototxt": [("test", [])],
     "soeaver+caffe-model__cls_inception_deploy_inception-v3.prototxt": [("test", [])],
+    # the forks' layers (layers/forks.py)
+    "alexgkendall+SegNet-Tutorial__Models_segnet_inference.prototxt": [("test", ["data=1,3,360,480"])],
+    "farmingyard+ShuffleNet__shufflenet_1x_g3_deploy.prototxt": [("test", [])],
+    "hszhao+PSPNet__evaluation_prototxt_pspnet50_ADE20K_473.prototxt": [("test", [])],
+    "shicai+DenseNet-Caffe__DenseNet_201.prototxt": [("test", [])],
     # a V1 file: upgraded in memory, with a warning
     "natanielruiz+net-archive__nin_imagenet_train_val.prototxt": [(ph, ["data=64,3,224,224"]) for ph in ("train", "test")],
 }
 # Files that need what netdsl does not have yet, with the first error they give (the fork layers
 # and V1 files are the work of the forks' and the weights' issues).
 REAL_NOT_YET = {
-    "alexgkendall+SegNet-Tutorial__Models_segnet_inference.prototxt": ("E0201", "DenseImageData"),
-    "farmingyard+ShuffleNet__shufflenet_1x_g3_deploy.prototxt": ("E0201", "ConvolutionDepthwise"),
-    "hszhao+PSPNet__evaluation_prototxt_pspnet50_ADE20K_473.prototxt": ("E0201", "BN"),
     "xzgz+caffe-ssd__models_VGGNet_VOC0712_SSD_300x300_deploy.prototxt": ("E0201", "Normalize"),
-    "shicai+DenseNet-Caffe__DenseNet_201.prototxt": ("E0102", "ceil_mode"),
 }
 REAL_CASES = [(f, ph, hints) for f, runs in REAL_NETS.items() for ph, hints in runs]
 

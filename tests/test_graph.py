@@ -233,9 +233,9 @@ def test_unknown_type_is_one_error_even_with_its_own_param_block():
 
 
 def test_fork_layer_types_name_their_fork_not_a_look_alike():
-    g, c = net('layer { name: "pb" type: "PriorBox" bottom: "data" top: "pb" prior_box_param { min_size: 30 } }\n')
+    g, c = net('layer { name: "pb" type: "Reorg" bottom: "data" top: "pb" reorg_param { stride: 2 } }\n')
     (d,) = c.diagnostics
-    assert d.code == "E0201" and "SSD's Caffe fork" in d.message and "Proposal" not in (d.help or "")
+    assert d.code == "E0201" and "YOLO Caffe ports" in d.message and "did you mean" not in (d.help or "")
     assert diags(c) == [("E0201", "2:20")]                          # at `type:`
 
 

@@ -117,7 +117,8 @@ class Case:
       "lab<C>i" the same with some -1 (ignored) labels, "u" uniform (0,1) targets, "ui" the same with
       some -1 (ignored), "w" positive weights, "ref" a reference blob (shape only, no gradient),
       "roi<N>x<H>x<W>" R x 5 integer rois of an N-image batch of H x W pixels, "cont" recurrent
-      T x N continuation flags (0/1, 0 at t = 0).
+      T x N continuation flags (0/1, 0 at t = 0), "poolmask<H>x<W>" the mask top of a 2x2 stride-2 MAX
+      Pooling of an H x W map (Upsample's second bottom).
     grad: the bottoms to gradient-check (default: those drawn "n" or "d").
     grad_tops: the tops that carry a gradient (default all; not Pooling's mask or the loss's prob).
     params: per-param generator ("n" default, "pos", "bnmean"/"bnvar"/"bnfactor" for BatchNorm).
@@ -415,8 +416,47 @@ CASES += [
       grad_tops=(0,), id="static-expose"),
 ]
 
+CASES += [   # fork layers (layers/forks.py)
+    C("BN", "bn_param { bn_mode: INFERENCE }", ((2, 3, 2, 3),), id="segnet-inference"),
+    C("BN", "bn_param { bn_mode: LEARN scale_filler { type: \"constant\" value: 1 } }", ((3, 2, 2, 3),),
+      id="segnet-learn"),
+    C("BN", "bn_param { bn_mode: LEARN }", ((3, 2, 2, 3),), phase="TEST", tops=3, grad_tops=(0,), id="segnet-learn-stat-tops"),
+    C("BN", "bn_param { bn_mode: LEARN }", ((5, 3),), id="segnet-learn-2d"),
+    C("BN", "bn_param { momentum: 0.95 }", ((3, 2, 2, 3),), param_kinds=("n", "n", "bnmean", "bnvar"), id="psp-train"),
+    C("BN", "", ((5, 3),), param_kinds=("n", "n", "bnmean", "bnvar"), id="psp-train-2d"),
+    C("BN", "", ((3, 2, 2, 3),), phase="TEST", param_kinds=("n", "n", "bnmean", "bnvar"), id="psp-test"),
+    C("BN", "bn_param { frozen: true momentum: 0.95 }", ((3, 2, 2, 3),), param_kinds=("n", "n", "bnmean", "bnvar"),
+      id="psp-frozen"),
+    C("Upsample", "upsample_param { scale: 2 }", ((2, 3, 2, 3), (2, 3, 2, 3)), inputs=("n", "poolmask4x6"), grad=(0,),
+      id="scale2"),
+    C("Upsample", "upsample_param { upsample_h: 5 upsample_w: 7 }", ((1, 2, 3, 4), (1, 2, 3, 4)), inputs=("n", "poolmask5x7"),
+      grad=(0,), id="upsample_hw-odd"),
+    C("Upsample", "upsample_param { scale: 2 pad_out_h: true }", ((1, 2, 3, 3), (1, 2, 3, 3)), inputs=("n", "poolmask5x6"),
+      grad=(0,), id="pad_out_h"),
+    C("Interp", "interp_param { zoom_factor: 3 }", ((2, 2, 3, 4),), id="zoom3"),
+    C("Interp", "interp_param { shrink_factor: 2 }", ((1, 2, 7, 6),), id="shrink2"),
+    C("Interp", "interp_param { shrink_factor: 2 zoom_factor: 3 }", ((1, 2, 5, 6),), id="shrink2-zoom3"),
+    C("Interp", "interp_param { height: 5 width: 3 }", ((1, 2, 4, 6),), id="height-width"),
+    C("Interp", "interp_param { zoom_factor: 2 pad_beg: -1 pad_end: -1 }", ((1, 2, 5, 6),), id="crop"),
+    C("Interp", "", ((1, 2, 3, 3), (1, 1, 5, 7)), inputs=("n", "ref"), id="2nd-bottom"),
+    C("ConvolutionDepthwise", "convolution_param { num_output: 3 kernel_size: 3 pad: 1 }", ((2, 3, 4, 4),), id="k3"),
+    C("ConvolutionDepthwise", "convolution_param { num_output: 4 kernel_size: 3 stride: 2 bias_term: false }",
+      ((1, 4, 5, 5),), id="stride2-nobias"),
+    C("ConvolutionDepthwise", "convolution_param { num_output: 6 kernel_size: 2 }", ((1, 3, 3, 4),), id="multiplier2"),
+    C("DepthwiseConvolution", "convolution_param { num_output: 4 kernel_size: 3 pad: 1 group: 4 }", ((2, 4, 3, 3),),
+      id="k3-group"),
+    C("ShuffleChannel", "shuffle_channel_param { group: 3 }", ((2, 6, 2, 2),), id="g3"),
+    C("ShuffleChannel", "shuffle_channel_param { group: 2 }", ((2, 4, 3),), id="g2-3d"),
+    C("Axpy", "", ((2, 3, 1, 1), (2, 3, 2, 2), (2, 3, 2, 2)), id="4d"),
+    C("Axpy", "", ((2, 3), (2, 3, 2, 3), (2, 3, 2, 3)), id="2d-scale"),
+    C("PSROIPooling", "psroi_pooling_param { spatial_scale: 0.5 output_dim: 2 group_size: 2 }", ((2, 8, 6, 7), (5, 5)),
+      inputs=("n", "roi2x12x14"), id="scale0.5-g2"),
+    C("PSROIPooling", "psroi_pooling_param { spatial_scale: 1 output_dim: 2 group_size: 3 }", ((1, 18, 5, 6), (4, 5)),
+      inputs=("n", "roi1x5x6"), id="scale1-g3"),
+]
+
 DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
-CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python"}   # runnable = False: shape rule only
+CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
 
 
 def ids(cases):
@@ -458,6 +498,13 @@ def gen(kind: str, shape, rng, pool=None) -> np.ndarray:
         c = (rng.uniform(size=shape) > 0.3).astype(F64)
         c[0] = 0.0
         return c
+    if kind.startswith("poolmask"):     # Upsample's mask bottom: a real 2x2 stride-2 MAX pooling's mask top
+        from netdsl import kernels
+        hh, ww = (int(v) for v in kind[8:].split("x"))
+        x = rng.permutation(shape[0] * shape[1] * hh * ww).reshape(shape[0], shape[1], hh, ww).astype(F64)
+        mask = kernels.pool2d_mask(np, kernels.pool2d_forward(np, x, "max", 2, 2, 2, 2)[1])
+        assert mask.shape == tuple(shape), (mask.shape, shape)
+        return mask
     if kind.startswith("roi"):  # "roi<N>x<H>x<W>": R x 5 rois (batch < N, x1, y1, x2, y2), whole image pixels
         nb, hh, ww = (int(v) for v in kind[3:].split("x"))   # some reach past the image; none is malformed
         r = shape[0]
@@ -2599,6 +2646,370 @@ def test_multinomial_logistic_loss_matches_torch_nll():
     lt.backward()
     assert_close(loss, lt.item(), 1e-12, "loss")
     assert_close(dp, pt.grad.numpy(), 1e-12, "dp")
+
+
+# =============================================================================================
+# ---- fork layers (layers/forks.py): each fork's blob layout and formula by hand, Caffe's loops,
+# PyTorch oracles, and the real nets that use them
+
+def _real_dir():
+    from pathlib import Path
+    return Path(__file__).resolve().parents[2] / "shared" / "reference" / "real"
+
+
+def _bn(params, bottoms, phase="TRAIN", tops=1):
+    return build_layer("BN", params, bottoms, tops, phase)
+
+
+def test_bn_blob_layouts_and_fillers_follow_each_fork():
+    seg = _bn('bn_param { bn_mode: INFERENCE scale_filler { type: "constant" value: 1 } '
+              'shift_filler { type: "constant" value: 0.001 } }', ((1, 4, 2, 2),), "TEST")
+    assert seg.segnet and seg.param_shapes == [(1, 4, 1, 1)] * 2 and not seg.frozen_params
+    assert [f.value for f in seg.fillers()] == [1.0, 0.001]
+    psp = _bn('bn_param { slope_filler { type: "constant" value: 1 } frozen: true momentum: 0.95 }', ((1, 4, 2, 2),), "TEST")
+    assert not psp.segnet and psp.param_shapes == [(1, 4, 1, 1)] * 4 and psp.frozen_params
+    f = psp.fillers()
+    assert f[0].value == 1.0 and f[2] is None and f[3].type == "constant" and f[3].value == 1.0   # frozen: var starts at 1
+    assert _bn("", ((1, 4),)).fillers()[3] is None
+    assert not _bn("", ((1, 4, 2, 2),)).frozen_params
+
+
+def test_bn_segnet_inference_is_scale_times_x_plus_shift():
+    layer = _bn("bn_param { bn_mode: INFERENCE }", ((2, 3, 2, 2),), "TEST")
+    rng = np.random.default_rng(0)
+    x, s, b = rng.standard_normal((2, 3, 2, 2)), rng.standard_normal((1, 3, 1, 1)), rng.standard_normal((1, 3, 1, 1))
+    (y,), saved = layer.forward(np, [x], [s, b])
+    assert_close(y, s * x + b, 1e-15)
+    dy = rng.standard_normal(y.shape)
+    (dx,), (ds, db) = layer.backward(np, saved, [dy], [s, b], [True])
+    assert_close(dx, s * dy, 1e-15)
+    assert_close(ds, (x * dy).sum(axis=(0, 2, 3), keepdims=True), 1e-14)
+    assert_close(db, dy.sum(axis=(0, 2, 3), keepdims=True), 1e-14)
+
+
+def test_bn_segnet_learn_uses_batch_statistics_with_eps_1e_9_in_every_phase():
+    rng = np.random.default_rng(1)
+    x, s, b = rng.standard_normal((3, 2, 2, 3)), rng.standard_normal((1, 2, 1, 1)), rng.standard_normal((1, 2, 1, 1))
+    mean = x.mean(axis=(0, 2, 3), keepdims=True)
+    var = (x ** 2).mean(axis=(0, 2, 3), keepdims=True) - mean ** 2       # SegNet's E(x^2) - E(x)^2
+    want = s * (x - mean) / np.sqrt(var + 1e-9) + b
+    for phase in ("TRAIN", "TEST"):
+        layer = _bn("bn_param { bn_mode: LEARN }", ((3, 2, 2, 3),), phase, tops=3)
+        (y, m, v), _ = layer.forward(np, [x], [s, b])
+        assert_close(y, want, 1e-12)
+        assert_close(m, mean, 1e-14)
+        assert_close(v, var, 1e-13)
+
+
+def test_bn_pspnet_moving_averages_test_formula_and_frozen_backward():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 2, 2, 3))
+    s, b = rng.standard_normal((1, 2, 1, 1)), rng.standard_normal((1, 2, 1, 1))
+    mean0, var0 = rng.standard_normal((1, 2, 1, 1)), rng.uniform(0.5, 2, (1, 2, 1, 1))
+    # TRAIN: batch statistics (biased variance); the blobs become m * old + (1 - m) * batch
+    layer = _bn("bn_param { momentum: 0.95 eps: 1e-5 }", ((3, 2, 2, 3),))
+    params = [s, b, mean0.copy(), var0.copy()]
+    (y,), _ = layer.forward(np, [x], params)
+    bm, bv = x.mean(axis=(0, 2, 3), keepdims=True), x.var(axis=(0, 2, 3), keepdims=True)
+    assert_close(y, s * (x - bm) / np.sqrt(bv + 1e-5) + b, 1e-12)
+    assert_close(params[2], 0.95 * mean0 + 0.05 * bm, 1e-14)
+    assert_close(params[3], 0.95 * var0 + 0.05 * bv, 1e-14)
+    # TEST, and frozen in any phase: the moving statistics, blobs untouched
+    want = s * (x - mean0) / np.sqrt(var0 + 1e-5) + b
+    for text, phase in (("", "TEST"), ("bn_param { frozen: true }", "TRAIN")):
+        layer = _bn(text, ((3, 2, 2, 3),), phase)
+        params = [s, b, mean0.copy(), var0.copy()]
+        (y,), saved = layer.forward(np, [x], params)
+        assert_close(y, want, 1e-12)
+        assert np.array_equal(params[2], mean0) and np.array_equal(params[3], var0)
+    dy = rng.standard_normal(x.shape)
+    (dx,), dparams = layer.backward(np, saved, [dy], params, [True])
+    assert_close(dx, dy * s / np.sqrt(var0 + 1e-5), 1e-12)               # Caffe's frozen backward
+    assert dparams == []
+
+
+def test_bn_errors():
+    with pytest.raises(Exception, match="only SegNet's `bn_mode: LEARN`"):
+        _bn("bn_param { bn_mode: INFERENCE }", ((1, 2, 2, 2),), "TEST", tops=2)
+    with pytest.raises(Exception, match="momentum must lie"):
+        _bn("bn_param { momentum: 1.5 }", ((1, 2, 2, 2),), "TEST")
+
+
+def test_upsample_by_hand_and_gathering_backward():
+    layer = build_layer("Upsample", "upsample_param { scale: 2 }", ((1, 1, 1, 2), (1, 1, 1, 2)), 1, "TEST")
+    x, mask = np.array([[[[5.0, 7.0]]]]), np.array([[[[4.0, 3.0]]]])     # 2 x 4 output: (1, 0) and (0, 3)
+    (y,), saved = layer.forward(np, [x, mask], [])
+    assert_close(y, [[[[0, 0, 0, 7], [5, 0, 0, 0]]]], 0)
+    dy = np.arange(8.0).reshape(1, 1, 2, 4)
+    (dx, dmask), _ = layer.backward(np, saved, [dy], [], [True, False])
+    assert_close(dx, [[[[4.0, 3.0]]]], 0) and dmask is None
+
+
+@pytest.mark.parametrize("shape, params", [((1, 2, 6, 8), "scale: 2"), ((2, 3, 7, 5), "upsample_h: 7 upsample_w: 5"),
+                                           ((1, 2, 5, 8), "scale: 2 pad_out_h: true")])
+def test_upsample_after_max_pooling_matches_torch_max_unpool2d(shape, params):
+    torch = pytest.importorskip("torch")
+    n, c, h, w = shape
+    text = (f'name: "u" force_backward: true layer {{ name: "in" type: "Input" top: "x" input_param {{ {_dims(shape)} }} }}\n'
+            'layer { name: "pool" type: "Pooling" bottom: "x" top: "p" top: "mask" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n'
+            f'layer {{ name: "up" type: "Upsample" bottom: "p" bottom: "mask" top: "u" upsample_param {{ {params} }} }}\n'
+            'layer { name: "loss" type: "EuclideanLoss" bottom: "u" bottom: "x" top: "l" }')
+    net = make_net(text)
+    x = np.random.default_rng(3).permutation(np.prod(shape)).reshape(shape) / 10.0
+    net.forward(x=x)
+    xt = torch.tensor(x, requires_grad=True)
+    pooled, idx = torch.nn.functional.max_pool2d(xt, 2, 2, ceil_mode=True, return_indices=True)
+    pooled.retain_grad()
+    u = torch.nn.functional.max_unpool2d(pooled, idx, 2, 2, output_size=(h, w))
+    assert_close(net.values["u"], u.detach().numpy(), 1e-15)
+    assert_close(net.values["mask"], idx.numpy().astype(F64), 0)          # Caffe's mask = PyTorch's indices
+    net.backward()
+    ((u - xt) ** 2).sum().div(2 * n).backward()
+    assert_close(net.grads["p"], pooled.grad.numpy(), 1e-12)
+
+
+def test_upsample_errors():
+    with pytest.raises(Exception, match="mask 1x2x3x3 differs"):
+        build_layer("Upsample", "", ((1, 2, 2, 2), (1, 2, 3, 3)), 1, "TEST")
+    with pytest.raises(Exception, match="upsample_w` is missing"):
+        build_layer("Upsample", "upsample_param { upsample_h: 4 }", ((1, 2, 2, 2), (1, 2, 2, 2)), 1, "TEST")
+    with pytest.raises(Exception, match="needs scale 2"):
+        build_layer("Upsample", "upsample_param { scale: 3 pad_out_w: true }", ((1, 2, 2, 2), (1, 2, 2, 2)), 1, "TEST")
+
+
+@pytest.mark.parametrize("params, x, out", [
+    ("zoom_factor: 8", (1, 1, 60, 60), (473, 473)), ("zoom_factor: 3", (1, 1, 3, 4), (7, 10)),
+    ("shrink_factor: 2", (1, 1, 7, 6), (4, 3)), ("shrink_factor: 4 zoom_factor: 2", (1, 1, 9, 10), (5, 5)),
+    ("height: 60 width: 61", (1, 1, 6, 6), (60, 61)), ("zoom_factor: 2 pad_beg: -1 pad_end: -2", (1, 1, 8, 9), (9, 11))])
+def test_interp_output_size_follows_the_fork(params, x, out):
+    assert build_layer("Interp", f"interp_param {{ {params} }}", (x,), 1, "TEST").top_shapes[0][2:] == out
+
+
+def test_interp_uses_the_forks_float32_source_rows():
+    """caffe_cpu_interp2 computes the source row in float32: 0.1f * 3 is not 0.3."""
+    a = layer_types()["Interp"].weights(31, 11)              # ratio (31 - 1) / (11 - 1) = 3 exactly
+    assert_close(a, np.eye(31)[::3][:11], 0)
+    a = layer_types()["Interp"].weights(4, 31)               # ratio 0.1f
+    r = np.float32(np.float32(3) / np.float32(30)) * np.arange(31, dtype=np.float32)
+    lo = r.astype(int)
+    for i in range(31):
+        want = np.zeros(4)
+        want[lo[i]] += 1 - float(r[i] - np.float32(lo[i]))
+        want[min(lo[i] + 1, 3)] += float(r[i] - np.float32(lo[i]))
+        assert_close(a[i], want, 0, f"row {i}")
+
+
+@pytest.mark.parametrize("x, size", [((2, 3, 5, 7), (9, 13)), ((1, 2, 60, 60), (473, 473)), ((1, 2, 8, 9), (3, 4)),
+                                     ((1, 1, 1, 4), (5, 4)), ((1, 2, 6, 6), (6, 6))])
+def test_interp_matches_torch_bilinear_align_corners(x, size):
+    torch = pytest.importorskip("torch")
+    layer = build_layer("Interp", f"interp_param {{ height: {size[0]} width: {size[1]} }}", (x,), 1, "TEST")
+    rng = np.random.default_rng(4)
+    xv = rng.standard_normal(x)
+    (y,), saved = layer.forward(np, [xv], [])
+    xt = torch.tensor(xv, requires_grad=True)
+    yt = torch.nn.functional.interpolate(xt, size=size, mode="bilinear", align_corners=True)
+    assert_close(y, yt.detach().numpy(), 1e-6)                 # the fork's float32 source rows: within 1e-6
+    dy = rng.standard_normal(y.shape)
+    (dx,), _ = layer.backward(np, saved, [dy], [], [True])
+    yt.backward(torch.tensor(dy))
+    assert_close(dx, xt.grad.numpy(), 1e-5)
+
+
+def test_interp_crop_reads_the_inner_window_and_errors():
+    rng = np.random.default_rng(5)
+    xv = rng.standard_normal((1, 2, 6, 7))
+    crop = build_layer("Interp", "interp_param { zoom_factor: 2 pad_beg: -1 pad_end: -2 }", ((1, 2, 6, 7),), 1, "TEST")
+    plain = build_layer("Interp", "interp_param { zoom_factor: 2 }", ((1, 2, 3, 4),), 1, "TEST")
+    assert_close(crop.forward(np, [xv], [])[0][0], plain.forward(np, [xv[:, :, 1:4, 1:5]], [])[0][0], 0)
+    with pytest.raises(Exception, match="give the output size one way"):
+        build_layer("Interp", "", ((1, 2, 3, 4),), 1, "TEST")
+    with pytest.raises(Exception, match="must be <= 0"):
+        build_layer("Interp", "interp_param { zoom_factor: 2 pad_beg: 1 }", ((1, 2, 3, 4),), 1, "TEST")
+    with pytest.raises(Exception, match="not supported"):
+        build_layer("Interp", 'interp_param { zoom_factor: 2 interp_type: "nearest_neighbor" }', ((1, 2, 3, 4),), 1, "TEST")
+
+
+@pytest.mark.parametrize("type_", ["ConvolutionDepthwise", "DepthwiseConvolution"])
+def test_depthwise_is_a_convolution_grouped_by_the_input_depth(type_):
+    torch = pytest.importorskip("torch")
+    p = "num_output: 8 kernel_size: 3 stride: 2 pad: 1"
+    dw = build_layer(type_, f"convolution_param {{ {p} }}", ((2, 4, 7, 6),), 1, "TEST")
+    conv = build_layer("Convolution", f"convolution_param {{ {p} group: 4 }}", ((2, 4, 7, 6),), 1, "TEST")
+    assert dw.param_shapes == conv.param_shapes == [(8, 1, 3, 3), (8,)] and dw.top_shapes == conv.top_shapes
+    rng = np.random.default_rng(6)
+    x, w, b = rng.standard_normal((2, 4, 7, 6)), rng.standard_normal((8, 1, 3, 3)), rng.standard_normal(8)
+    (y,), _ = dw.forward(np, [x], [w, b])
+    assert_close(y, conv.forward(np, [x], [w, b])[0][0], 1e-14)
+    want = torch.nn.functional.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), 2, 1, groups=4)
+    assert_close(y, want.numpy(), 1e-12)
+    with pytest.raises(Exception, match="not a multiple of the input depth"):
+        build_layer(type_, "convolution_param { num_output: 6 kernel_size: 3 }", ((1, 4, 5, 5),), 1, "TEST")
+
+
+def test_shuffle_channel_by_hand_and_against_torch():
+    layer = build_layer("ShuffleChannel", "shuffle_channel_param { group: 3 }", ((1, 6, 1, 1),), 1, "TEST")
+    x = np.arange(6.0).reshape(1, 6, 1, 1)
+    (y,), saved = layer.forward(np, [x], [])
+    assert y.ravel().tolist() == [0, 2, 4, 1, 3, 5]               # out[j * g + i] = in[i * C/g + j]
+    (dx,), _ = layer.backward(np, saved, [y], [], [True])
+    assert_close(dx, x, 0)                                           # backward is the inverse shuffle
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(7).standard_normal((2, 12, 3, 2))
+    layer = build_layer("ShuffleChannel", "shuffle_channel_param { group: 4 }", ((2, 12, 3, 2),), 1, "TEST")
+    assert_close(layer.forward(np, [x], [])[0][0], torch.nn.functional.channel_shuffle(torch.tensor(x), 4).numpy(), 0)
+    with pytest.raises(Exception, match="not divisible by group 4"):
+        build_layer("ShuffleChannel", "shuffle_channel_param { group: 4 }", ((1, 6, 2, 2),), 1, "TEST")
+
+
+def test_axpy_by_hand():
+    layer = build_layer("Axpy", "", ((2, 3, 1, 1), (2, 3, 2, 2), (2, 3, 2, 2)), 1, "TEST")
+    rng = np.random.default_rng(8)
+    a, x, y = rng.standard_normal((2, 3, 1, 1)), rng.standard_normal((2, 3, 2, 2)), rng.standard_normal((2, 3, 2, 2))
+    (t,), saved = layer.forward(np, [a, x, y], [])
+    assert_close(t, a * x + y, 1e-15)
+    dt = rng.standard_normal(t.shape)
+    (da, dx, dy), _ = layer.backward(np, saved, [dt], [], [True, True, True])
+    assert_close(da, (x * dt).sum(axis=(2, 3), keepdims=True), 1e-14)
+    assert_close(dx, a * dt, 1e-15) and assert_close(dy, dt, 0)
+    with pytest.raises(Exception, match="is not N x C x 1 x 1"):
+        build_layer("Axpy", "", ((2, 3, 2, 1), (2, 3, 2, 2), (2, 3, 2, 2)), 1, "TEST")
+
+
+def psroi_ref(x, rois, scale, d, g):
+    """caffe-rfcn's PSROIPoolingForward / Backward loops (float64)."""
+    n, c, h, w = x.shape
+    y, route = np.zeros((len(rois), d, g, g)), []
+    for r, roi in enumerate(rois):
+        b = int(roi[0])
+        c_round = [math.floor(abs(v) + 0.5) * (1 if v >= 0 else -1) for v in roi[1:]]
+        sw, sh = c_round[0] * scale, c_round[1] * scale
+        ew, eh = (c_round[2] + 1) * scale, (c_round[3] + 1) * scale
+        rw, rh = max(ew - sw, 0.1), max(eh - sh, 0.1)
+        bh, bw = rh / g, rw / g
+        for ct, ph, pw in itertools.product(range(d), range(g), range(g)):
+            hs = min(max(math.floor(ph * bh + sh), 0), h)
+            ws = min(max(math.floor(pw * bw + sw), 0), w)
+            he = min(max(math.ceil((ph + 1) * bh + sh), 0), h)
+            we = min(max(math.ceil((pw + 1) * bw + sw), 0), w)
+            ch = (ct * g + ph) * g + pw
+            if he <= hs or we <= ws:
+                continue
+            area = (he - hs) * (we - ws)
+            y[r, ct, ph, pw] = x[b, ch, hs:he, ws:we].sum() / area
+            route.append((r, ct, ph, pw, b, ch, hs, he, ws, we, area))
+    return y, route
+
+
+@pytest.mark.parametrize("scale, d, g, shape", [(0.5, 2, 2, (2, 8, 6, 7)), (1.0, 3, 3, (1, 27, 5, 6)), (0.0625, 2, 3, (1, 18, 4, 5))])
+def test_psroi_pooling_matches_rfcn_loops(scale, d, g, shape):
+    rng = np.random.default_rng(9)
+    rois = np.array([[0, 0, 0, 15, 11], [shape[0] - 1, 3.4, 2.5, 9.6, 7.5], [0, -5, -5, 2, 1], [0, 4, 4, 4, 4],
+                     [shape[0] - 1, 9, 3, 2, 1], [0, 0, 0, 200, 200]], float)
+    layer = build_layer("PSROIPooling", f"psroi_pooling_param {{ spatial_scale: {scale} output_dim: {d} group_size: {g} }}",
+                        (shape, rois.shape), 1, "TEST")
+    x = rng.standard_normal(shape)
+    (y,), saved = layer.forward(np, [x, rois], [])
+    want, route = psroi_ref(x, rois, scale, d, g)
+    assert_close(y, want, 1e-13)
+    dy = rng.standard_normal(y.shape)
+    (dx, drois), _ = layer.backward(np, saved, [dy], [], [True, False])
+    dref = np.zeros(shape)
+    for r, ct, ph, pw, b, ch, hs, he, ws, we, area in route:
+        dref[b, ch, hs:he, ws:we] += dy[r, ct, ph, pw] / area
+    assert_close(dx, dref, 1e-13)
+    assert drois is None
+
+
+def test_psroi_pooling_errors():
+    with pytest.raises(Exception, match="input depth 10 is not output_dim 2 x group_size"):
+        build_layer("PSROIPooling", "psroi_pooling_param { spatial_scale: 1 output_dim: 2 group_size: 2 }",
+                    ((1, 10, 4, 4), (3, 5)), 1, "TEST")
+    with pytest.raises(Exception, match="missing required field `group_size`"):
+        build_layer("PSROIPooling", "psroi_pooling_param { spatial_scale: 1 output_dim: 2 }", ((1, 8, 4, 4), (3, 5)), 1, "TEST")
+
+
+@pytest.mark.parametrize("mode, rnd, out", [("ceil_mode: false", "", 2), ("ceil_mode: true", "", 3),
+                                            ("ceil_mode: true", "round_mode: FLOOR", 3), ("ceil_mode: false", "round_mode: CEIL", 2),
+                                            ("", "round_mode: FLOOR", 2), ("", "", 3)])
+def test_pooling_ceil_mode_is_round_mode(mode, rnd, out):
+    layer = build_layer("Pooling", f"pooling_param {{ pool: MAX kernel_size: 3 stride: 2 {mode} {rnd} }}", ((1, 1, 6, 6),),
+                        1, "TEST")
+    assert layer.top_shapes[0] == (1, 1, out, out)
+    (y,), _ = layer.forward(np, [np.arange(36.0).reshape(1, 1, 6, 6)], [])
+    assert y.shape == (1, 1, out, out)
+
+
+@pytest.mark.parametrize("interp", ["zoom_factor: 3", "height: 20 width: 5"])
+def test_interp_and_shuffle_channel_match_opencv(interp, tmp_path):
+    """OpenCV 4's Caffe importer implements Interp (zoom_factor or height/width; its shrink_factor
+    and pad_beg/pad_end differ from the fork, so those are checked against the fork's source above)."""
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
+        pytest.skip("this OpenCV has no Caffe importer")
+    text = ('name: "t" input: "data" input_shape { dim: 1 dim: 6 dim: 7 dim: 9 }\n'
+            'layer { name: "conv" type: "Convolution" bottom: "data" top: "conv" convolution_param { num_output: 6 kernel_size: 1 } }\n'
+            f'layer {{ name: "interp" type: "Interp" bottom: "conv" top: "interp" interp_param {{ {interp} }} }}\n'
+            'layer { name: "shuf" type: "ShuffleChannel" bottom: "interp" top: "shuf" shuffle_channel_param { group: 3 } }\n')
+    (tmp_path / "n.prototxt").write_text(text)
+    net = Net(plan_mod.lower(check_mod.check(syntax.parse(text, "n"), phase="TEST"), runnable=True), np, dtype=np.float32)
+    rng = np.random.default_rng(11)
+    for blobs in net.params.values():
+        for b in blobs:
+            b.data[...] = rng.normal(0, 0.5, b.data.shape)
+    x = rng.uniform(-1, 1, (1, 6, 7, 9)).astype(np.float32)
+    net.forward(data=x)
+    net.save(str(tmp_path / "w.caffemodel"))
+    cv = cv2.dnn.readNetFromCaffe(str(tmp_path / "n.prototxt"), str(tmp_path / "w.caffemodel"))
+    cv.setInput(x, "data")
+    for name, got in zip(["interp", "shuf"], cv.forward(["interp", "shuf"])):
+        assert_close(got.reshape(net.values[name].shape), net.values[name], 1e-5, name)
+
+
+def _fork_weights(net, rng):
+    for s in net.plan.steps:
+        for i, p in enumerate(net.params.get(s.node.name, [])):
+            shape, t = p.data.shape, s.layer.type
+            if t == "BN":
+                a = [rng.normal(1, 0.1, shape), rng.normal(0, 0.1, shape), rng.normal(0, 0.1, shape),
+                     rng.uniform(0.5, 1.5, shape)][i]
+            elif t == "BatchNorm":
+                a = [rng.normal(0, 0.1, shape), rng.uniform(0.5, 1.5, shape), np.ones(shape)][i]
+            elif t == "Scale":
+                a = rng.normal(1.0 if i == 0 else 0.0, 0.1, shape)
+            elif len(shape) > 1:
+                a = rng.normal(0, np.sqrt(2.0 / max(int(np.prod(shape[1:])), 1)), shape)
+            else:
+                a = rng.normal(0, 0.1, shape)
+            p.data[...] = a
+
+
+SEGNET_INPUT = 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 360 dim: 480 } } }\n'
+REAL_FORK_NETS = [   # (file, (a substitution of its data layer, if any), input, output)
+    ("alexgkendall+SegNet-Tutorial__Models_segnet_inference.prototxt",
+     (r'layer \{\s*name: "data"\s*type: "DenseImageData".*?\n\}\n', SEGNET_INPUT), (1, 3, 360, 480), "prob"),
+    ("hszhao+PSPNet__evaluation_prototxt_pspnet50_ADE20K_473.prototxt", None, (1, 3, 473, 473), "conv6_interp"),
+    ("farmingyard+ShuffleNet__shufflenet_1x_g3_deploy.prototxt", None, (1, 3, 224, 224), "fc1000"),
+    ("shicai+DenseNet-Caffe__DenseNet_201.prototxt", None, (1, 3, 224, 224), "fc6"),
+]
+
+
+@pytest.mark.skipif(not _real_dir().is_dir(), reason="shared/reference is not available")
+@pytest.mark.parametrize("name, sub, shape, out", REAL_FORK_NETS, ids=[n[0].split("+")[0] for n in REAL_FORK_NETS])
+def test_real_fork_nets_check_clean_and_run(name, sub, shape, out):
+    """SegNet (BN, Upsample, DenseImageData), PSPNet (BN, Interp), ShuffleNet (ConvolutionDepthwise,
+    ShuffleChannel) and DenseNet (ceil_mode) check with no error and run forward in float32."""
+    import re
+    text = (_real_dir() / name).read_text()
+    check_mod.check(syntax.parse(text, name), phase="TEST", hints={"data": shape} if sub else None)   # raises on errors
+    if sub:
+        text = re.sub(sub[0], sub[1], text, count=1, flags=re.S)
+    plan = plan_mod.lower(check_mod.check(syntax.parse(text, name), phase="TEST"), runnable=True)
+    net = Net(plan, np, dtype=np.float32, seed=0)
+    rng = np.random.default_rng(10)
+    _fork_weights(net, rng)
+    y = net.forward(data=rng.uniform(-1, 1, shape).astype(np.float32))[out]
+    assert np.all(np.isfinite(y)) and np.abs(y).max() > 0
 
 
 # =============================================================================================

@@ -33,6 +33,9 @@ DEPLOY = [
     ("real/shelhamer+fcn.berkeleyvision.org__voc-fcn8s_deploy.prototxt", (1, 3, 64, 64)),
     ("real/CMU-Perceptual-Computing-Lab+openpose__models_pose_coco_pose_deploy_linevec.prototxt", (1, 3, 32, 32)),
     ("real/kpzhang93+MTCNN_face_detection_alignment__code_codes_MTCNNv1_model_det1.prototxt", (1, 3, 24, 24)),
+    # forks: ConvolutionDepthwise and ShuffleChannel (ShuffleNet), `ceil_mode: false` pooling (DenseNet)
+    ("real/farmingyard+ShuffleNet__shufflenet_1x_g3_deploy.prototxt", (1, 3, 64, 64)),
+    ("real/shicai+DenseNet-Caffe__DenseNet_201.prototxt", (1, 3, 64, 64)),
 ]
 
 

@@ -282,6 +282,8 @@ POOL = Msg("PoolingParameter", {
     "engine": F("enum", "DEFAULT", choices=("DEFAULT", "CAFFE", "CUDNN")),
     "global_pooling": F(bool, False),
     "round_mode": F("enum", "CEIL", choices=("CEIL", "FLOOR")),
+    # DenseNet-Caffe's / PSPNet's forks: `ceil_mode: false` = `round_mode: FLOOR` (wins where both are written)
+    "ceil_mode": F(bool, None),
 })
 
 
@@ -291,6 +293,10 @@ class Pooling(Layer):
     messages = {"pooling_param": POOL}
     sets_size = True
     n_tops = (1, 2)
+
+    def ceil(self) -> bool:
+        """Caffe's round_mode, or the forks' ceil_mode where written."""
+        return self.p.ceil_mode if self.p.has("ceil_mode") else self.p.round_mode == "CEIL"
 
     def geometry(self, x=None):
         p = self.p
@@ -334,7 +340,7 @@ class Pooling(Layer):
             raise ShapeError("E0221", f"Pooling '{self.name}' needs a 4-D N x C x H x W input, got "
                              f"{len(x)}-D {fmt(x)}", involves=(0,), help="pool a convolution's output")
         (kh, kw), (sh, sw), (ph, pw) = self.geometry(x)
-        ceil = self.p.round_mode == "CEIL"
+        ceil = self.ceil()
         out = []
         for axis, n, k, s, p in (("height", x[2], kh, sh, ph), ("width", x[3], kw, sw, pw)):
             if n is None:
@@ -362,7 +368,7 @@ class Pooling(Layer):
     def forward(self, xp, bottoms, params):
         (kh, kw), (sh, sw), (ph, pw) = self.geometry(bottoms[0].shape)
         y, cache = kernels.pool2d_forward(xp, bottoms[0], self.p.pool.lower(), kh, kw, sh, sw, ph, pw,
-                                          ceil=self.p.round_mode == "CEIL")
+                                          ceil=self.ceil())
         if len(self.spec.tops) == 2:      # Caffe's optional mask top: flat argmax index (MAX only)
             return [y, kernels.pool2d_mask(xp, cache)], cache
         return [y], cache

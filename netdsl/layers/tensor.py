@@ -16,7 +16,7 @@ def _size_formula(up, axis: int) -> tuple[str, int] | None:
         if layer.p.global_pooling:
             return None
         (k, s, p) = (g[hw] for g in layer.geometry(up[1].bottoms[0]))
-        rnd = "ceil" if layer.p.round_mode == "CEIL" else "floor"
+        rnd = "ceil" if layer.ceil() else "floor"
         out = kernels.pool_out_size(n, k, s, p, rnd == "ceil")
         return f"{rnd}(({n} + 2*{p} - {k}) / {s}) + 1 = {out}", out
     (kk, st, pad, dil) = layer.geometry()
@@ -34,7 +34,7 @@ def _rounding_hint(bottoms, upstream, i: int, j: int, axis: int) -> tuple[list[s
         return None
     big, small = (i, j) if a > b else (j, i)
     pool, other = upstream(big), upstream(small)
-    if pool is None or pool[0].layer.type != "Pooling" or pool[0].layer.p.round_mode != "CEIL" \
+    if pool is None or pool[0].layer.type != "Pooling" or not pool[0].layer.ceil() \
             or pool[0].layer.p.global_pooling:
         return None
     name = ("height", "width")[axis - 2] if axis in (2, 3) else f"axis {axis}"
