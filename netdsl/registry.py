@@ -42,6 +42,8 @@ BLOB_PROTO = Msg("BlobProto", {"shape": F(BLOB_SHAPE), "data": F(float, repeated
 TRANSFORM = Msg("TransformationParameter", {
     "scale": F(float, 1.0), "mirror": F(bool, False), "crop_size": F(int, 0), "mean_file": F(str, ""),
     "mean_value": F(float, repeated=True), "force_color": F(bool, False), "force_gray": F(bool, False),
+    "resize_param": F(Msg("ResizeParameter", {}, open=True)), "distort_param": F(Msg("DistortionParameter", {}, open=True)),
+    "expand_param": F(Msg("ExpansionParameter", {}, open=True)), "emit_constraint": F(Msg("EmitConstraint", {}, open=True)),
 })
 LOSS = Msg("LossParameter", {
     "ignore_label": F(int, None),
@@ -52,8 +54,7 @@ LOSS = Msg("LossParameter", {
 # Layer types of Caffe's forks that netdsl does not have (yet), and where they come from: an
 # unknown type among these is named with its fork instead of a misleading did-you-mean.
 FORK_TYPES = {
-    "PriorBox": "SSD's Caffe fork (weiliu89/caffe)", "DetectionOutput": "SSD's Caffe fork (weiliu89/caffe)",
-    "MultiBoxLoss": "SSD's Caffe fork (weiliu89/caffe)", "Normalize": "SSD's Caffe fork (weiliu89/caffe)",
+    "MultiBoxLoss": "SSD's Caffe fork (weiliu89/caffe)",
     "AnnotatedData": "SSD's Caffe fork (weiliu89/caffe)",
     "BoxAnnotatorOHEM": "R-FCN's Caffe fork (daijifeng001/caffe-rfcn)",
     "Reorg": "the YOLO Caffe ports", "Region": "the YOLO Caffe ports",

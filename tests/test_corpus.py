@@ -351,8 +351,8 @@ def test_params_that_need_runtime_dims_make_the_total_a_lower_bound(tmp_path):
     assert out["params_unknown"] == [] and out["total_params"] == 112 + 2 * 4 * 36 + 2
 
 
-# The conformance corpus of real nets (shared/reference/real/, see its SOURCES.md): every file that
-# uses only BVLC content checks clean in the phases it is written for, with the --shape hints a
+# The conformance corpus of real nets (shared/reference/real/, see its SOURCES.md): every file, BVLC
+# or fork, checks clean in the phases it is written for, with the --shape hints a
 # user would give for its data and the stages its solver would set.
 REAL = REFERENCE / "real"
 REAL_NETS = {
@@ -381,13 +381,9 @@ REAL_NETS = {
     "farmingyard+ShuffleNet__shufflenet_1x_g3_deploy.prototxt": [("test", [])],
     "hszhao+PSPNet__evaluation_prototxt_pspnet50_ADE20K_473.prototxt": [("test", [])],
     "shicai+DenseNet-Caffe__DenseNet_201.prototxt": [("test", [])],
+    "xzgz+caffe-ssd__models_VGGNet_VOC0712_SSD_300x300_deploy.prototxt": [("test", [])],          # layers/ssd.py
     # a V1 file: upgraded in memory, with a warning
     "natanielruiz+net-archive__nin_imagenet_train_val.prototxt": [(ph, ["data=64,3,224,224"]) for ph in ("train", "test")],
-}
-# Files that need what netdsl does not have yet, with the first error they give (the fork layers
-# and V1 files are the work of the forks' and the weights' issues).
-REAL_NOT_YET = {
-    "xzgz+caffe-ssd__models_VGGNet_VOC0712_SSD_300x300_deploy.prototxt": ("E0201", "Normalize"),
 }
 REAL_CASES = [(f, ph, hints) for f, runs in REAL_NETS.items() for ph, hints in runs]
 
@@ -402,7 +398,7 @@ def _hint_args(hints):
 @pytest.mark.skipif(not REAL.is_dir(), reason="shared/reference/real is not available")
 def test_real_corpus_is_fully_classified():
     names = {p.name for p in REAL.glob("*.prototxt")}
-    assert names == set(REAL_NETS) | set(REAL_NOT_YET)
+    assert names == set(REAL_NETS)
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason="shared/reference/real is not available")
@@ -411,12 +407,3 @@ def test_real_net_checks_clean(name, phase, hints):
     code, out = check_json(REAL / name, "--phase", phase, *_hint_args(hints))
     assert code == 0, [d["message"] for d in out["diagnostics"] if d["severity"] == "error"]
     assert out["total_params"] > 0 and not out["params_unknown"]
-
-
-@pytest.mark.skipif(not REAL.is_dir(), reason="shared/reference/real is not available")
-@pytest.mark.parametrize("name", sorted(REAL_NOT_YET), ids=lambda n: n.split("__")[-1])
-def test_real_net_that_needs_a_fork_says_so(name):
-    code, out = check_json(REAL / name)
-    first = next(d for d in out["diagnostics"] if d["severity"] == "error")
-    want_code, word = REAL_NOT_YET[name]
-    assert code == 2 and first["code"] == want_code and word in first["message"]

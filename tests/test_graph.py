@@ -227,7 +227,7 @@ def test_loss_layer_without_top_gets_an_automatic_one():
 
 
 def test_unknown_type_is_one_error_even_with_its_own_param_block():
-    g, c = net('layer { name: "n" type: "Normalise" bottom: "data" top: "n" normalise_param { eps: 1 } }\n')
+    g, c = net('layer { name: "n" type: "Quantise" bottom: "data" top: "n" quantise_param { eps: 1 } }\n')
     assert [d.code for d in c.diagnostics] == ["E0201"]
     assert c.diagnostics[0].help.startswith("known types: ")      # no look-alike suggested
 

@@ -455,6 +455,24 @@ CASES += [   # fork layers (layers/forks.py)
       inputs=("n", "roi1x5x6"), id="scale1-g3"),
 ]
 
+CASES += [   # SSD's layers (layers/ssd.py); PriorBox and DetectionOutput have no backward: shapes and dtypes only
+    C("Normalize", "", ((2, 3, 2, 3),), id="across-shared"),
+    C("Normalize", "norm_param { across_spatial: false channel_shared: false }", ((2, 3, 2, 3),), id="ssd-conv4_3"),
+    C("Normalize", "norm_param { across_spatial: false }", ((2, 4, 3, 2),), id="within-shared"),
+    C("Normalize", "norm_param { channel_shared: false eps: 0.01 }", ((2, 3, 2, 2),), id="across-per-channel-eps"),
+    C("Normalize", "norm_param { across_spatial: false channel_shared: false }", ((3, 5),), id="2d"),
+    C("PriorBox", "prior_box_param { min_size: 4 max_size: 9 aspect_ratio: 2 }", ((1, 2, 2, 3), (1, 3, 8, 12)),
+      inputs=("ref", "ref"), id="min-max-ar2"),
+    C("PriorBox", "prior_box_param { min_size: 2 min_size: 5 aspect_ratio: 3 flip: false clip: true variance: 0.1 "
+      "variance: 0.1 variance: 0.2 variance: 0.2 img_size: 10 step: 4 }", ((2, 4, 3, 3), (2, 3, 7, 7)),
+      inputs=("ref", "ref"), id="2mins-clip-var4-img-step"),
+    C("DetectionOutput", "detection_output_param { num_classes: 3 code_type: CORNER keep_top_k: 4 confidence_threshold: 0.2 "
+      "nms_param { nms_threshold: 0.45 top_k: 5 } }", ((2, 24), (2, 18), (1, 2, 24)), inputs=("n", "u", "u"), id="corner"),
+    C("DetectionOutput", "detection_output_param { num_classes: 3 share_location: false "
+      "nms_param { nms_threshold: 0.3 eta: 0.9 } }", ((1, 60), (1, 15), (1, 2, 20)), inputs=("n", "u", "ref"),
+      id="per-class-loc"),
+]
+
 DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
 CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
 
@@ -3010,6 +3028,191 @@ def test_real_fork_nets_check_clean_and_run(name, sub, shape, out):
     _fork_weights(net, rng)
     y = net.forward(data=rng.uniform(-1, 1, shape).astype(np.float32))[out]
     assert np.all(np.isfinite(y)) and np.abs(y).max() > 0
+
+
+# =============================================================================================
+# ---- SSD layers (layers/ssd.py): the fork's priors, decoding, NMS and output rows by hand
+
+def test_normalize_values_by_hand():
+    x = np.array([3.0, 0.0, 4.0, 1.0]).reshape(1, 2, 1, 2)      # channel 0: 3, 0; channel 1: 4, 1
+    _, (y,), _ = run("Normalize", "norm_param { across_spatial: false channel_shared: false }", x,
+                     layer_params=(np.array([2.0, 3.0]),))
+    assert_close(y, np.array([2 * 3 / 5, 0.0, 3 * 4 / 5, 3 * 1 / 1]).reshape(x.shape), 1e-9)
+    _, (y,), _ = run("Normalize", "", x, layer_params=(np.array(0.5),))       # across_spatial, one shared scale
+    assert_close(y, 0.5 * x / math.sqrt(26 + 1e-10), 1e-15)
+    layer = build_layer("Normalize", "norm_param { channel_shared: false }", [(1, 2, 1, 2)])
+    assert layer.param_shapes == [(2,)] and build_layer("Normalize", "", [(1, 2, 1, 2)]).param_shapes == [()]
+    assert layer.fillers()[0].type == "constant" and layer.fillers()[0].value == 1.0
+    filled = build_layer("Normalize", 'norm_param { scale_filler { type: "constant" value: 20 } }', [(1, 2, 1, 2)])
+    assert filled.fillers()[0].value == 20.0
+
+
+def test_normalize_shared_scale_backward_is_the_forks_formula():
+    """With one scale the fork's backward, s (dy - x (x . dy) / |x|^2) / |x| per image, is the
+    derivative; the scale's gradient sum(y dy) / s = sum(x dy) / |x|."""
+    rng = np.random.default_rng(3)
+    x, dy = rng.standard_normal((2, 3, 2, 2)), rng.standard_normal((2, 3, 2, 2))
+    layer, _, saved = run("Normalize", "", x, layer_params=(np.array(1.7),))
+    (dx,), (ds,) = layer.backward(np, saved, [dy], [np.array(1.7)], [True])
+    for n in range(2):
+        norm = math.sqrt(float((x[n] ** 2).sum()) + 1e-10)
+        assert_close(dx[n], 1.7 * (dy[n] - x[n] * float((x[n] * dy[n]).sum()) / norm ** 2) / norm, 1e-12)
+    assert_close(ds, sum(float((x[n] * dy[n]).sum()) / math.sqrt(float((x[n] ** 2).sum()) + 1e-10) for n in range(2)))
+
+
+def _prior_rows(cells, sizes, img_w, img_h):
+    """Expected PriorBox boxes: for each (cx, cy) cell, each (w, h), [cx -/+ w/2, cy -/+ h/2] / image."""
+    return np.array([[(cx - w / 2) / img_w, (cy - h / 2) / img_h, (cx + w / 2) / img_w, (cy + h / 2) / img_h]
+                     for cx, cy in cells for w, h in sizes])
+
+
+def test_priorbox_2x2_map_by_hand():
+    """min 2, max 8, ratio 2 (flipped to 0.5) on a 2 x 2 map of an 8 x 8 image: step 4, centres 2 and 6;
+    per cell the min square, the sqrt(2 * 8) = 4 square, then 2 sqrt2 x sqrt2 and sqrt2 x 2 sqrt2 (min_size
+    times sqrt(ar), not the max square's side), cells row-major."""
+    _, (top,), _ = run("PriorBox", "prior_box_param { min_size: 2 max_size: 8 aspect_ratio: 2 variance: 0.1 variance: 0.1 "
+                       "variance: 0.2 variance: 0.2 }", np.zeros((1, 5, 2, 2)), np.zeros((1, 3, 8, 8)))
+    r2 = math.sqrt(2.0)
+    want = _prior_rows([(2, 2), (6, 2), (2, 6), (6, 6)], [(2, 2), (4, 4), (2 * r2, 2 / r2), (2 / r2, 2 * r2)], 8, 8)
+    assert top.shape == (1, 2, 4 * 4 * 4)
+    assert_close(top[0, 0].reshape(-1, 4), want, 1e-7)          # float centres and sizes: float32 rounding
+    np.testing.assert_array_equal(top[0, 1].reshape(-1, 4), np.tile(np.float32([0.1, 0.1, 0.2, 0.2]), (16, 1)))
+    assert top[0, 0, 0] == 0.125 and top[0, 0, 4] == 0.0 and top[0, 0, 6] == 0.5    # exact where the arithmetic is
+
+
+def test_priorbox_ratios_flip_clip_steps_and_int_sizes():
+    """A ratio repeated (0.5 is 2's flip) is dropped; flip: false keeps 3 only; min_size 2.7 is used as 2
+    (the fork's `int min_size_`); img_h/img_w and step_h/step_w replace the image bottom and the step;
+    clip clamps to [0, 1]; one variance fills all four."""
+    layer, (top,), _ = run("PriorBox", "prior_box_param { min_size: 2.7 aspect_ratio: 2 aspect_ratio: 0.5 "
+                           "aspect_ratio: 3 flip: true clip: true img_h: 10 img_w: 20 step_h: 5 step_w: 4 offset: 0 }",
+                           np.zeros((1, 1, 1, 2)), np.zeros((1, 3, 99, 99)))
+    assert [float(a) for a in layer.aspect_ratios()] == pytest.approx([1, 2, 0.5, 3, 1 / 3])
+    assert layer.num_priors() == 5 and top.shape == (1, 2, 1 * 2 * 5 * 4)
+    sizes = [(2, 2)] + [(2 * math.sqrt(a), 2 / math.sqrt(a)) for a in (2, 0.5, 3, 1 / 3)]
+    want = np.clip(_prior_rows([(0, 0), (4, 0)], sizes, 20, 10), 0, 1)
+    assert_close(top[0, 0].reshape(-1, 4), want, 1e-7)
+    assert top[0, 0].min() == 0.0 and np.all(top[0, 1] == np.float32(0.1))
+    layer = build_layer("PriorBox", "prior_box_param { min_size: 4 aspect_ratio: 3 flip: false }", [(1, 1, 3, 3), (1, 3, 9, 9)])
+    assert layer.num_priors() == 2 and layer.top_shapes == [(1, 2, 3 * 3 * 2 * 4)]
+
+
+@pytest.mark.parametrize("params, code", [
+    ("", "E0106"), ("min_size: 4 max_size: 4", "E0107"), ("min_size: 4 min_size: 8 max_size: 9", "E0107"),
+    ("min_size: 4 variance: 0.1 variance: 0.2", "E0107"), ("min_size: 4 img_size: 8 img_h: 8 img_w: 8", "E0107"),
+    ("min_size: 4 step_h: 8", "E0107")])
+def test_priorbox_rejects_the_params_the_fork_checks(params, code):
+    from netdsl.errors import NetdslError
+    with pytest.raises(NetdslError) as e:
+        build_layer("PriorBox", f"prior_box_param {{ {params} }}", [(1, 1, 2, 2), (1, 3, 8, 8)])
+    assert code in [d.code for d in e.value.diagnostics]
+
+
+def test_detection_output_decodes_like_the_fork():
+    from netdsl.layers.ssd import decode_boxes
+    prior, var = np.array([[0.2, 0.2, 0.6, 0.6]]), np.array([[0.1, 0.1, 0.2, 0.2]])
+    loc = np.array([[1.0, -1.0, 0.0, 5 * math.log(0.5)]])
+    box, size = decode_boxes(prior, var, loc, "CENTER_SIZE", False)   # centre 0.44, 0.36; size 0.4 x 0.2
+    assert box.dtype == np.float32 and size.dtype == np.float32
+    assert_close(box, [[0.24, 0.26, 0.64, 0.46]], 1e-6)
+    assert_close(size, [0.08], 1e-6)
+    box, _ = decode_boxes(prior, var, np.array([[0.1, -0.1, 0.0, math.log(0.5)]]), "CENTER_SIZE", True)
+    assert_close(box, [[0.24, 0.26, 0.64, 0.46]], 1e-6)
+    box, _ = decode_boxes(prior, var, np.array([[1.0, 2.0, 3.0, 4.0]]), "CORNER", False)
+    assert_close(box, [[0.3, 0.4, 1.2, 1.4]], 1e-6)
+    box, _ = decode_boxes(prior, var, np.array([[1.0, 2.0, 3.0, 4.0]]), "CORNER_SIZE", False)
+    assert_close(box, [[0.2 + 0.04, 0.2 + 0.08, 0.6 + 0.24, 0.6 + 0.32]], 1e-6)
+    box, size = decode_boxes(prior, var, np.array([[0.0, 0.0, -5.0, 0.0]]), "CORNER", False)    # xmax < xmin
+    assert size[0] == 0.0
+
+
+# four priors: 1 overlaps 0 (IoU 0.905), 3 overlaps 0 (1/3) and 1 (0.311), 2 overlaps none
+SSD_PRIORS = np.array([[0.1, 0.1, 0.5, 0.5], [0.12, 0.1, 0.52, 0.5], [0.6, 0.6, 0.9, 0.9], [0.1, 0.3, 0.5, 0.7]])
+SSD_CONF = np.array([[0.1, 0.7, 0.2], [0.1, 0.8, 0.1], [0.5, 0.3, 0.2], [0.2, 0.6, 0.2]])   # background, 1, 2
+
+
+def _detect(params, n=1, conf=SSD_CONF):
+    priors = np.stack([SSD_PRIORS.reshape(-1), np.full(16, 0.1)])[None]
+    loc, scores = np.zeros((n, 16)), np.tile(conf.reshape(1, -1), (n, 1))
+    _, (top,), _ = run("DetectionOutput", f"detection_output_param {{ num_classes: 3 code_type: CORNER {params} }}",
+                       loc, scores, priors, phase="TEST")
+    return top
+
+
+def _row(i, label, prior, score):
+    return [i, label, np.float32(score)] + [np.float32(v) for v in SSD_PRIORS[prior]]
+
+
+def test_detection_output_nms_per_class_by_hand():
+    """Class 1 by score: 1 (.8) kept, 0 (.7) suppressed by 1 (IoU .905 > .45), 3 (.6; .311 to 1) and 2 (.3)
+    kept. Class 2: priors 0, 2 and 3 tie at .2 above the threshold .15 (1 is below): the stable sort keeps
+    prior order, and none overlaps another by more than 1/3. Rows by label, each in NMS order."""
+    top = _detect("confidence_threshold: 0.15 nms_param { nms_threshold: 0.45 }")
+    want = [_row(0, 1, 1, 0.8), _row(0, 1, 3, 0.6), _row(0, 1, 2, 0.3),
+            _row(0, 2, 0, 0.2), _row(0, 2, 2, 0.2), _row(0, 2, 3, 0.2)]
+    assert top.shape == (1, 1, 6, 7)
+    np.testing.assert_array_equal(top[0, 0], np.array(want))
+
+
+def test_detection_output_top_k_keep_top_k_and_eta():
+    # top_k: 2 before NMS: class 1 sees 1 and 0 (0 suppressed), class 2 sees 0 and 2
+    top = _detect("confidence_threshold: 0.15 nms_param { nms_threshold: 0.45 top_k: 2 }")
+    np.testing.assert_array_equal(top[0, 0], np.array([_row(0, 1, 1, 0.8), _row(0, 2, 0, 0.2), _row(0, 2, 2, 0.2)]))
+    # keep_top_k: 4 over both classes by score (ties in label, then NMS order); rows by label again
+    top = _detect("confidence_threshold: 0.15 keep_top_k: 4 nms_param { nms_threshold: 0.45 }")
+    np.testing.assert_array_equal(top[0, 0], np.array([_row(0, 1, 1, 0.8), _row(0, 1, 3, 0.6), _row(0, 1, 2, 0.3),
+                                                       _row(0, 2, 0, 0.2)]))
+    # adaptive NMS: after keeping prior 1 the threshold 0.6 becomes 0.3 (it was above 0.5), so 3 (.311) goes
+    top = _detect("confidence_threshold: 0.5 nms_param { nms_threshold: 0.6 eta: 0.5 }")
+    np.testing.assert_array_equal(top[0, 0], np.array([_row(0, 1, 1, 0.8)]))
+    top = _detect("confidence_threshold: 0.5 nms_param { nms_threshold: 0.6 }")
+    np.testing.assert_array_equal(top[0, 0], np.array([_row(0, 1, 1, 0.8), _row(0, 1, 3, 0.6)]))
+
+
+def test_detection_output_without_detections_gives_a_row_per_image():
+    top = _detect("confidence_threshold: 0.9", n=2)
+    np.testing.assert_array_equal(top, np.array([[0, -1, -1, -1, -1, -1, -1], [1, -1, -1, -1, -1, -1, -1.0]])[None, None])
+
+
+def test_detection_output_images_background_and_per_class_boxes():
+    """Two images: rows of image 0, then image 1. background_label_id: 2 makes class 0 a detection class.
+    share_location: false reads each class's own boxes (loc P x num_classes x 4)."""
+    top = _detect("background_label_id: 2 confidence_threshold: 0.45 nms_param { nms_threshold: 0.45 }", n=2)
+    per_image = [[0, 0.5], [1, 0.8], [1, 0.6]]                 # class 0: prior 2; class 1: priors 1 and 3
+    np.testing.assert_array_equal(top[0, 0, :, :3], np.array([[i, lab, np.float32(s)] for i in (0, 1) for lab, s in per_image]))
+    loc = np.zeros((1, 4, 3, 4))
+    loc[0, 2, 1] = [1.0, 1.0, 1.0, 1.0]                          # class 1's box of prior 2 moves by variance 0.1
+    priors = np.stack([SSD_PRIORS.reshape(-1), np.full(16, 0.1)])[None]
+    _, (top,), _ = run("DetectionOutput", "detection_output_param { num_classes: 3 share_location: false code_type: CORNER "
+                       "confidence_threshold: 0.25 nms_param { nms_threshold: 0.45 } }",
+                       loc.reshape(1, -1), SSD_CONF.reshape(1, -1), priors, phase="TEST")
+    row = next(r for r in top[0, 0] if r[1] == 1 and r[2] == np.float32(0.3))
+    assert_close(row[3:], SSD_PRIORS[2] + 0.1, 1e-6)
+
+
+def test_detection_output_shape_rule_checks_the_counts():
+    from netdsl.errors import NetdslError
+    layer = build_layer("DetectionOutput", "detection_output_param { num_classes: 21 }",
+                        [(2, 8732 * 4), (2, 8732 * 21), (1, 2, 8732 * 4)], phase="TEST")
+    assert layer.top_shapes == [(1, 1, None, 7)]
+    for shapes in ([(2, 100), (2, 525), (1, 2, 104)], [(2, 104), (2, 500), (1, 2, 104)], [(2, 104), (2, 546), (2, 104)]):
+        with pytest.raises(NetdslError) as e:
+            build_layer("DetectionOutput", "detection_output_param { num_classes: 21 }", shapes, phase="TEST")
+        assert {d.code for d in e.value.diagnostics} & {"E0371", "E0221"}
+    with pytest.raises(NetdslError) as e:
+        build_layer("DetectionOutput", "detection_output_param { share_location: true }", [(1, 4), (1, 2), (1, 2, 4)])
+    assert "E0106" in [d.code for d in e.value.diagnostics]
+
+
+def test_ssd300_deploy_net_checks_and_runs():
+    import pathlib
+    path = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "real"
+            / "xzgz+caffe-ssd__models_VGGNet_VOC0712_SSD_300x300_deploy.prototxt")
+    if not path.exists():
+        pytest.skip("shared/reference is not available")
+    ch = check_mod.check(syntax.parse(path.read_text(), str(path)), phase="TEST")
+    shapes = {t: s for n in ch.graph.nodes for t, s in zip(n.tops, ch.nodes[n].tops)}
+    assert shapes["mbox_priorbox"] == (1, 2, 8732 * 4) and shapes["detection_out"] == (1, 1, None, 7)
 
 
 # =============================================================================================
