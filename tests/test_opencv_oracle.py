@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import DEPLOY_NETS
 
 from netdsl import syntax
 from netdsl.check import check
@@ -22,17 +23,7 @@ if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromCaffe"):
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
-# (file under shared/reference, input shape: small where the net allows, to keep the test fast)
-DEPLOY = [
-    ("caffe/examples_mnist_lenet.prototxt", (1, 1, 28, 28)),
-    ("caffe/models_bvlc_alexnet_deploy.prototxt", (1, 3, 227, 227)),
-    ("caffe/models_bvlc_googlenet_deploy.prototxt", (1, 3, 224, 224)),
-    ("real/KaimingHe+deep-residual-networks__prototxt_ResNet-50-deploy.prototxt", (1, 3, 224, 224)),
-    ("real/shicai+MobileNet-Caffe__mobilenet_deploy.prototxt", (1, 3, 96, 96)),
-    ("real/soeaver+caffe-model__cls_inception_deploy_inception-v3.prototxt", (1, 3, 139, 139)),
-    ("real/shelhamer+fcn.berkeleyvision.org__voc-fcn8s_deploy.prototxt", (1, 3, 64, 64)),
-    ("real/CMU-Perceptual-Computing-Lab+openpose__models_pose_coco_pose_deploy_linevec.prototxt", (1, 3, 32, 32)),
-    ("real/kpzhang93+MTCNN_face_detection_alignment__code_codes_MTCNNv1_model_det1.prototxt", (1, 3, 24, 24)),
+DEPLOY = DEPLOY_NETS + [
     # forks: ConvolutionDepthwise and ShuffleChannel (ShuffleNet), `ceil_mode: false` pooling (DenseNet)
     ("real/farmingyard+ShuffleNet__shufflenet_1x_g3_deploy.prototxt", (1, 3, 64, 64)),
     ("real/shicai+DenseNet-Caffe__DenseNet_201.prototxt", (1, 3, 64, 64)),
