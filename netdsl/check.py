@@ -10,7 +10,7 @@ from . import graph as graph_mod
 from . import shapes as shapes_mod
 from .errors import Collector, NetdslError
 from .graph import Graph
-from .registry import fmt
+from .registry import fmt, layer_type_with
 from .shapes import Inference, ShapedGraph, producer_note
 from .syntax import Message, parse_file
 from .weights import Weights, read_weights
@@ -256,7 +256,7 @@ def check_usage(inf: Inference, c: Collector) -> None:
                           notes=[f"the other tops of '{layer.name}' are read, so this one looks forgotten"]
                           if len(node.tops) > 1 else [],
                           help=f"feed it to a layer, or pass it to a Silence layer to make that explicit "
-                               f'(`layer {{ type: "Silence" bottom: "{user}" }}`)')
+                               f'(`layer {{ type: "{layer_type_with("silences")}" bottom: "{user}" }}`)')
     if g.phase != "TRAIN":
         return
     reaches = _reaches_loss(g)

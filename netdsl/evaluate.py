@@ -29,7 +29,7 @@ def recall_key(top: int, iou: float) -> str:
 def has_proposal(model: str, phase: str = "TEST") -> bool:
     """Whether `model` (a net file) has a Proposal layer in `phase`."""
     from .check import check_file
-    return any(n.layer.type == "Proposal" for n in check_file(model, phase=phase).graph.nodes)
+    return any(n.layer.makes_proposals for n in check_file(model, phase=phase).graph.nodes)
 
 
 @dataclass
@@ -84,11 +84,11 @@ def build_test_net(model: str, weights, backend=None, data_dir=None, seed: int =
 def proposal_blobs(net) -> tuple[str, str | None, str]:
     """(rois, scores or None, gt_boxes) blob names of a TEST net: the Proposal layer's tops and the
     DigitScenes layer's third top."""
-    prop = net.plan.find("Proposal")
+    prop = net.plan.find("makes_proposals")
     if prop is None:
         raise NetdslError("E0630", f"net '{net.plan.name}' has no Proposal layer in its TEST phase",
                           help="recall is measured on the rois of a Proposal layer (see nets/rpn.net)")
-    data = net.plan.find("DigitScenes")
+    data = net.plan.find("feeds_scenes")
     if data is None or len(data.layer.spec.tops) < 3:
         raise NetdslError("E0631", f"net '{net.plan.name}' has no DigitScenes layer giving gt_boxes in its TEST "
                           "phase", help="recall needs ground truth: feed the net from a DigitScenes layer")

@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from .errors import Collector, NetdslError, Pos
-from .registry import BLOB_SHAPE, FILLER_TYPES, FORK_TYPES, Layer, LayerSpec, layer_parameter_schema, layer_types
+from .registry import BLOB_SHAPE, FILLER_TYPES, FORK_TYPES, Layer, LayerSpec, layer_parameter_schema, layer_type_with, layer_types
 from .schema import F, Msg, Record, suggest
 from .syntax import Message
 from .upgrade import upgrade_net
@@ -229,7 +229,7 @@ def _no_loss(g: Graph, c: Collector) -> None:
     scores = last.bottoms[0] if last.layer.normalizes_scores and last.bottoms else (outputs[-1] if outputs else None)
     labels = [t for n in g.nodes if n.layer.is_data for t in n.tops if "label" in t]
     if scores is not None:
-        example = (f'layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "{g.display(scores)}" bottom: '
+        example = (f'layer {{ name: "loss" type: "{layer_type_with("default_loss")}" bottom: "{g.display(scores)}" bottom: '
                    f'"{g.display(labels[0]) if labels else "label"}" top: "loss" }}')
         help = f"add a loss after layer '{last.name}', e.g. `{example}`; or check the net with --phase test"
     else:
@@ -277,7 +277,7 @@ def _legacy_inputs(net: Record, c: Collector) -> list[LayerSpec]:
     shapes = [list(s.dim) for s in net.input_shape]
     schema = layer_parameter_schema()
     rec = schema.coerce(None, Collector())
-    broken = [LayerSpec("input", "Input", [], list(net.input), net.pos("input"), rec, broken=True)]
+    broken = [LayerSpec("input", layer_type_with("legacy_input"), [], list(net.input), net.pos("input"), rec, broken=True)]
     if net.input_dim:
         if len(net.input_dim) != 4 * len(net.input):
             n = len(net.input)
@@ -297,7 +297,16 @@ def _legacy_inputs(net: Record, c: Collector) -> list[LayerSpec]:
     for r, dims in zip(shape_recs, shapes):
         r._values["dim"] = dims
     rec.input_param._values["shape"] = shape_recs
-    return [LayerSpec("input", "Input", [], list(net.input), net.pos("input"), rec)]
+    return [LayerSpec("input", layer_type_with("legacy_input"), [], list(net.input), net.pos("input"), rec)]
+
+
+def _type_help(rec: Record) -> str:
+    """Suggest the type whose parameters the layer gives (`convolution_param` -> Convolution)."""
+    for key in rec._pos:
+        owner = next((t for t, cls in layer_types().items() if key in cls.messages), None)
+        if key.endswith("_param") and key != "transform_param" and owner:
+            return f'add `type: "{owner}"` (its {key} belongs to {owner}), or another layer type'
+    return 'add `type: "..."` naming the layer type (an unknown one lists the known types)'
 
 
 def _layer_specs(net: Record, c: Collector) -> list[LayerSpec]:
@@ -305,8 +314,7 @@ def _layer_specs(net: Record, c: Collector) -> list[LayerSpec]:
     for rec in net.layer:
         name = rec.name
         if not rec.has("type"):
-            c.error("E0106", f"layer '{name}' has no type", rec.pos(),
-                    help='add `type: "Convolution"` (or another layer type)')
+            c.error("E0106", f"layer '{name}' has no type", rec.pos(), help=_type_help(rec))
             continue
         specs.append(LayerSpec(name, rec.type, list(rec.bottom), list(rec.top), rec.pos(), rec,
                                list(rec.loss_weight), list(rec.propagate_down)))

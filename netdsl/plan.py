@@ -56,9 +56,10 @@ class Plan:
     train_peak_bytes: int
     naive_bytes: int               # every blob its own buffer
 
-    def find(self, layer_type: str) -> Step | None:
-        """The first step of a layer type (for commands that need one data layer, by type)."""
-        return next((s for s in self.steps if s.layer.type == layer_type), None)
+    def find(self, role: str) -> Step | None:
+        """The first step whose layer plays `role` (a Layer flag such as makes_proposals), for the
+        commands that need one particular layer."""
+        return next((s for s in self.steps if getattr(s.layer, role)), None)
 
     def render(self) -> str:
         out = [f"plan '{self.name}' ({self.phase}): {len(self.steps)} steps, {len(self.params)} param blobs"]

@@ -111,7 +111,7 @@ def run_proposals(net, feed=None) -> dict:
     from .backend import to_host
     from .evaluate import proposal_blobs
     rois_name, scores_name, gt_name = proposal_blobs(net)
-    data = net.plan.find("DigitScenes")
+    data = net.plan.find("feeds_scenes")
     size = None
     if feed is not None:
         image, gt = feed
@@ -150,7 +150,7 @@ def propose(model: str, weights: str, out: str, scenes: int | None = None, image
     if top < 0:
         raise NetdslError("E0632", f"--top must be >= 0, got {top}", help="e.g. --top 10")
     net = build_test_net(model, weights, backend, data_dir, seed)
-    data = net.plan.find("DigitScenes")
+    data = net.plan.find("feeds_scenes")
     if images:
         channels = data.layer.p.channels if data is not None else 1
         inputs = [(os.path.splitext(os.path.basename(p))[0] + "_proposals.png", p,

@@ -80,6 +80,12 @@ def layer_types() -> dict[str, type[Layer]]:
     return _REGISTRY
 
 
+def layer_type_with(role: str) -> str:
+    """The type name of the registered layer class that plays `role` (a ClassVar flag set on the
+    class itself: subclasses, such as MemoryData of Input, do not inherit the role)."""
+    return next(t for t, cls in layer_types().items() if vars(cls).get(role))
+
+
 def layer_parameter_schema() -> Msg:
     """Caffe's LayerParameter: the common fields plus every registered `<type>_param` message.
     Built once, and again only if a layer type registers a new message later."""
@@ -159,6 +165,14 @@ class Layer:
     runnable: ClassVar[bool] = True       # False: checked only (Python; data layers whose files netdsl cannot read)
     run_help: ClassVar[str] = "remove it from the nets you train or run"
     filter_depth_axis: ClassVar[int | None] = None  # param 0 is a filter spanning its input's depth on this axis
+    v1: ClassVar[tuple[int, str] | None] = None   # V1LayerParameter.LayerType: (enum number, enum name)
+    v1_transform_param: ClassVar[str | None] = None  # V1 kept its transform fields in this message (data layers)
+    # the one type a role names (found by `layer_type_with`): in help texts, upgrades and commands
+    legacy_input: ClassVar[bool] = False  # what Caffe's deprecated `input:` fields become (Input)
+    default_loss: ClassVar[bool] = False  # the loss to suggest for a classifier (SoftmaxWithLoss)
+    silences: ClassVar[bool] = False      # takes blobs and makes nothing: marks tops unused on purpose (Silence)
+    makes_proposals: ClassVar[bool] = False  # the RPN's region proposals (Proposal)
+    feeds_scenes: ClassVar[bool] = False  # a data layer with ground-truth boxes an image can be fed to (DigitScenes)
     sets_size: ClassVar[bool] = False     # computes a spatial size (Convolution, Pooling): diagnostics trace to it
 
     def __init__(self, spec: LayerSpec, phase: str):

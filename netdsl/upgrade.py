@@ -1,6 +1,6 @@
 """Old Caffe formats, upgraded as Caffe upgrades them (upgrade_proto.cpp): V1 net files (`layers { type:
-CONVOLUTION blobs_lr: 1 weight_decay: 1 }`) to `layer { type: "Convolution" param { lr_mult decay_mult } }`
-with data layers' transformation fields moved into `transform_param`, and old solver files
+CONVOLUTION blobs_lr: 1 weight_decay: 1 }`) to `layer { }` blocks with type strings and `param { lr_mult
+decay_mult }`, data layers' transformation fields moved into `transform_param`, and old solver files
 (`solver_type: SGD`) to `type: "SGD"`. The upgrade works on the AST and keeps every position, so
 diagnostics still point into the old file; `print_text` writes the result back as a prototxt."""
 from __future__ import annotations
@@ -8,29 +8,23 @@ from __future__ import annotations
 import json
 
 from .errors import NetdslError
+from .registry import layer_types
 from .syntax import Field, Message, Scalar, Word
 
-# V1LayerParameter.LayerType (caffe.proto): enum number, enum name, today's type string
-# (UpgradeV1LayerType); text files name the enum, binary .caffemodel files store its number
-V1_LAYER_TYPES = (
-    (1, 'ACCURACY', 'Accuracy'), (2, 'BNLL', 'BNLL'), (3, 'CONCAT', 'Concat'), (4, 'CONVOLUTION', 'Convolution'),
-    (5, 'DATA', 'Data'), (6, 'DROPOUT', 'Dropout'), (7, 'EUCLIDEAN_LOSS', 'EuclideanLoss'),
-    (8, 'FLATTEN', 'Flatten'), (9, 'HDF5_DATA', 'HDF5Data'), (10, 'HDF5_OUTPUT', 'HDF5Output'),
-    (11, 'IM2COL', 'Im2col'), (12, 'IMAGE_DATA', 'ImageData'), (13, 'INFOGAIN_LOSS', 'InfogainLoss'),
-    (14, 'INNER_PRODUCT', 'InnerProduct'), (15, 'LRN', 'LRN'),
-    (16, 'MULTINOMIAL_LOGISTIC_LOSS', 'MultinomialLogisticLoss'), (17, 'POOLING', 'Pooling'), (18, 'RELU', 'ReLU'),
-    (19, 'SIGMOID', 'Sigmoid'), (20, 'SOFTMAX', 'Softmax'), (21, 'SOFTMAX_LOSS', 'SoftmaxWithLoss'),
-    (22, 'SPLIT', 'Split'), (23, 'TANH', 'TanH'), (24, 'WINDOW_DATA', 'WindowData'), (25, 'ELTWISE', 'Eltwise'),
-    (26, 'POWER', 'Power'), (27, 'SIGMOID_CROSS_ENTROPY_LOSS', 'SigmoidCrossEntropyLoss'),
-    (28, 'HINGE_LOSS', 'HingeLoss'), (29, 'MEMORY_DATA', 'MemoryData'), (30, 'ARGMAX', 'ArgMax'),
-    (31, 'THRESHOLD', 'Threshold'), (32, 'DUMMY_DATA', 'DummyData'), (33, 'SLICE', 'Slice'), (34, 'MVN', 'MVN'),
-    (35, 'ABSVAL', 'AbsVal'), (36, 'SILENCE', 'Silence'), (37, 'CONTRASTIVE_LOSS', 'ContrastiveLoss'),
-    (38, 'EXP', 'Exp'), (39, 'DECONVOLUTION', 'Deconvolution'),
-)
-V1_NAMES = {name: type_ for _, name, type_ in V1_LAYER_TYPES}
-V1_NUMBERS = {number: type_ for number, _, type_ in V1_LAYER_TYPES}
-# where V1 data layers kept the fields that moved to transform_param (UpgradeNetDataTransformation)
-_DATA_PARAMS = {"Data": "data_param", "ImageData": "image_data_param", "WindowData": "window_data_param"}
+
+def v1_names() -> dict[str, str]:
+    """V1LayerParameter.LayerType enum names -> type strings (UpgradeV1LayerType), from each layer
+    class's `v1` (a V1 type netdsl has no class for stays its enum word and is reported unknown)."""
+    return {cls.v1[1]: t for t, cls in layer_types().items() if "v1" in vars(cls)}      # not inherited
+
+
+def v1_numbers() -> dict[int, str]:
+    """The same by enum number, as binary .caffemodel files store it."""
+    return {cls.v1[0]: t for t, cls in layer_types().items() if "v1" in vars(cls)}
+
+
+# the fields V1 data layers kept in their own message and that moved to transform_param
+# (UpgradeNetDataTransformation); which message is the layer class's `v1_transform_param`
 _TRANSFORM_FIELDS = ("scale", "mean_file", "crop_size", "mirror")
 SOLVER_TYPES = {"SGD": "SGD", "NESTEROV": "Nesterov", "ADAGRAD": "AdaGrad", "RMSPROP": "RMSProp",
                 "ADADELTA": "AdaDelta", "ADAM": "Adam"}
@@ -61,7 +55,7 @@ def _upgrade_layer(m: Message) -> Message:
     for f in m.fields:
         if f.name == "type" and isinstance(f.value, Scalar):
             v = f.value.value
-            type_ = V1_NAMES.get(str(v), str(v)) if isinstance(v, Word) else str(v)
+            type_ = v1_names().get(str(v), str(v)) if isinstance(v, Word) else str(v)
             out.append(Field("type", Scalar(type_, f.value.pos), f.pos))
         elif f.name == "blobs_lr":
             lrs.append(f)
@@ -80,8 +74,9 @@ def _upgrade_layer(m: Message) -> Message:
                 spec.append(Field(key, src[i].value, src[i].pos))
         at = next(s for s in (lrs, decays, names, modes) if i < len(s))[i].pos
         out.append(Field("param", Message(tuple(spec), at), at))
-    if type_ in _DATA_PARAMS:
-        out = _move_transform(out, _DATA_PARAMS[type_])
+    cls = layer_types().get(type_)
+    if cls is not None and cls.v1_transform_param:
+        out = _move_transform(out, cls.v1_transform_param)
     first = ("name", "type", "bottom", "top")              # the order Caffe prints a layer in
     out.sort(key=lambda f: first.index(f.name) if f.name in first else len(first))
     return Message(tuple(out), m.pos)

@@ -125,11 +125,12 @@ def _looks_like_text(head: bytes) -> bool:
 
 def read_caffemodel(path: str) -> Weights:
     """Caffe's binary NetParameter: V2 `layer` and V1 `layers` entries, each with its blobs."""
-    from .upgrade import V1_NUMBERS
+    from .upgrade import v1_numbers
     net = _parse(path, "NetParameter")
+    numbers = v1_numbers()
     w = Weights(path, {}, whole_layers=True)
     entries = [(lp.name, lp.type, lp.blobs) for lp in net.layer]
-    entries += [(lp.name, V1_NUMBERS.get(lp.type, f"V1 type {lp.type}"), lp.blobs) for lp in net.layers]
+    entries += [(lp.name, numbers.get(lp.type, f"V1 type {lp.type}"), lp.blobs) for lp in net.layers]
     for name, type_, blobs in entries:
         if not blobs:
             continue

@@ -21,6 +21,7 @@ class _Elementwise(Layer):
 @register
 class ReLU(_Elementwise):
     type = "ReLU"
+    v1 = (18, "RELU")
     messages = {"relu_param": Msg("ReLUParameter", {
         "negative_slope": F(float, 0.0), "engine": F("enum", "DEFAULT", choices=("DEFAULT", "CAFFE", "CUDNN"))})}
 
@@ -71,6 +72,7 @@ class ReLU(_Elementwise):
 @register
 class Sigmoid(_Elementwise):
     type = "Sigmoid"
+    v1 = (19, "SIGMOID")
 
     def forward(self, xp, bottoms, params):
         y = 0.5 * xp.tanh(0.5 * bottoms[0]) + 0.5        # stable for large |x|
@@ -86,6 +88,7 @@ class Sigmoid(_Elementwise):
 @register
 class TanH(_Elementwise):
     type = "TanH"
+    v1 = (23, "TANH")
 
     def forward(self, xp, bottoms, params):
         y = xp.tanh(bottoms[0])
@@ -145,6 +148,7 @@ class Swish(_Elementwise):
 class Dropout(_Elementwise):
     """TRAIN: y = x * mask / (1 - p) with mask ~ Bernoulli(1 - p); TEST: identity (Caffe)."""
     type = "Dropout"
+    v1 = (6, "DROPOUT")
     stateful = True
     messages = {"dropout_param": Msg("DropoutParameter", {
         "dropout_ratio": F(float, 0.5),

@@ -253,6 +253,7 @@ class Reduction(Layer):
 class ArgMax(Layer):
     """The top_k indices (or values) along `axis`, or over each sample's flattened dims."""
     type = "ArgMax"
+    v1 = (30, "ARGMAX")
     no_backward = True
     messages = {"argmax_param": Msg("ArgMaxParameter", {
         "out_max_val": F(bool, False), "top_k": F(int, 1), "axis": F(int, None)})}
@@ -311,6 +312,7 @@ class MVN(Layer):
     """Mean-variance normalisation per (sample, channel), or per sample with across_channels:
     y = (x - mean) / (std + eps), std the biased standard deviation (eps added to it, not to var)."""
     type = "MVN"
+    v1 = (34, "MVN")
     messages = {"mvn_param": Msg("MVNParameter", {
         "normalize_variance": F(bool, True), "across_channels": F(bool, False), "eps": F(float, 1e-9)})}
 
@@ -554,6 +556,7 @@ class Parameter(Layer):
 class Im2col(Layer):
     """The convolution's column matrix as a blob: N x (C*kh*kw) x OH x OW, rows ordered (c, i, j)."""
     type = "Im2col"
+    v1 = (11, "IM2COL")
     messages = {"convolution_param": CONV}
     sets_size = True
 

@@ -125,6 +125,7 @@ class _ConvBase(Layer):
 @register
 class Convolution(_ConvBase):
     type = "Convolution"
+    v1 = (4, "CONVOLUTION")
     gemm_epilogue = True
 
     def shape(self, bottoms):
@@ -241,6 +242,7 @@ def _gpu_geometry(lw, s):
 @register
 class Deconvolution(_ConvBase):
     type = "Deconvolution"
+    v1 = (39, "DECONVOLUTION")
     onnx_op = "ConvTranspose"
     kernel_forward = staticmethod(kernels.deconv2d_forward)
     kernel_backward = staticmethod(kernels.deconv2d_backward)
@@ -290,6 +292,7 @@ POOL = Msg("PoolingParameter", {
 @register
 class Pooling(Layer):
     type = "Pooling"
+    v1 = (17, "POOLING")
     messages = {"pooling_param": POOL}
     sets_size = True
     n_tops = (1, 2)

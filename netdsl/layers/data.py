@@ -23,6 +23,7 @@ class Input(_DataLayer):
     messages = {"input_param": Msg("InputParameter", {"shape": F(BLOB_SHAPE, repeated=True)})}
     n_tops = (1, None)
     fed_by_caller = True
+    legacy_input = True
 
     def unknown_shape_note(self):
         return "this Input layer gives no input_param { shape { dim: ... } }"
@@ -49,6 +50,7 @@ class MemoryData(Input):
     """Caffe's MemoryData: batches handed over from code (pycaffe's set_input_arrays); in netdsl the
     arrays are forward()'s keyword arguments, as for Input: data N x C x H x W and label N."""
     type = "MemoryData"
+    v1 = (29, "MEMORY_DATA")
     messages = {"memory_data_param": Msg("MemoryDataParameter", {
         "batch_size": F(int, 0), "channels": F(int, 0), "height": F(int, 0), "width": F(int, 0)}),
         "transform_param": TRANSFORM}
@@ -65,6 +67,7 @@ class MemoryData(Input):
 @register
 class DummyData(_DataLayer):
     type = "DummyData"
+    v1 = (32, "DUMMY_DATA")
     stateful = True
     messages = {"dummy_data_param": Msg("DummyDataParameter", {
         "data_filler": F(FILLER, repeated=True), "shape": F(BLOB_SHAPE, repeated=True),
@@ -94,6 +97,8 @@ class DummyData(_DataLayer):
 class Data(_DataLayer):
     """Caffe's LMDB/LevelDB reader: checked from --shape; netdsl does not read LMDB."""
     type = "Data"
+    v1 = (5, "DATA")
+    v1_transform_param = "data_param"
     messages = {"data_param": Msg("DataParameter", {
         "source": F(str, ""), "batch_size": F(int, 0), "rand_skip": F(int, 0),
         "backend": F("enum", "LEVELDB", choices=("LEVELDB", "LMDB")), "scale": F(float, 1.0),
@@ -161,6 +166,8 @@ class _FileData(_DataLayer):
 class ImageData(_FileData):
     """Caffe's ImageData: `path label` lines of a list file, images resized to new_height x new_width."""
     type = "ImageData"
+    v1 = (12, "IMAGE_DATA")
+    v1_transform_param = "image_data_param"
     messages = {"image_data_param": Msg("ImageDataParameter", {
         "source": F(str, ""), "batch_size": F(int, 1), "rand_skip": F(int, 0), "shuffle": F(bool, False),
         "new_height": F(int, 0), "new_width": F(int, 0), "is_color": F(bool, True), "scale": F(float, 1.0),
@@ -175,6 +182,8 @@ class ImageData(_FileData):
 class WindowData(_FileData):
     """Caffe's WindowData (R-CNN fine-tuning): windows of images, warped to crop_size squares."""
     type = "WindowData"
+    v1 = (24, "WINDOW_DATA")
+    v1_transform_param = "window_data_param"
     messages = {"window_data_param": Msg("WindowDataParameter", {
         "source": F(str, ""), "scale": F(float, 1.0), "mean_file": F(str, ""), "batch_size": F(int, 0),
         "crop_size": F(int, 0), "mirror": F(bool, False), "fg_threshold": F(float, 0.5),
@@ -190,6 +199,7 @@ class WindowData(_FileData):
 class HDF5Data(_FileData):
     """Caffe's HDF5Data: datasets named by the tops, from the .h5 files a list file names."""
     type = "HDF5Data"
+    v1 = (9, "HDF5_DATA")
     messages = {"hdf5_data_param": Msg("HDF5DataParameter", {
         "source": F(str, ""), "batch_size": F(int, 0), "shuffle": F(bool, False)})}
     n_tops = (1, None)
@@ -318,6 +328,7 @@ class DigitScenes(_DataLayer):
     resumed run continues from its cursor. split TRAIN draws MNIST training digits, TEST the
     test digits, so held-out scenes never show a digit image seen in training."""
     type = "DigitScenes"
+    feeds_scenes = True
     stateful = True
     messages = {"digit_scenes_param": Msg("DigitScenesParameter", {
         "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "height": F(int, 224), "width": F(int, 224),

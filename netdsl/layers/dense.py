@@ -18,6 +18,7 @@ IP = Msg("InnerProductParameter", {
 @register
 class InnerProduct(Layer):
     type = "InnerProduct"
+    v1 = (14, "INNER_PRODUCT")
     messages = {"inner_product_param": IP}
     gemm_epilogue = gemm_dx_mask = True
 

@@ -81,6 +81,7 @@ def _lower_check_nc(layer, lw, step):
 @register
 class Softmax(Layer):
     type = "Softmax"
+    v1 = (20, "SOFTMAX")
     messages = {"softmax_param": SOFTMAX}
     in_place = True
     keeps_layout = True
@@ -112,6 +113,8 @@ class _Loss(Layer):
 @register
 class SoftmaxWithLoss(_Loss):
     type = "SoftmaxWithLoss"
+    default_loss = True
+    v1 = (21, "SOFTMAX_LOSS")
     bottom_roles = ("the scores", "the labels")
     messages = {"softmax_param": SOFTMAX, "loss_param": LOSS}
     n_tops = (1, 2)
@@ -189,6 +192,7 @@ class SoftmaxWithLoss(_Loss):
 @register
 class SigmoidCrossEntropyLoss(_Loss):
     type = "SigmoidCrossEntropyLoss"
+    v1 = (27, "SIGMOID_CROSS_ENTROPY_LOSS")
     bottom_roles = ("the scores", "the targets")
     messages = {"loss_param": LOSS}
 
@@ -222,6 +226,7 @@ class SigmoidCrossEntropyLoss(_Loss):
 @register
 class EuclideanLoss(_Loss):
     type = "EuclideanLoss"
+    v1 = (7, "EUCLIDEAN_LOSS")
     bottom_roles = ("the predictions", "the targets")
 
     def shape(self, bottoms):
@@ -312,6 +317,7 @@ class InfogainLoss(_Loss):
     """BVLC's InfogainLoss (the version with its own softmax): loss = -sum_l H[label, l] log(prob_l),
     prob = softmax(scores) on `axis`, normalised like SoftmaxWithLoss. H is the third bottom."""
     type = "InfogainLoss"
+    v1 = (13, "INFOGAIN_LOSS")
     bottom_roles = ("the scores", "the labels", "the infogain matrix H (C x C)")
     messages = {"infogain_loss_param": Msg("InfogainLossParameter", {"source": F(str, ""), "axis": F(int, 1)}),
                 "loss_param": LOSS}
@@ -387,6 +393,7 @@ class HingeLoss(_Loss):
     """BVLC's one-vs-all hinge loss: t = -1 for the true class, +1 for the others;
     L1 sum(max(0, 1 + t x)) / N, L2 sum(max(0, 1 + t x)^2) / N."""
     type = "HingeLoss"
+    v1 = (28, "HINGE_LOSS")
     bottom_roles = ("the scores", "the labels")
     messages = {"hinge_loss_param": Msg("HingeLossParameter", {"norm": F("enum", "L1", choices=("L1", "L2"))})}
 
@@ -418,6 +425,7 @@ class MultinomialLogisticLoss(_Loss):
     """BVLC's MultinomialLogisticLoss: probabilities in (no softmax),
     loss = -sum log(max(p[label], kLOG_THRESHOLD)) / N."""
     type = "MultinomialLogisticLoss"
+    v1 = (16, "MULTINOMIAL_LOGISTIC_LOSS")
     bottom_roles = ("the probabilities", "the labels")
 
     def shape(self, bottoms):
@@ -446,6 +454,7 @@ class ContrastiveLoss(_Loss):
     """BVLC's ContrastiveLoss on pairs (a, b) with similarity y: d = ||a - b||, loss =
     sum(y d^2 + (1 - y) max(margin - d, 0)^2) / 2N (legacy_version: max(margin - d^2, 0))."""
     type = "ContrastiveLoss"
+    v1 = (37, "CONTRASTIVE_LOSS")
     bottom_roles = ("the first features (N x C)", "the second features (N x C)", "the similarity labels (N)")
     messages = {"contrastive_loss_param": Msg("ContrastiveLossParameter", {
         "margin": F(float, 1.0), "legacy_version": F(bool, False)})}
@@ -501,6 +510,7 @@ class ContrastiveLoss(_Loss):
 @register
 class Accuracy(Layer):
     type = "Accuracy"
+    v1 = (1, "ACCURACY")
     bottom_roles = ("the scores", "the labels")
     messages = {"accuracy_param": Msg("AccuracyParameter", {"top_k": F(int, 1), "axis": F(int, 1),
                                                             "ignore_label": F(int, None)})}

@@ -92,6 +92,7 @@ class ELU(_Elementwise):
 class AbsVal(_Elementwise):
     """y = |x|; dx = dy sign(x) (0 at x = 0, as caffe_cpu_sign). Caffe refuses it in place."""
     type = "AbsVal"
+    v1 = (35, "ABSVAL")
     in_place = False
 
     def forward(self, xp, bottoms, params):
@@ -110,6 +111,7 @@ class Power(_Elementwise):
     """y = (shift + scale x)^power, with Caffe's special cases: power * scale == 0 gives a constant
     (1 when power is 0, else shift^power) and no gradient."""
     type = "Power"
+    v1 = (26, "POWER")
     messages = {"power_param": Msg("PowerParameter", {
         "power": F(float, 1.0), "scale": F(float, 1.0), "shift": F(float, 0.0)})}
 
@@ -157,6 +159,7 @@ class Power(_Elementwise):
 class Exp(_Elementwise):
     """y = base^(shift + scale x) (base -1 means e), computed as e^shift' e^(ln(base) scale x)."""
     type = "Exp"
+    v1 = (38, "EXP")
     messages = {"exp_param": Msg("ExpParameter", {
         "base": F(float, -1.0), "scale": F(float, 1.0), "shift": F(float, 0.0)})}
 
@@ -228,6 +231,7 @@ class Log(_Elementwise):
 class BNLL(_Elementwise):
     """Binomial normal log-likelihood, y = log(1 + e^x), in Caffe's overflow-free split at x > 0."""
     type = "BNLL"
+    v1 = (2, "BNLL")
 
     def forward(self, xp, bottoms, params):
         x = bottoms[0]
@@ -247,6 +251,7 @@ class BNLL(_Elementwise):
 class Threshold(_Elementwise):
     """y = 1 if x > threshold else 0. Caffe has no backward: gradients stop here."""
     type = "Threshold"
+    v1 = (31, "THRESHOLD")
     no_backward = True
     messages = {"threshold_param": Msg("ThresholdParameter", {"threshold": F(float, 0.0)})}
 

@@ -10,6 +10,7 @@ from ..registry import FILLER, F, Layer, Msg, ShapeError, canonical_axis, filler
 @register
 class LRN(Layer):
     type = "LRN"
+    v1 = (15, "LRN")
     messages = {"lrn_param": Msg("LRNParameter", {
         "local_size": F(int, 5), "alpha": F(float, 1.0), "beta": F(float, 0.75), "k": F(float, 1.0),
         "norm_region": F("enum", "ACROSS_CHANNELS", choices=("ACROSS_CHANNELS", "WITHIN_CHANNEL")),

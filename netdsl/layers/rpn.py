@@ -111,6 +111,7 @@ PROPOSAL_DEFAULTS = {"TRAIN": (12000, 2000), "TEST": (6000, 300)}
 class Proposal(_AnchorLayer):
     """Decodes anchors with the box head, clips, filters, NMS (rpn_spec 6): rois R x 5 [, scores R x 1]."""
     type = "Proposal"
+    makes_proposals = True
     messages = {"proposal_param": Msg("ProposalParameter", {
         **ANCHORS, "pre_nms_top_n": F(int, None), "post_nms_top_n": F(int, None), "nms_thresh": F(float, 0.7),
         "min_size": F(int, 16)})}

@@ -86,6 +86,7 @@ def _explain_mismatch(error: ShapeError, upstream) -> ShapeError:
 @register
 class Eltwise(Layer):
     type = "Eltwise"
+    v1 = (25, "ELTWISE")
     arity_note = "Eltwise combines 2 or more blobs of one shape element by element"
     messages = {"eltwise_param": Msg("EltwiseParameter", {
         "operation": F("enum", "SUM", choices=("PROD", "SUM", "MAX")),
@@ -177,6 +178,7 @@ class Eltwise(Layer):
 @register
 class Concat(Layer):
     type = "Concat"
+    v1 = (3, "CONCAT")
     arity_note = "Concat joins blobs along an axis"
     messages = {"concat_param": Msg("ConcatParameter", {"axis": F(int, 1), "concat_dim": F(int, None)})}
     n_bottoms = (1, None)
@@ -225,6 +227,7 @@ class Concat(Layer):
 @register
 class Slice(Layer):
     type = "Slice"
+    v1 = (33, "SLICE")
     messages = {"slice_param": Msg("SliceParameter", {"axis": F(int, 1), "slice_point": F(int, repeated=True),
                                                       "slice_dim": F(int, None)})}
     n_tops = (1, None)
@@ -277,6 +280,7 @@ class Slice(Layer):
 @register
 class Split(Layer):
     type = "Split"
+    v1 = (22, "SPLIT")
     n_tops = (1, None)
     keeps_layout = True
 
@@ -311,6 +315,7 @@ class _View(Layer):
 @register
 class Flatten(_View):
     type = "Flatten"
+    v1 = (8, "FLATTEN")
     messages = {"flatten_param": Msg("FlattenParameter", {"axis": F(int, 1), "end_axis": F(int, -1)})}
 
     def shape(self, bottoms):
@@ -498,8 +503,10 @@ class Crop(Layer):
 @register
 class Silence(Layer):
     type = "Silence"
+    v1 = (36, "SILENCE")
     n_bottoms, n_tops = (1, None), (0, 0)
     is_sink = True
+    silences = True
 
     def shape(self, bottoms):
         return []
