@@ -41,6 +41,24 @@ def vgg16_prototxt() -> str:
     return "\n".join(lines) + "\n"
 
 
+def vgg16_files(directory: Path) -> tuple[Path, Path]:
+    """VGG-16's deploy prototxt and a .caffemodel of random weights for it (made once, then reused)."""
+    import numpy as np
+
+    from netdsl import syntax
+    from netdsl.check import check
+    from netdsl.weights import write_caffemodel
+    net, model = directory / "vgg16_deploy.prototxt", directory / "vgg16_random.caffemodel"
+    net.write_text(vgg16_prototxt())
+    if not model.exists():
+        shaped = check(syntax.parse(net.read_text(), str(net)), phase="TEST")
+        rng = np.random.default_rng(0)
+        layers = {n.name: (n.layer.type, [rng.standard_normal(s, dtype=np.float32) * 0.01 for s in shaped.params(n)])
+                  for n in shaped.graph.nodes if shaped.params(n)}
+        write_caffemodel(str(model), layers)
+    return net, model
+
+
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np
@@ -79,20 +97,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    import numpy as np
-
-    from netdsl import syntax
-    from netdsl.check import check
-    from netdsl.weights import write_caffemodel
-    net = Path(a.dir) / "vgg16_deploy.prototxt"
-    model = Path(a.dir) / "vgg16_random.caffemodel"
-    net.write_text(vgg16_prototxt())
-    if not model.exists():
-        shaped = check(syntax.parse(net.read_text(), str(net)), phase="TEST")
-        rng = np.random.default_rng(0)
-        layers = {n.name: (n.layer.type, [rng.standard_normal(s, dtype=np.float32) * 0.01 for s in shaped.params(n)])
-                  for n in shaped.graph.nodes if shaped.params(n)}
-        write_caffemodel(str(model), layers)
+    net, model = vgg16_files(Path(a.dir))
     size = os.path.getsize(model)
     print(f"VGG-16 .caffemodel: {size / 1e6:.0f} MB")
     for what in ("netdsl-read", "opencv-read", "netdsl-write"):

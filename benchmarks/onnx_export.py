@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from caffemodel_io import vgg16_prototxt
+from caffemodel_io import vgg16_files
 
 
 def main() -> None:
@@ -27,23 +27,11 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--verify", action="store_true")
     a = ap.parse_args()
-    import numpy as np
 
-    from netdsl import syntax
-    from netdsl.check import check
     from netdsl.executor import build_net
     from netdsl.onnx_export import export
-    from netdsl.weights import write_caffemodel
-    net = Path(a.dir) / "vgg16_deploy.prototxt"
-    weights = Path(a.dir) / "vgg16_random.caffemodel"
+    net, weights = vgg16_files(Path(a.dir))
     out = Path(a.dir) / "vgg16.onnx"
-    net.write_text(vgg16_prototxt())
-    if not weights.exists():
-        shaped = check(syntax.parse(net.read_text(), str(net)), phase="TEST")
-        rng = np.random.default_rng(0)
-        layers = {n.name: (n.layer.type, [rng.standard_normal(s, dtype=np.float32) * 0.01 for s in shaped.params(n)])
-                  for n in shaped.graph.nodes if shaped.params(n)}
-        write_caffemodel(str(weights), layers)
     print(f"VGG-16: {os.path.getsize(weights) / 1e6:.0f} MB .caffemodel")
     totals, builds = [], []
     for _ in range(a.runs):

@@ -46,8 +46,7 @@ def check(ast: Message, phase: str = "TRAIN", stages=(), level: int = 0, hints: 
     if phase not in ("TRAIN", "TEST"):
         raise NetdslError("E0000", f"unknown phase {phase!r}", help='use "train" or "test"')
     for blob, dims in (hints or {}).items():
-        if not isinstance(dims, (tuple, list)) or any(
-                d is not None and (isinstance(d, bool) or not isinstance(d, int) or d <= 0) for d in dims):
+        if not isinstance(dims, (tuple, list)) or shapes_mod.bad_dim(dims) is not None:
             raise NetdslError("E0504", f"the shape given for '{blob}' is {dims!r}: a shape is a tuple of positive "
                               "integers (None for a dimension known only at run time)",
                               help=f"e.g. shapes={{{blob!r}: (64, 3, 227, 227)}}")

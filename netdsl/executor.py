@@ -147,7 +147,7 @@ class Net:
             layer = step.layer
             if layer.fed_by_caller:
                 for u, t in zip(layer.spec.tops, step.node.tops):
-                    values[t] = xp.asarray(inputs[u], dtype=self.dtype)
+                    values[t] = inputs[u]                  # checked and converted by _input
                 continue
             bottoms = [values[b] for b in step.node.bottoms]
             params = [p.data for p in self.step_params[i]]

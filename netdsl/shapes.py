@@ -99,7 +99,7 @@ def infer(g: Graph, hints: dict[str, Shape], c: Collector) -> Inference:
         reported = False
         for i, (user, top) in enumerate(zip(layer.spec.tops, node.tops)):
             shape = tops[i] if i < len(tops) else None
-            bad = _bad_dim(shape)
+            bad = bad_dim(shape)
             if bad is not None:
                 reported = True
                 c.error("E0505", f"the shape of '{user}' ({layer.type} '{layer.name}') has dimension {bad!r}: every "
@@ -124,7 +124,7 @@ def infer(g: Graph, hints: dict[str, Shape], c: Collector) -> Inference:
     return inf
 
 
-def _bad_dim(shape):
+def bad_dim(shape):
     """The first dimension of a shape that no blob can have (<= 0, fractional, >= 2^31), or None."""
     if shape is None:
         return None
