@@ -13,8 +13,14 @@ def load(path: str, phase: str = "train", device: str = "cpu", weights: str | No
     that can't be known without their data ({"data": (64, 3, 227, 227)}). A net that would need
     more memory than is available is refused before allocating (NetdslError E0775);
     `memory_limit` sets the budget instead: bytes, "8G", or "off"."""
+    import os
+
+    from .errors import NetdslError
     from .executor import build_net
-    return build_net(path, phase, device, weights=weights, seed=seed, data_dir=data_dir, stages=stages,
+    if not isinstance(path, (str, os.PathLike)):
+        raise NetdslError("E0003", f"netdsl.load needs the path of a net file, got {type(path).__name__}",
+                          help='e.g. netdsl.load("nets/lenet.net", phase="test")')
+    return build_net(os.fspath(path), phase, device, weights=weights, seed=seed, data_dir=data_dir, stages=stages,
                      hints=shapes, dtype=dtype, memory_limit=memory_limit)
 
 

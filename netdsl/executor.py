@@ -241,14 +241,20 @@ class Net:
         return out
 
     def save(self, path: str) -> None:
-        """The weights as `.caffemodel` (Caffe's binary NetParameter, by the suffix) or netdsl's .npz."""
-        if path.endswith(".caffemodel"):
-            from .weights import write_caffemodel
-            types = {s.node.name: s.layer.type for s in self.plan.steps}
-            write_caffemodel(path, {name: (types[name], [to_host(p.data) for p in ps])
-                                    for name, ps in self.params.items()}, self.plan.name)
-        else:
-            save_npz(path, self.state())
+        """The weights as `.caffemodel` (Caffe's binary NetParameter, by the suffix) or netdsl's .npz,
+        written atomically; a path that cannot be written is E0771 (an existing file stays intact)."""
+        path = os.fspath(path)
+        try:
+            if path.endswith(".caffemodel"):
+                from .weights import write_caffemodel
+                types = {s.node.name: s.layer.type for s in self.plan.steps}
+                write_caffemodel(path, {name: (types[name], [to_host(p.data) for p in ps])
+                                        for name, ps in self.params.items()}, self.plan.name)
+            else:
+                save_npz(path, self.state())
+        except OSError as e:
+            raise NetdslError("E0771", f"cannot write weights to {path}: {e.strerror or e}",
+                              help="check that the directory exists, is writable and has space") from None
 
     def load(self, weights) -> Copied:
         """Copy weights by layer name as Caffe's CopyTrainedLayersFrom: a path (.caffemodel, V1 or V2,

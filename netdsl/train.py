@@ -144,11 +144,13 @@ class Trainer:
         stops the run with the previous snapshot intact (writes are atomic)."""
         try:
             return self._snapshot()
-        except OSError as e:
+        except (OSError, NetdslError) as e:
+            if isinstance(e, NetdslError) and e.diagnostic.code != "E0771":
+                raise
+            why = e.diagnostic.message if isinstance(e, NetdslError) else f"{e.strerror or e} ({e.filename or self.prefix})"
             before = (f"the previous snapshot {self.last_snapshot}{self.weights_suffix} is intact"
                       if self.last_snapshot else "no earlier snapshot was written in this run")
-            raise NetdslError("E0771", f"cannot write the snapshot at iteration {self.iter}: "
-                              f"{e.strerror or e} ({e.filename or self.prefix})", notes=[before],
+            raise NetdslError("E0771", f"cannot write the snapshot at iteration {self.iter}: {why}", notes=[before],
                               help="free space or point snapshot_prefix / --out elsewhere, then resume") from None
 
     def _snapshot(self) -> str:

@@ -91,6 +91,7 @@ def solver(tmp_path, **fields) -> Path:
     ({"type": '"AdaGrad"', "delta": 0}, "delta must be > 0"),
     ({"max_iter": -5}, "max_iter must be >= 0"),
     ({"display": -1}, "display must be >= 0"),
+    ({"type": '"Adam"', "momentum2": 2}, "momentum2 (beta2) must be in [0, 1)"),
 ])
 def test_solver_values_caffe_or_the_math_refuse(tmp_path, fields, word):
     code, err = run("check", solver(tmp_path, **fields))
@@ -398,3 +399,11 @@ def test_a_huge_image_to_propose_is_shrunk_not_run_at_full_size():
     small = shrink(image, 1000)
     assert small.shape == (1, 1000, 500) and abs(small.mean() - image.mean()) < 1e-3
     assert shrink(image[:, :800, :600], 1000) is not None and shrink(image[:, :800, :600], 1000).shape == (1, 800, 600)
+
+
+def test_api_paths_are_checked(tmp_path):
+    with pytest.raises(NetdslError, match="needs the path of a net file, got NoneType"):
+        netdsl.load(None)
+    net_ = netdsl.load(net(tmp_path, API_NET), phase="test")          # a pathlib.Path is a path
+    with pytest.raises(NetdslError, match="cannot write weights to /proc/nope/x.npz"):
+        net_.save("/proc/nope/x.npz")
