@@ -1,0 +1,99 @@
+"""The segmentation sample (issue 10): DigitScenes' per-pixel labels, nets/segnet_digits.net (SegNet's
+mask-driven Upsample) and the IoU figures `netdsl test` reports for a net that classifies pixels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import netdsl
+from netdsl import commands, plan, syntax
+from netdsl.backend import get_backend
+from netdsl.check import check, check_file
+from netdsl.data.scenes import IGNORE
+from netdsl.errors import NetdslError
+from netdsl.evaluate import PixelConfusion
+from netdsl.executor import Net
+from netdsl.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = ROOT / "nets" / "segnet_digits.net"
+SOLVER = ROOT / "nets" / "segnet_digits_solver.net"
+
+pytestmark = pytest.mark.usefixtures("mnist_dir")
+
+
+def scenes_layer(fmt: str, tops: str = 'top: "data" top: "label"') -> str:
+    return (f'layer {{ name: "s" type: "DigitScenes" {tops} digit_scenes_param {{ height: 40 width: 48 '
+            f'max_digits: 3 min_size: 12 max_size: 30 label_format: {fmt} }} }}\n')
+
+
+@pytest.mark.parametrize("fmt", ["FOREGROUND", "DIGIT"])
+def test_digit_scenes_label_formats(fmt, mnist_dir):
+    net = Net(plan.lower(check_text(scenes_layer(fmt))), np, data_dir=mnist_dir)
+    source = net.states[0].source
+    for k in range(3):
+        out = net.forward()
+        image, label = out["data"], out["label"]
+        assert image.shape == (1, 1, 40, 48) and label.shape == (1, 1, 40, 48)
+        want_image, _, want = source.scenes.labelled_scene(k)
+        np.testing.assert_array_equal(image[0], want_image)
+        if fmt == "FOREGROUND":
+            want = np.where(want == IGNORE, IGNORE, want > 0)
+        np.testing.assert_array_equal(label[0, 0], want)
+
+
+def check_text(text: str):
+    return check(syntax.parse(text, "t.net"), phase="TEST")
+
+
+def test_label_format_needs_two_tops():
+    with pytest.raises(NetdslError) as e:
+        check_text(scenes_layer("FOREGROUND", 'top: "data" top: "im_info" top: "gt_boxes"'))
+    assert "E0202" in {d.code for d in e.value.diagnostics}
+    with pytest.raises(NetdslError) as e:
+        check_text(scenes_layer("BOXES"))
+    assert "E0202" in {d.code for d in e.value.diagnostics}
+
+
+def test_pixel_confusion_pools_images_and_skips_ignored():
+    net = netdsl.load(str(NET), phase="test")
+    found = PixelConfusion.for_net(net)
+    assert found is not None and found.classes == 2
+    counter = PixelConfusion(found.step, 6)           # its ignore_label (255) and axis, six classes
+    scores = np.zeros((1, 6, 2, 3))
+    pred = np.array([[0, 1, 1], [2, 0, 0]])          # argmax per pixel
+    np.put_along_axis(scores, pred[None, None], 1.0, axis=1)
+    labels = np.array([[[[0, 1, 2], [2, IGNORE, 0]]]], float)
+    counter.add(scores, labels)
+    counter.add(scores, np.zeros_like(labels))     # a second image: every pixel background
+    r = counter.result()
+    # class 0: TP 2 + 3, FP (pred 0, label not 0) 0, FN (label 0, pred not 0) 0 + 3 -> 5 / 8
+    # class 1: TP 1, FP 1 + 2 (label 2, then 0, where 1 predicted), FN 0 -> 1 / 4
+    # class 2: TP 1, FP 1 (second image), FN 1 (label 2 where 1 predicted) -> 1 / 3
+    assert r["iou/class0"] == pytest.approx(5 / 8)
+    assert r["iou/class1"] == pytest.approx(0.25)
+    assert r["iou/class2"] == pytest.approx(1 / 3)
+    assert np.isnan(r["iou/class5"])                 # never labelled nor predicted: not averaged
+
+    assert r["mean_iou"] == pytest.approx((5 / 8 + 1 / 4 + 1 / 3) / 3)
+    assert r["pixel_accuracy"] == pytest.approx(7 / 11)     # the ignored pixel not counted
+
+
+def test_classifier_nets_get_no_iou():
+    assert PixelConfusion.for_net(netdsl.load(str(ROOT / "nets" / "lenet.net"), phase="test")) is None
+
+
+def test_sample_checks_and_learns(mnist_dir, tmp_path):
+    """A short run of the sample's own solver lowers the loss and lifts the held-out mean IoU."""
+    for phase in ("TRAIN", "TEST"):
+        check_file(str(NET), phase=phase)
+    cpu = get_backend("cpu")
+    before = commands.test_outputs(str(NET), None, 10, cpu, mnist_dir)
+    trainer = Trainer(str(SOLVER), cpu, max_iter=300, data_dir=mnist_dir, out=str(tmp_path))
+    weights = trainer.run().last_snapshot + trainer.weights_suffix
+    after = commands.test_outputs(str(NET), weights, 10, cpu, mnist_dir)
+    assert after["loss"] < before["loss"] / 2
+    assert after["mean_iou"] > before["mean_iou"] + 0.05
+    assert after["iou/class0"] > 0.9
