@@ -97,3 +97,16 @@ def test_sample_checks_and_learns(mnist_dir, tmp_path):
     assert after["loss"] < before["loss"] / 2
     assert after["mean_iou"] > before["mean_iou"] + 0.05
     assert after["iou/class0"] > 0.9
+
+
+def test_upsample_mask_positions_outside_the_plane_are_refused():
+    """A mask fed from outside (the checker cannot see where it comes from) is checked when it runs,
+    as the fork's CHECK_LT(idx, upsample_h * upsample_w) does."""
+    text = ('layer { name: "in" type: "Input" top: "x" top: "mask" input_param { shape { dim: 1 dim: 1 dim: 2 dim: 2 } } }\n'
+            'layer { name: "up" type: "Upsample" bottom: "x" bottom: "mask" top: "up" upsample_param { scale: 2 } }\n')
+    net = Net(plan.lower(check_text(text)), np)
+    ok = net.forward(x=np.ones((1, 1, 2, 2)), mask=np.array([[[[0, 3], [9, 15]]]], float))["up"]
+    assert ok.reshape(-1).nonzero()[0].tolist() == [0, 3, 9, 15]
+    with pytest.raises(NetdslError) as e:
+        net.forward(x=np.ones((1, 1, 2, 2)), mask=np.array([[[[0, 3], [9, 16]]]], float))
+    assert e.value.diagnostic.code == "E0621" and "[0, 16)" in e.value.diagnostic.message

@@ -9,7 +9,8 @@ import numpy as np
 from .. import kernels
 from ..gpu.program import Unsupported
 from ..registry import FILLER, F, Layer, Msg, ShapeError, filler_record, fmt, register
-from .conv import Convolution
+from .common import _indices
+from .conv import Convolution, Pooling
 from .data import _FileData
 
 
@@ -218,11 +219,71 @@ class Upsample(Layer):
             ow = None if x[3] is None else x[3] * sw - int(self.p.pad_out_w)
         return [(x[0], x[1], oh, ow)]
 
+    @classmethod
+    def check_net(cls, checking):
+        for node in checking.graph.nodes:
+            if isinstance(node.layer, cls):
+                node.layer.check_mask(node, checking.graph, checking.inference, checking.c)
+
+    @staticmethod
+    def _mask_fix(g, blobs, values: str) -> str | None:
+        """The mask top of a MAX Pooling layer whose output has the shape of `values`, as a fix."""
+        shape = blobs.get(values)
+        pool = next((n for n in g.nodes if isinstance(n.layer, Pooling) and len(n.tops) == 2 and shape is not None
+                     and blobs.get(n.tops[0]) == shape), None)
+        return pool and f"use `bottom: \"{g.display(pool.tops[1])}\"`, the mask top of Pooling '{pool.name}'"
+
+    def check_mask(self, node, g, inf, c) -> None:
+        """The mask must be a MAX Pooling layer's mask top (flat positions h * W + w of that Pooling's
+        input plane), and this layer must unpool to that input's H x W: else the values land in the
+        wrong places, or past the plane's end. A mask fed from outside (an Input) is the caller's."""
+        mask, blobs = node.bottoms[1], inf.blobs
+        pool = g.producer.get(mask)
+        if pool is None or pool.layer.is_data:
+            return
+        failed = inf.failed.get(node)
+        if failed is not None:                  # E0320, mask and values differ: name the mask to use
+            fix = self._mask_fix(g, blobs, node.bottoms[0])
+            if failed.code == "E0320" and fix:
+                c.diagnostics[:] = [d for d in c.diagnostics if d is not failed]
+                c.error(failed.code, failed.message, failed.pos, notes=failed.notes, help=fix)
+            return
+        where = self.spec.record.item_pos("bottom", 1) or self.spec.pos
+        shown = g.display(mask)
+        if not isinstance(pool.layer, Pooling) or pool.tops.index(mask) != 1:
+            is_values = isinstance(pool.layer, Pooling)
+            fix = self._mask_fix(g, blobs, node.bottoms[0]) or (
+                f"give Pooling '{pool.name}' a second top (`top: \"{pool.name}_mask\"`) and use it here" if is_values
+                else "feed the mask top (second top) of the MAX Pooling layer whose output this unpools")
+            made = f"the pooled values (top 0) of Pooling '{pool.name}'" if is_values else \
+                f"made by {pool.layer.type} '{pool.name}'"
+            c.error("E0376", f"Upsample '{self.name}': its mask bottom '{shown}' is {made}, not a MAX Pooling layer's "
+                    "mask top", where,
+                    notes=["the mask holds, per pooled value, the flat position h * W + w of its maximum in the "
+                           "Pooling layer's input: the positions the values are put back to"], help=fix)
+            return
+        src, out = blobs.get(pool.bottoms[0]), blobs.get(node.tops[0])
+        if src is None or out is None or None in (*src[2:], *out[2:]) or tuple(src[2:]) == tuple(out[2:]):
+            return
+        (h, w), (oh, ow) = src[2:], out[2:]
+        form = ("upsample_h" if self._explicit() else "scale_h" if self.p.scale_h is not None else "scale")
+        fix = f"set `upsample_h: {h} upsample_w: {w}`"
+        x = blobs[node.bottoms[0]]
+        if not self._explicit() and (h, w) in {(x[2] * 2 - a, x[3] * 2 - b) for a in (0, 1) for b in (0, 1)}:
+            pads = "".join(f" pad_out_{k}: true" for k, v in (("h", x[2] * 2 - h), ("w", x[3] * 2 - w)) if v)
+            fix += f", or `scale: 2{pads}`"
+        c.error("E0377", f"Upsample '{self.name}' unpools to {oh} x {ow}, but its mask '{shown}' holds positions in "
+                f"the {h} x {w} input '{g.display(pool.bottoms[0])}' of Pooling '{pool.name}'", self.pos(form),
+                notes=[f"Pooling '{pool.name}' maps {fmt(src)} to {fmt(blobs[node.bottoms[0]])}; unpooling must give "
+                       f"back {h} x {w} for each value to return to where its maximum was"
+                       + ("" if oh * ow >= h * w else f" (on {oh} x {ow} the last positions fall off the plane)")],
+                help=fix)
+
     def forward(self, xp, bottoms, params):
         x, mask = bottoms
         n, c, h, w = x.shape
         _, _, oh, ow = self._out(x.shape)
-        idx = mask.reshape(n * c, h * w).astype(xp.int64)
+        idx = _indices(xp, mask, oh * ow, self, f"the mask '{self.spec.bottoms[1]}'", True).reshape(n * c, h * w)
         rows = xp.arange(n * c)[:, None]
         y = xp.zeros((n * c, oh * ow), x.dtype)
         y[rows, idx] = x.reshape(n * c, h * w)
@@ -343,12 +404,58 @@ class Interp(Layer):
             if eff is not None and eff <= 0:
                 raise ShapeError("E0401", f"Interp '{self.name}': cropping pad_beg {self.p.pad_beg} and pad_end "
                                  f"{self.p.pad_end} leaves an input {name} of {eff}", field="pad_beg", involves=(0,),
-                                 help="crop less")
+                                 help=f"crop at most {x[axis] - 1} in all (pad_beg + pad_end >= {1 - x[axis]})")
             if o is not None and o <= 0:
                 raise ShapeError("E0401", f"Interp '{self.name}': output {name} is {o}", field=name, involves=(0,),
                                  help="give a positive output size")
             out.append(o)
         return [(x[0], x[1], out[0], out[1])]
+
+    @classmethod
+    def check_net(cls, checking):
+        for node in checking.graph.nodes:
+            if isinstance(node.layer, cls) and node not in checking.inference.failed:
+                node.layer.check_joins(node, checking.graph, checking.inference, checking.c)
+
+    def check_joins(self, node, g, inf, c) -> None:
+        """PSPNet's pyramid: each pooled branch is resized back and concatenated (or summed) with the
+        map it was pooled from. Where the Interp's size misses the other operands' (zoom_factor gives
+        (H - 1) * zoom + 1, which only inputs of k * zoom + 1 pixels make whole), report it here, with
+        its arithmetic, rather than at the Concat."""
+        out = inf.blobs.get(node.tops[0])
+        for join in g.consumers.get(node.tops[0], []):
+            failed = inf.failed.get(join)
+            if failed is None or failed.code not in ("E0320", "E0321") or out is None:
+                continue
+            others = {tuple(inf.blobs[b][2:]) for b in join.bottoms if b != node.tops[0] and b in inf.blobs}
+            if len(others) != 1 or (want := others.pop()) == tuple(out[2:]) or len(want) != 2 or None in want:
+                continue
+            ref = next(b for b in join.bottoms if b != node.tops[0])
+            x = inf.blobs[node.bottoms[0]]
+            how = [self._arithmetic(x[2], "height"), self._arithmetic(x[3], "width")]
+            field = next((f for f in ("zoom_factor", "shrink_factor", "height") if self.p.has(f)), None)
+            c.diagnostics[:] = [d for d in c.diagnostics if d is not failed]
+            c.error("E0378", f"Interp '{self.name}' resizes to {out[2]} x {out[3]}, but {join.layer.type} "
+                    f"'{join.name}' joins it with '{g.display(ref)}' of {want[0]} x {want[1]}", self.pos(field),
+                    notes=[h for h in how if h] + [f"{join.layer.type} '{join.name}' needs one spatial size"],
+                    help=f"give Interp '{self.name}' the second bottom '{g.display(ref)}' (it then takes that blob's "
+                         f"size), or set `height: {want[0]} width: {want[1]}` in place of "
+                         f"{field or 'the size it has'}")
+
+    def _arithmetic(self, n_in, name: str) -> str | None:
+        """How the factors give one output side, e.g. "height: (6 - 1) x 10 + 1 = 51"."""
+        p = self.p
+        if n_in is None or not (p.has("zoom_factor") or p.has("shrink_factor")):
+            return None
+        eff = n_in + p.pad_beg + p.pad_end
+        text, o = (f"{n_in} {p.pad_beg:+d} {p.pad_end:+d} = {eff}, " if p.pad_beg or p.pad_end else ""), eff
+        if p.has("shrink_factor"):
+            o = (eff - 1) // p.shrink_factor + 1
+            text += f"shrink_factor: ({eff} - 1) / {p.shrink_factor} + 1 = {o}, "
+        if p.has("zoom_factor"):
+            z = o + (o - 1) * (p.zoom_factor - 1)
+            text += f"zoom_factor: ({o} - 1) x {p.zoom_factor} + 1 = {z}"
+        return f"{name}: {text.rstrip(', ')}"
 
     @staticmethod
     def weights(n_in: int, n_out: int) -> np.ndarray:
@@ -476,7 +583,10 @@ class ShuffleChannel(Layer):
         g = self.p.group
         if x[1] is not None and x[1] % g:
             raise ShapeError("E0302", f"ShuffleChannel '{self.name}': input depth {x[1]} is not divisible by group {g}",
-                             field="group", involves=(0,), help=f"use a group that divides {x[1]}")
+                             field="group", involves=(0,),
+                             help=f"use `group: {max(d for d in range(1, x[1] + 1) if x[1] % d == 0 and d <= g)}` or another "
+                                  f"divisor of {x[1]}, or give the layer before it a multiple of {g} channels "
+                                  f"({x[1] + g - x[1] % g})")
         return [x]
 
     @staticmethod
