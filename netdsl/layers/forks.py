@@ -126,6 +126,38 @@ class BN(Layer):
         extra = [a.reshape(1, -1, 1, 1).astype(x.dtype, copy=False) for a in (mean, var)][: len(self.spec.tops) - 1]
         return [y] + extra, ("norm", xhat, xc, inv_std, scale, axes)
 
+    def _affine(self, params):
+        """(mul, add) per channel where the output is an affine map of the input (SegNet's INFERENCE,
+        PSPNet's moving statistics); None where the batch's own statistics normalise."""
+        blobs = [np.asarray(a, np.float64).reshape(-1) for a in params]
+        if self.segnet and self.p.bn_mode == "INFERENCE":
+            return blobs[0], blobs[1]
+        if self.batch_stats():
+            return None
+        inv = blobs[0] / np.sqrt(blobs[3] + self.p.eps)
+        return inv, blobs[1] - blobs[2] * inv
+
+    def onnx_affine(self, ex, step):
+        """(mul, add) per channel, for --fold-batchnorm."""
+        return self._affine(ex.params(step)) if len(step.node.tops) == 1 else None
+
+    def to_onnx(self, ex, step):
+        """Mul and Add per channel; SegNet's LEARN mode (the batch's statistics in every phase) as
+        ReduceMean over N, H, W, its biased variance and 1e-9."""
+        x, nd = ex.bottoms(step)[0], len(ex.in_shape(step))
+        if len(step.node.tops) > 1:
+            raise ex.unsupported(step, "the batch mean and variance tops")
+        params = ex.params(step)
+        affine = self._affine(params)
+        if affine is None:
+            axes = [0] + list(range(2, nd))
+            xc = ex.add_node("Sub", [x, ex.reduce("ReduceMean", x, axes)])
+            var = ex.reduce("ReduceMean", ex.add_node("Mul", [xc, xc]), axes)
+            x = ex.add_node("Div", [xc, ex.add_node("Sqrt", [ex.add_node("Add", [var, ex.scalar(self.SEGNET_EPS)])])])
+            affine = [np.asarray(a, np.float64).reshape(-1) for a in params[:2]]
+        mul, add = affine
+        ex.chain(step, x, [("Mul", [ex.along(mul, 1, nd, suffix="mul")]), ("Add", [ex.along(add, 1, nd, suffix="add")])])
+
     def backward(self, xp, saved, dtops, params, need):
         dy = dtops[0]
         if saved[0] == "affine":                     # SegNet INFERENCE: y = scale * x + shift
@@ -297,6 +329,19 @@ class Upsample(Layer):
         dy = dtops[0]
         n, c = dy.shape[:2]
         return [dy.reshape(n * c, -1)[rows, idx].reshape(shape), None], []
+
+    def to_onnx(self, ex, step):
+        """ScatterElements of each plane's values into zeros at the mask's positions: exact for any
+        mask. (ONNX's MaxUnpool reads MaxPool's whole-tensor indices, not Caffe's per-plane ones; where
+        overlapping windows name one position twice, ONNX leaves the order open, onnxruntime and
+        netdsl keep the last.)"""
+        x, mask = ex.bottoms(step)
+        oh, ow = ex.out_shape(step)[2:]
+        values = ex.add_node("Reshape", [x, ex.ints([0, 0, -1])])
+        index = ex.add_node("Cast", [ex.add_node("Reshape", [mask, ex.ints([0, 0, -1])])], to=7)     # 7: INT64
+        zeros = ex.constant_like_shape(ex.dims_then(x, [oh * ow]), 0.0)
+        planes = ex.add_node("ScatterElements", [zeros, index, values], axis=2)
+        ex.add_node("Reshape", [planes, ex.ints([0, 0, oh, ow])], ex.tops(step))
 
 
 @register
@@ -486,6 +531,19 @@ class Interp(Layer):
         y = xp.matmul(xp.matmul(ah, x[:, :, b:b + he, b:b + we]), aw.T)
         return [y], (ah, aw, b, x.shape)
 
+    def to_onnx(self, ex, step):
+        """Resize, linear, `align_corners` (the fork's output corners on input corners), after a Slice
+        for pad_beg / pad_end."""
+        x, shape = ex.bottoms(step)[0], ex.in_shape(step)
+        oh, ow = ex.out_shape(step)[2:]
+        b, he, we = -self.p.pad_beg, shape[2] + self.p.pad_beg + self.p.pad_end, shape[3] + self.p.pad_beg + self.p.pad_end
+        if (oh == 1 and he > 1) or (ow == 1 and we > 1):
+            raise ex.unsupported(step, "an output side of 1 (ONNX's align_corners divides by it minus 1)")
+        if (he, we) != tuple(shape[2:]):
+            x = ex.add_node("Slice", [x, ex.ints([b, b]), ex.ints([b + he, b + we]), ex.ints([2, 3])])
+        ex.add_node("Resize", [x, "", "", ex.dims_then(x, [oh, ow])], ex.tops(step), mode="linear",
+                    coordinate_transformation_mode="align_corners")
+
     def backward(self, xp, saved, dtops, params, need):
         ah, aw, b, shape = saved
         dcrop = xp.matmul(xp.matmul(ah.T, dtops[0]), aw)
@@ -602,6 +660,13 @@ class ShuffleChannel(Layer):
         dy = dtops[0]
         return [self.shuffle(xp, dy, dy.shape[1] // self.p.group)], []
 
+    def to_onnx(self, ex, step):
+        """Reshape to N x g x C/g x rest, Transpose the two channel axes, Reshape back."""
+        shape, g = ex.in_shape(step), self.p.group
+        split = ex.add_node("Reshape", [ex.bottoms(step)[0], ex.ints([0, g, shape[1] // g, -1])])
+        swapped = ex.add_node("Transpose", [split], perm=[0, 2, 1, 3])
+        ex.add_node("Reshape", [swapped, ex.ints([0, *shape[1:]])], ex.tops(step))
+
 
 @register
 class Axpy(Layer):
@@ -634,6 +699,12 @@ class Axpy(Layer):
         dt = dtops[0]
         da = (dt * x).sum(axis=tuple(range(2, x.ndim))).reshape(a_shape) if need[0] else None
         return [da, dt * s if need[1] else None, dt if need[2] else None], []
+
+    def to_onnx(self, ex, step):
+        a, x, y = ex.bottoms(step)
+        nd = len(ex.in_shape(step, 1))
+        scale = ex.along(a, 0, nd, len(ex.in_shape(step, 0)))
+        ex.add_node("Add", [ex.add_node("Mul", [scale, x]), y], ex.tops(step))
 
 
 # =============================================================================================
@@ -741,3 +812,7 @@ class PSROIPooling(Layer):
             a = gy[sel].transpose(1, 2, 3, 0)[..., None, :] * mh[sel].transpose(1, 2, 0)[None, :, None]  # d g g H R_b
             dx[b] = xp.matmul(a, mw[sel].transpose(1, 0, 2)[None, None]).reshape(c, h, w)
         return [dx, None], []
+
+    def to_onnx(self, ex, step):
+        raise ex.unsupported(step, "ONNX has no position-sensitive RoI pooling (RoiAlign samples points, it "
+                                   "does not average R-FCN's rounded integer bins)")
