@@ -117,6 +117,8 @@ OTHERS = {
     "shuffle_3d": ({"x": (2, 4, 5)}, layer("s", "ShuffleChannel", ["x"], "shuffle_channel_param { group: 2 }"), "Transpose"),
     "axpy": ({"a": (2, 3, 1, 1), "x": (2, 3, 4, 5), "y": (2, 3, 4, 5)}, layer("axpy", "Axpy", ["a", "x", "y"]), "Mul"),
     "axpy_2d": ({"a": (2, 3), "x": (2, 3, 4, 5), "y": (2, 3, 4, 5)}, layer("axpy", "Axpy", ["a", "x", "y"]), "Unsqueeze"),
+    "upsample_nearest": ({"x": (2, 3, 3, 4)}, layer("up", "Upsample", ["x"], "upsample_param { scale_h: 2 scale_w: 3 }"),
+                         "Resize"),
     "conv_dw": ({"x": (2, 4, 6, 6)}, layer("dw", "ConvolutionDepthwise", ["x"],
                                            "convolution_param { num_output: 4 kernel_size: 3 stride: 2 pad: 1 }"), "Conv"),
     "dw_conv": ({"x": (2, 3, 6, 6)}, layer("dw", "DepthwiseConvolution", ["x"],

@@ -110,3 +110,16 @@ def test_upsample_mask_positions_outside_the_plane_are_refused():
     with pytest.raises(NetdslError) as e:
         net.forward(x=np.ones((1, 1, 2, 2)), mask=np.array([[[[0, 3], [9, 16]]]], float))
     assert e.value.diagnostic.code == "E0621" and "[0, 16)" in e.value.diagnostic.message
+
+
+def test_nearest_upsample_copies_blocks_and_takes_scale_only():
+    """The YOLOv3 ports' one-bottom Upsample: each value fills a scale_h x scale_w block."""
+    up = 'layer { name: "up" type: "Upsample" bottom: "x" top: "up" upsample_param { scale_h: 2 scale_w: 3 } }\n'
+    net = Net(plan.lower(check_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 '
+                                    'dim: 4 dim: 5 } } }\n' + up)), np)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(net.forward(x=x)["up"], np.kron(x, np.ones((1, 1, 2, 3), np.float32)))
+    with pytest.raises(NetdslError) as e:
+        check_text('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 dim: 4 dim: 4 } } }\n'
+                   + up.replace("scale_h: 2 scale_w: 3", "upsample_h: 8 upsample_w: 8"))
+    assert "E0108" in {d.code for d in e.value.diagnostics}

@@ -191,9 +191,13 @@ class Upsample(Layer):
     other output is 0. The output size is upsample_h x upsample_w, or else input * scale (scale_h,
     scale_w) minus pad_out_h / pad_out_w. Backward gathers the top gradient through the mask, as
     the fork does (where two inputs name one position, forward keeps the last, backward hands both
-    its gradient). The mask gets no gradient."""
+    its gradient). The mask gets no gradient.
+
+    With one bottom, the nearest-neighbour upsampling of the YOLOv3 ports (ChenYingpeng/caffe-yolov3's
+    and eric612/MobileNet-YOLO's upsample_layer): each value fills a scale_h x scale_w block of the
+    output (input * scale); backward sums each block's gradient."""
     type = "Upsample"
-    n_bottoms = (2, 2)
+    n_bottoms = (1, 2)
     bottom_roles = ("the values to unpool", "the mask top of the MAX Pooling layer")
     messages = {"upsample_param": Msg("UpsampleParameter", {
         "scale": F(int, 2), "scale_h": F(int, None), "scale_w": F(int, None),
@@ -209,8 +213,16 @@ class Upsample(Layer):
             return p.scale_h, p.scale_w
         return p.scale, p.scale
 
+    def _nearest(self) -> bool:
+        return len(self.spec.bottoms) == 1
+
     def validate(self):
         p, errs = self.p, []
+        given = [k for k in ("upsample_h", "upsample_w", "pad_out_h", "pad_out_w") if p.has(k)]
+        if self._nearest() and given:
+            return [ShapeError("E0108", f"Upsample '{self.name}' has one bottom (nearest-neighbour upsampling), which "
+                               f"takes `scale` only, not `{given[0]}`", field=given[0],
+                               help="add the Pooling layer's mask top as a second bottom to unpool, or use `scale`")]
         if self._explicit():
             for name in ("upsample_h", "upsample_w"):
                 if getattr(p, name) <= 1:
@@ -237,7 +249,7 @@ class Upsample(Layer):
         return errs
 
     def shape(self, bottoms):
-        x, mask = bottoms
+        x, mask = bottoms[0], bottoms[-1]
         _need_4d(self, x)
         _need_4d(self, mask, "mask", 1)
         if tuple(x) != tuple(mask):
@@ -254,7 +266,7 @@ class Upsample(Layer):
     @classmethod
     def check_net(cls, checking):
         for node in checking.graph.nodes:
-            if isinstance(node.layer, cls):
+            if isinstance(node.layer, cls) and not node.layer._nearest():
                 node.layer.check_mask(node, checking.graph, checking.inference, checking.c)
 
     @staticmethod
@@ -312,6 +324,9 @@ class Upsample(Layer):
                 help=fix)
 
     def forward(self, xp, bottoms, params):
+        if self._nearest():
+            sh, sw = self._scales()
+            return [bottoms[0].repeat(sh, axis=2).repeat(sw, axis=3)], None
         x, mask = bottoms
         n, c, h, w = x.shape
         _, _, oh, ow = self._out(x.shape)
@@ -325,16 +340,23 @@ class Upsample(Layer):
         return self.shape([tuple(shape), tuple(shape)])[0]
 
     def backward(self, xp, saved, dtops, params, need):
-        rows, idx, shape = saved
         dy = dtops[0]
         n, c = dy.shape[:2]
+        if self._nearest():
+            (sh, sw), (oh, ow) = self._scales(), dy.shape[2:]
+            return [dy.reshape(n, c, oh // sh, sh, ow // sw, sw).sum(axis=(3, 5))], []
+        rows, idx, shape = saved
         return [dy.reshape(n * c, -1)[rows, idx].reshape(shape), None], []
 
     def to_onnx(self, ex, step):
         """ScatterElements of each plane's values into zeros at the mask's positions: exact for any
         mask. (ONNX's MaxUnpool reads MaxPool's whole-tensor indices, not Caffe's per-plane ones; where
         overlapping windows name one position twice, ONNX leaves the order open, onnxruntime and
-        netdsl keep the last.)"""
+        netdsl keep the last.) The nearest variant: Resize, nearest, input index floor(output / scale)."""
+        if self._nearest():
+            return ex.add_node("Resize", [ex.bottoms(step)[0], "", ex.const("scales", [1, 1, *self._scales()])],
+                               ex.tops(step), mode="nearest", coordinate_transformation_mode="asymmetric",
+                               nearest_mode="floor")
         x, mask = ex.bottoms(step)
         oh, ow = ex.out_shape(step)[2:]
         values = ex.add_node("Reshape", [x, ex.ints([0, 0, -1])])
