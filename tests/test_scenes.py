@@ -198,6 +198,9 @@ def test_digit_scenes_options_and_bad_index():
     np.testing.assert_array_equal(image2, image)
     np.testing.assert_array_equal(boxes2, boxes)
     assert labels.shape == (100, 150) and set(np.unique(labels)) <= {0, IGNORE, *boxes[:, 4].astype(int)}
+    clean = DigitScenes("test", shared_data_dir(), height=100, width=150, max_digits=2, noise=0)
+    image, _, labels = clean.labelled_scene(0)
+    assert not image[:, labels == 0].any() and image[:, labels == 0].size        # noise 0: a black background
     with pytest.raises(NetdslError) as e:
         DigitScenes("test", shared_data_dir(), min_size=50, max_size=20)
     assert e.value.diagnostic.code == "E0910"

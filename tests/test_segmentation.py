@@ -31,8 +31,9 @@ def scenes_layer(fmt: str, tops: str = 'top: "data" top: "label"') -> str:
 
 @pytest.mark.parametrize("fmt", ["FOREGROUND", "DIGIT"])
 def test_digit_scenes_label_formats(fmt, mnist_dir):
-    net = Net(plan.lower(check_text(scenes_layer(fmt))), np, data_dir=mnist_dir)
+    net = Net(plan.lower(check_text(scenes_layer(f"{fmt} noise: 0.5"))), np, data_dir=mnist_dir)
     source = net.states[0].source
+    assert source.scenes.options["noise"] == 0.5
     for k in range(3):
         out = net.forward()
         image, label = out["data"], out["label"]
@@ -55,6 +56,9 @@ def test_label_format_needs_two_tops():
     with pytest.raises(NetdslError) as e:
         check_text(scenes_layer("BOXES"))
     assert "E0202" in {d.code for d in e.value.diagnostics}
+    with pytest.raises(NetdslError) as e:
+        check_text(scenes_layer("FOREGROUND noise: 1.5"))
+    assert "E0107" in {d.code for d in e.value.diagnostics}
 
 
 def test_pixel_confusion_pools_images_and_skips_ignored():
@@ -95,7 +99,7 @@ def test_sample_checks_and_learns(mnist_dir, tmp_path):
     weights = trainer.run().last_snapshot + trainer.weights_suffix
     after = commands.test_outputs(str(NET), weights, 10, cpu, mnist_dir)
     assert after["loss"] < before["loss"] / 2
-    assert after["mean_iou"] > before["mean_iou"] + 0.05
+    assert after["mean_iou"] > max(before["mean_iou"] + 0.2, 0.6)
     assert after["iou/class0"] > 0.9
 
 

@@ -182,7 +182,7 @@ class DigitScenes:
     def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None,
                  seed: int = 0, height: int = 224, width: int = 224, max_digits: int = 5,
                  min_size: int = 16, max_size: int = 120, *, min_digits: int = 1,
-                 channels: int = 1):
+                 channels: int = 1, noise: float = 0.15):
         self.images, self.labels = load_mnist(split, data_dir)   # E0902 for an unknown split
         self.split, self.seed = split, seed
         self.options = dict(height=height, width=width, min_digits=min_digits,
@@ -191,6 +191,7 @@ class DigitScenes:
         # Validate now rather than at the first scene.
         _check_params(self.images, self.labels, **{**self.options,
                                                    "max_size": min(max_size, height, width)})
+        self.options["noise"] = noise
 
     def scene(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Scene `i` (any integer >= 0): image (C, H, W) float32 and gt_boxes (G, 5) float32."""

@@ -339,6 +339,7 @@ class DigitScenes(_DataLayer):
         "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "height": F(int, 224), "width": F(int, 224),
         "channels": F(int, 1), "min_digits": F(int, 1), "max_digits": F(int, 5), "min_size": F(int, 16),
         "max_size": F(int, 120), "seed": F(int, 0),
+        "noise": F(float, 0.15, doc="the background's largest level: flat + gradient + grain in [0, noise]"),
         "label_format": F("enum", "BOXES", choices=("BOXES", "FOREGROUND", "DIGIT"),
                           doc="BOXES: tops data, im_info, gt_boxes; FOREGROUND / DIGIT: data and a per-pixel label"),
     })}
@@ -358,6 +359,9 @@ class DigitScenes(_DataLayer):
         if p.channels < 1:
             errs.append(ShapeError("E0107", f"DigitScenes '{self.name}': channels must be positive, got {p.channels}",
                                    field="channels", help="use `channels: 1` (gray) or `channels: 3` (tinted)"))
+        if not 0 <= p.noise <= 1:
+            errs.append(ShapeError("E0107", f"DigitScenes '{self.name}': noise must lie in [0, 1], got {p.noise}",
+                                   field="noise", help="use `noise: 0.15` (the default) or 0 for a black background"))
         want = 3 if p.label_format == "BOXES" else 2
         if len(self.spec.tops) != want:
             tops = "data, im_info and gt_boxes" if want == 3 else "data and label"
@@ -379,7 +383,8 @@ class DigitScenes(_DataLayer):
         p = self.p
         return ScenesFeed(Scenes(split=p.split.lower(), data_dir=ctx.data_dir, seed=p.seed + ctx.seed,
                                  height=p.height, width=p.width, channels=p.channels, min_digits=p.min_digits,
-                                 max_digits=p.max_digits, min_size=p.min_size, max_size=p.max_size))
+                                 max_digits=p.max_digits, min_size=p.min_size, max_size=p.max_size,
+                                 noise=p.noise))
 
     def forward(self, xp, bottoms, params, state):
         if self.p.label_format != "BOXES":
