@@ -161,7 +161,6 @@ class PixelConfusion:
     def __init__(self, step, classes: int):
         self.step, self.classes = step, classes
         self.counts = np.zeros((classes, classes), np.int64)
-        self.images = 0
 
     @classmethod
     def for_net(cls, net) -> PixelConfusion | None:
@@ -189,7 +188,6 @@ class PixelConfusion:
         keep = lab != p.ignore_label if p.ignore_label is not None else np.ones(lab.shape, bool)
         lab, pred = lab[keep].astype(np.int64), pred[keep]     # the loss has checked them: 0 <= lab < classes
         self.counts += np.bincount(lab * self.classes + pred, minlength=self.classes ** 2).reshape(self.classes, -1)
-        self.images += len(scores)
 
     def result(self) -> dict[str, float]:
         tp = np.diag(self.counts).astype(np.float64)
