@@ -172,3 +172,18 @@ def test_reductions_take_axes_as_an_input_from_opset_18(tmp_path):
         model, _ = roundtrip(tmp_path, _net({"x": (2, 3, 4, 5)}, body), opset=opset)
         reduce = next(n for n in model.graph.node if n.op_type == "ReduceMean")
         assert (len(reduce.input), len(reduce.attribute)) == ((2, 1) if opset == 18 else (1, 2))
+
+
+SHUFFLENET = Path(__file__).resolve().parents[2] / "shared" / "reference" / "real" / \
+    "farmingyard+ShuffleNet__shufflenet_1x_g3_deploy.prototxt"
+
+
+@pytest.mark.skipif(not SHUFFLENET.is_file(), reason="shared/reference is not available")
+def test_shufflenet_deploy_exports():
+    """The real ShuffleNet deploy net (ConvolutionDepthwise, ShuffleChannel, BatchNorm, Eltwise,
+    Concat), random weights, 224 x 224."""
+    net = build_net(str(SHUFFLENET), "TEST")
+    fork_weights(net, np.random.default_rng(0))
+    model, _ = export(net)
+    assert {"Transpose", "Conv"} <= set(_ops(model))
+    _within(verify(model, net), SHUFFLENET.name)
