@@ -302,15 +302,20 @@ def cmd_train(args) -> int:
 
 
 def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> dict[str, float]:
-    """Average each scalar output of the TEST net over `iterations` batches."""
+    """Average each scalar output of the TEST net over `iterations` batches; for a net whose loss
+    classifies every pixel, also the IoU figures pooled over them (evaluate.PixelConfusion)."""
+    from .evaluate import PixelConfusion
     from .executor import build_net
     net = build_net(model, "TEST", backend, weights=weights, seed=seed, data_dir=data_dir)
+    pixels = PixelConfusion.for_net(net)
     sums: dict[str, float] = {}
     for _ in range(iterations):
         for k, v in net.forward().items():
             if v.size == 1:
                 sums[k] = sums.get(k, 0.0) + float(v.reshape(-1)[0])
-    return {k: v / iterations for k, v in sums.items()}
+        if pixels:
+            pixels.add_net(net)
+    return {k: v / iterations for k, v in sums.items()} | (pixels.result() if pixels else {})
 
 
 def cmd_test(args) -> int:

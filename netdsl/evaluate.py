@@ -1,5 +1,6 @@
 """Proposal recall of a region-proposal net over held-out scenes (what `netdsl test` reports for a
-net with a Proposal layer).
+net with a Proposal layer), and the mean IoU of a segmentation net (what it adds for a net whose
+SoftmaxWithLoss classifies every pixel).
 
 Recall@K/IoU t is pooled over ground-truth boxes: the fraction of all gt boxes, over all scenes,
 that have IoU >= t with at least one of the first K proposals of their scene (proposals come
@@ -145,3 +146,54 @@ def cmd_test_recall(args) -> int:
                         args.seed)
     print(json.dumps(r) if args.json else format_recall(r))
     return 0
+
+
+# =============================================================================================
+# Segmentation: intersection over union from a confusion matrix pooled over all test images
+
+class PixelConfusion:
+    """Counts (label, predicted class) pairs over every pixel the TEST net's per-pixel
+    SoftmaxWithLoss scores (prediction: the argmax over its class axis; pixels labelled
+    ignore_label are skipped). IoU of class c = TP / (TP + FP + FN) over all images pooled, as
+    SegNet's and the VOC benchmark's scripts compute it; mean_iou averages it over the classes that
+    occur (in the labels or the predictions), pixel_accuracy is TP summed / pixels counted."""
+
+    def __init__(self, step, classes: int):
+        self.step, self.classes = step, classes
+        self.counts = np.zeros((classes, classes), np.int64)
+
+    @classmethod
+    def for_net(cls, net) -> PixelConfusion | None:
+        """A counter for `net`'s per-pixel classifier, or None when its loss scores one thing per
+        image (classes on `axis`, nothing after it)."""
+        step = net.plan.find("default_loss")
+        if step is None:
+            return None
+        shape = net.plan.blob_shapes[step.node.bottoms[0]]
+        axis = step.layer.p.axis % len(shape)
+        if len(shape) - axis < 3 or any(d is None for d in shape):
+            return None
+        return cls(step, shape[axis])
+
+    def add_net(self, net) -> None:
+        """The scores and labels of the net's last forward."""
+        scores, labels = (to_host(net.values[b]) for b in self.step.node.bottoms[:2])
+        self.add(scores, labels)
+
+    def add(self, scores, labels) -> None:
+        """scores: classes on the layer's axis; labels: one per pixel, any layout of that count."""
+        p = self.step.layer.p
+        pred = np.asarray(scores).argmax(axis=p.axis % scores.ndim).reshape(-1)
+        lab = np.asarray(labels).reshape(-1)
+        keep = lab != p.ignore_label if p.ignore_label is not None else np.ones(lab.shape, bool)
+        lab, pred = lab[keep].astype(np.int64), pred[keep]     # the loss has checked them: 0 <= lab < classes
+        self.counts += np.bincount(lab * self.classes + pred, minlength=self.classes ** 2).reshape(self.classes, -1)
+
+    def result(self) -> dict[str, float]:
+        tp = np.diag(self.counts).astype(np.float64)
+        union = self.counts.sum(axis=0) + self.counts.sum(axis=1) - tp
+        iou = np.divide(tp, union, out=np.full(self.classes, np.nan), where=union > 0)
+        out = {"mean_iou": float(np.nanmean(iou)) if (union > 0).any() else float("nan"),
+               "pixel_accuracy": float(tp.sum() / max(self.counts.sum(), 1))}
+        out.update({f"iou/class{c}": float(v) for c, v in enumerate(iou)})
+        return out

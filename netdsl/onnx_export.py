@@ -146,10 +146,24 @@ class Exporter:
         return self.add_node("Unsqueeze", [a, self.ints(range(rank, rank + trailing))]) if trailing > 0 else a
 
     def constant_like(self, x: str, value: float, outputs) -> str:
+        return self.constant_like_shape(self.add_node("Shape", [x]), value, outputs)
+
+    def constant_like_shape(self, shape: str, value: float, outputs=None) -> str:
+        """A float tensor of the (int64 tensor) shape, every element `value`."""
         from onnx import numpy_helper
-        shape = self.add_node("Shape", [x])
         return self.add_node("ConstantOfShape", [shape], outputs,
                              value=numpy_helper.from_array(np.array([value], np.float32)))
+
+    def reduce(self, op: str, x: str, axes, outputs=None) -> str:
+        """A Reduce* node keeping dims: its axes an attribute before opset 18, an input from 18 on."""
+        if self.opset >= 18:
+            return self.add_node(op, [x, self.ints(axes)], outputs, keepdims=1)
+        return self.add_node(op, [x], outputs, axes=list(axes), keepdims=1)
+
+    def dims_then(self, x: str, tail) -> str:
+        """An int64 shape: the first two dims of tensor x (N and C, batch-size free) and then `tail`."""
+        lead = self.add_node("Slice", [self.add_node("Shape", [x]), self.ints([0]), self.ints([2])])
+        return self.add_node("Concat", [lead, self.ints(tail)], axis=0)
 
     def unsupported(self, step, why: str = "") -> NetdslError:
         return unsupported(step.layer, why)

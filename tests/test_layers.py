@@ -433,6 +433,8 @@ CASES += [   # fork layers (layers/forks.py)
       grad=(0,), id="upsample_hw-odd"),
     C("Upsample", "upsample_param { scale: 2 pad_out_h: true }", ((1, 2, 3, 3), (1, 2, 3, 3)), inputs=("n", "poolmask5x6"),
       grad=(0,), id="pad_out_h"),
+    C("Upsample", "upsample_param { scale: 2 }", ((2, 3, 2, 3),), id="nearest"),
+    C("Upsample", "upsample_param { scale_h: 3 scale_w: 2 }", ((1, 2, 2, 3),), id="nearest-hw"),
     C("Interp", "interp_param { zoom_factor: 3 }", ((2, 2, 3, 4),), id="zoom3"),
     C("Interp", "interp_param { shrink_factor: 2 }", ((1, 2, 7, 6),), id="shrink2"),
     C("Interp", "interp_param { shrink_factor: 2 zoom_factor: 3 }", ((1, 2, 5, 6),), id="shrink2-zoom3"),

@@ -10,7 +10,7 @@ import pytest
 from support import needs_mnist, shared_data_dir
 
 from netdsl.data.png import read_png, write_png
-from netdsl.data.scenes import DigitScenes, make_scene, render_scene_png, resample
+from netdsl.data.scenes import IGNORE, INK, DigitScenes, make_scene, render_scene_png, resample
 from netdsl.errors import NetdslError
 
 
@@ -119,6 +119,26 @@ def test_colour_scenes_keep_full_ink_in_one_channel(digits):
                                rtol=1e-5)
 
 
+def test_label_maps_mark_each_digits_ink(digits):
+    """Gray scenes without noise or overlap: a pixel is labelled with a box's class exactly where
+    the image's ink reaches INK inside that box, IGNORE where fainter ink is, 0 elsewhere."""
+    for seed in range(8):
+        image, boxes, labels = make_scene(seed, *digits, noise=0, max_iou=0, max_cover=0, with_labels=True)
+        plain_image, plain_boxes = make_scene(seed, *digits, noise=0, max_iou=0, max_cover=0)
+        np.testing.assert_array_equal(image, plain_image)
+        np.testing.assert_array_equal(boxes, plain_boxes)
+        assert labels.shape == image.shape[1:] and labels.dtype == np.uint8
+        ink = image[0]
+        want = np.where(ink >= INK, 0, np.where(ink > 0, IGNORE, 0)).astype(np.uint8)
+        inside = np.zeros(labels.shape, bool)
+        for x1, y1, x2, y2, cls in boxes.astype(int):
+            box = (slice(y1, y2 + 1), slice(x1, x2 + 1))
+            want[box][ink[box] >= INK] = cls
+            inside[box] = True
+        np.testing.assert_array_equal(labels, want)
+        assert not labels[~inside].any()
+
+
 def test_invalid_parameters(digits):
     with pytest.raises(NetdslError) as e:
         make_scene(0, *digits, min_digits=3, max_digits=2, min_size=0)
@@ -174,6 +194,13 @@ def test_digit_scenes_options_and_bad_index():
     with pytest.raises(NetdslError) as e:
         ds.scene(-1)
     assert e.value.diagnostic.code == "E0912"
+    image2, boxes2, labels = ds.labelled_scene(0)
+    np.testing.assert_array_equal(image2, image)
+    np.testing.assert_array_equal(boxes2, boxes)
+    assert labels.shape == (100, 150) and set(np.unique(labels)) <= {0, IGNORE, *boxes[:, 4].astype(int)}
+    clean = DigitScenes("test", shared_data_dir(), height=100, width=150, max_digits=2, noise=0)
+    image, _, labels = clean.labelled_scene(0)
+    assert not image[:, labels == 0].any() and image[:, labels == 0].size        # noise 0: a black background
     with pytest.raises(NetdslError) as e:
         DigitScenes("test", shared_data_dir(), min_size=50, max_size=20)
     assert e.value.diagnostic.code == "E0910"

@@ -1,4 +1,5 @@
-"""Data stage: synthetic detection scenes of MNIST digits for the region-proposal sample."""
+"""Data stage: synthetic detection scenes of MNIST digits for the region-proposal sample, and
+their per-pixel labels for the segmentation sample."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,8 @@ from netdsl.errors import NetdslError
 #   E0911 the digits cannot be placed within the overlap limits
 
 _SPLIT_IDS = {"train": 0, "test": 1}
+IGNORE = 255            # the label of a digit's faint edge (ink below INK): neither digit nor background
+INK = 0.5               # a pixel belongs to a digit where the digit's ink is at least this
 _GREEN = (0, 255, 0)
 
 
@@ -21,10 +24,13 @@ def make_scene(rng_or_seed, digit_images: np.ndarray, digit_labels: np.ndarray, 
                height: int = 224, width: int = 224, min_digits: int = 1, max_digits: int = 5,
                min_size: int = 16, max_size: int = 120, channels: int = 1,
                min_aspect: float = 0.6, max_aspect: float = 1.6, max_iou: float = 0.3,
-               max_cover: float = 0.5, noise: float = 0.15, max_tries: int = 50
-               ) -> tuple[np.ndarray, np.ndarray]:
+               max_cover: float = 0.5, noise: float = 0.15, max_tries: int = 50,
+               with_labels: bool = False) -> tuple[np.ndarray, ...]:
     """One scene: float32 image (channels, height, width) in [0, 1] and float32 gt_boxes (G, 5)
-    rows x1, y1, x2, y2, class with inclusive corners and class = digit label + 1.
+    rows x1, y1, x2, y2, class with inclusive corners and class = digit label + 1. With
+    `with_labels`, also the uint8 (height, width) label map: the class (digit + 1) where a digit's
+    ink is at least INK, IGNORE on its fainter edge, 0 elsewhere (a later digit's ink overwrites an
+    earlier one's, as it does in the image).
 
     G is drawn from min_digits..max_digits. Each digit is cropped to its ink, stretched by an
     aspect factor in [min_aspect, max_aspect], resampled so its longer side is a log-uniform
@@ -40,6 +46,7 @@ def make_scene(rng_or_seed, digit_images: np.ndarray, digit_labels: np.ndarray, 
     _check_params(digit_images, digit_labels, height, width, min_digits, max_digits,
                   min_size, max_size, channels, min_aspect, max_aspect)
     image = _background(rng, channels, height, width, noise)
+    labels = np.zeros((height, width), np.uint8)
     boxes: list[list[float]] = []
     for k in range(int(rng.integers(min_digits, max_digits + 1))):
         for attempt in range(max_tries):
@@ -60,6 +67,7 @@ def make_scene(rng_or_seed, digit_images: np.ndarray, digit_labels: np.ndarray, 
                 region = image[:, y0:y0 + ph, x0:x0 + pw]
                 np.maximum(region, patch[None] * colour[:, None, None], out=region)
                 boxes.append(box + [int(digit_labels[i]) + 1])
+                _paint_labels(labels[y0:y0 + ph, x0:x0 + pw], patch, boxes[-1][4])
                 break
         else:
             if k < min_digits:
@@ -69,7 +77,14 @@ def make_scene(rng_or_seed, digit_images: np.ndarray, digit_labels: np.ndarray, 
                     notes=[f"sizes {min_size}..{max_size} px, max IoU {max_iou}, "
                            f"max cover {max_cover}"],
                     help="lower min_digits or min_size/max_size, or use a larger scene")
-    return image, np.asarray(boxes, np.float32).reshape(-1, 5)
+    gt = np.asarray(boxes, np.float32).reshape(-1, 5)
+    return (image, gt, labels) if with_labels else (image, gt)
+
+
+def _paint_labels(region: np.ndarray, patch: np.ndarray, cls: int) -> None:
+    """A digit's pixels (ink >= INK) take its class; its faint edge marks only background IGNORE."""
+    region[(patch > 0) & (region == 0)] = IGNORE
+    region[patch >= INK] = cls
 
 
 def _check_params(images, labels, height, width, min_digits, max_digits, min_size, max_size,
@@ -167,7 +182,7 @@ class DigitScenes:
     def __init__(self, split: str = "train", data_dir: str | os.PathLike | None = None,
                  seed: int = 0, height: int = 224, width: int = 224, max_digits: int = 5,
                  min_size: int = 16, max_size: int = 120, *, min_digits: int = 1,
-                 channels: int = 1):
+                 channels: int = 1, noise: float = 0.15):
         self.images, self.labels = load_mnist(split, data_dir)   # E0902 for an unknown split
         self.split, self.seed = split, seed
         self.options = dict(height=height, width=width, min_digits=min_digits,
@@ -176,14 +191,21 @@ class DigitScenes:
         # Validate now rather than at the first scene.
         _check_params(self.images, self.labels, **{**self.options,
                                                    "max_size": min(max_size, height, width)})
+        self.options["noise"] = noise
 
     def scene(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Scene `i` (any integer >= 0): image (C, H, W) float32 and gt_boxes (G, 5) float32."""
+        return make_scene(self._rng(i), self.images, self.labels, **self.options)
+
+    def labelled_scene(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scene `i` as `scene(i)` gives it, and its (H, W) uint8 label map (see make_scene)."""
+        return make_scene(self._rng(i), self.images, self.labels, **self.options, with_labels=True)
+
+    def _rng(self, i):
         if not isinstance(i, (int, np.integer)) or i < 0:
             raise NetdslError("E0912", f"scene index {i!r} is not a non-negative integer",
                               help="scenes are numbered 0, 1, 2, ...")
-        rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], int(i)])
-        return make_scene(rng, self.images, self.labels, **self.options)
+        return np.random.default_rng([self.seed, _SPLIT_IDS[self.split], int(i)])
 
     def im_info(self) -> np.ndarray:
         """The (1, 3) im_info blob of every scene: height, width, scale 1.0."""

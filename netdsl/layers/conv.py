@@ -383,8 +383,8 @@ class Pooling(Layer):
         """Caffe's ceil rounding and last-window trim become explicit end pads (floor rounding); AVE
         windows that overhang in + pad (where Caffe clips the divisor) get a constant correction."""
         p, x, ins, outs = self.p, ex.in_shape(step), ex.bottoms(step), ex.tops(step)
-        if len(outs) == 2:
-            raise ex.unsupported(step, "the second (mask) top has no ONNX counterpart")
+        if len(outs) == 2 and p.global_pooling:
+            raise ex.unsupported(step, "a global pooling's mask top (give kernel_size instead)")
         if p.global_pooling:
             return ex.add_node("GlobalMaxPool" if p.pool == "MAX" else "GlobalAveragePool", ins, outs)
         (kh, kw), (sh, sw), (ph, pw) = self.geometry(x)
@@ -392,6 +392,9 @@ class Pooling(Layer):
         # the last window starts at (o-1)*s - pad: the end pad reaches its end (never negative)
         ends = [max((o - 1) * s + k - n - q, 0) for o, s, k, n, q in ((oh, sh, kh, x[2], ph), (ow, sw, kw, x[3], pw))]
         attrs = dict(kernel_shape=[kh, kw], strides=[sh, sw], pads=[ph, pw] + ends)
+        if p.pool == "MAX" and len(outs) == 2:   # the mask: MaxPool's ((n * C + c) * H + h) * W + w, per plane
+            _, index = ex.add_node("MaxPool", ins, [outs[0], ex.tmp("indices")], **attrs)
+            return ex.add_node("Cast", [ex.add_node("Mod", [index, ex.ints([x[2] * x[3]])])], outs[1], to=1)
         if p.pool == "MAX":
             return ex.add_node("MaxPool", ins, outs, **attrs)
         div = kernels._ave_divisor(np, kernels.PoolGeom(kh, kw, sh, sw, ph, pw, x[2], x[3], oh, ow), np.float64)

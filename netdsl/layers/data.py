@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.scenes import IGNORE
 from ..gpu.program import Ref, Unsupported
 from ..registry import BLOB_SHAPE, FILLER, TRANSFORM, F, Layer, Msg, ShapeError, register
 
@@ -326,15 +327,23 @@ class DigitScenes(_DataLayer):
     Forward number k returns scene k (then k+1, ...) of netdsl.data.scenes.DigitScenes with seed
     `seed` + the run seed: a pure function of (seed, split, k), so runs are reproducible and a
     resumed run continues from its cursor. split TRAIN draws MNIST training digits, TEST the
-    test digits, so held-out scenes never show a digit image seen in training."""
+    test digits, so held-out scenes never show a digit image seen in training.
+
+    `label_format: FOREGROUND` or `DIGIT` makes it a segmentation source instead: tops data and
+    label 1 x 1 x H x W, per pixel 1 (FOREGROUND) or the digit + 1 (DIGIT) where a digit's ink is
+    at least 0.5, 0 on the background, and 255 on a digit's fainter edge (use `ignore_label: 255`)."""
     type = "DigitScenes"
     feeds_scenes = True
     stateful = True
     messages = {"digit_scenes_param": Msg("DigitScenesParameter", {
         "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "height": F(int, 224), "width": F(int, 224),
         "channels": F(int, 1), "min_digits": F(int, 1), "max_digits": F(int, 5), "min_size": F(int, 16),
-        "max_size": F(int, 120), "seed": F(int, 0)})}
-    n_tops = (3, 3)
+        "max_size": F(int, 120), "seed": F(int, 0),
+        "noise": F(float, 0.15, doc="the background's largest level: flat + gradient + grain in [0, noise]"),
+        "label_format": F("enum", "BOXES", choices=("BOXES", "FOREGROUND", "DIGIT"),
+                          doc="BOXES: tops data, im_info, gt_boxes; FOREGROUND / DIGIT: data and a per-pixel label"),
+    })}
+    n_tops = (2, 3)
 
     def validate(self):
         p = self.p
@@ -350,20 +359,39 @@ class DigitScenes(_DataLayer):
         if p.channels < 1:
             errs.append(ShapeError("E0107", f"DigitScenes '{self.name}': channels must be positive, got {p.channels}",
                                    field="channels", help="use `channels: 1` (gray) or `channels: 3` (tinted)"))
+        if not 0 <= p.noise <= 1:
+            errs.append(ShapeError("E0107", f"DigitScenes '{self.name}': noise must lie in [0, 1], got {p.noise}",
+                                   field="noise", help="use `noise: 0.15` (the default) or 0 for a black background"))
+        want = 3 if p.label_format == "BOXES" else 2
+        if len(self.spec.tops) != want:
+            tops = "data, im_info and gt_boxes" if want == 3 else "data and label"
+            errs.append(ShapeError("E0202", f"DigitScenes '{self.name}' with label_format {p.label_format} has {want} "
+                                   f"tops ({tops}), got {len(self.spec.tops)}", field="label_format" if p.has("label_format") else None,
+                                   help=f"give {want} tops" + (", or `label_format: FOREGROUND` for data and a per-pixel "
+                                                               "label" if want == 3 else "")))
         return errs
 
     def shape(self, bottoms):
         p = self.p
-        return [(1, p.channels, p.height, p.width), (1, 3), (None, 5)]
+        data = (1, p.channels, p.height, p.width)
+        if p.label_format != "BOXES":
+            return [data, (1, 1, p.height, p.width)]
+        return [data, (1, 3), (None, 5)]
 
     def open(self, ctx):
         from ..data.scenes import DigitScenes as Scenes
         p = self.p
         return ScenesFeed(Scenes(split=p.split.lower(), data_dir=ctx.data_dir, seed=p.seed + ctx.seed,
                                  height=p.height, width=p.width, channels=p.channels, min_digits=p.min_digits,
-                                 max_digits=p.max_digits, min_size=p.min_size, max_size=p.max_size))
+                                 max_digits=p.max_digits, min_size=p.min_size, max_size=p.max_size,
+                                 noise=p.noise))
 
     def forward(self, xp, bottoms, params, state):
+        if self.p.label_format != "BOXES":
+            image, labels = state.source.next_labelled()
+            if self.p.label_format == "FOREGROUND":
+                labels = np.where(labels == IGNORE, labels, labels > 0)
+            return [xp.asarray(image[None]), xp.asarray(labels[None, None].astype(np.float32))], None
         image, gt, (h, w) = state.source.next()
         info = np.array([[h, w, 1.0]], np.float32)
         return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
@@ -402,3 +430,9 @@ class ScenesFeed:
         image, gt = self.scenes.scene(self.cursor)
         self.cursor += 1
         return image, gt, image.shape[1:]
+
+    def next_labelled(self):
+        """(image, (H, W) label map) of the next scene (see netdsl.data.scenes.make_scene)."""
+        image, _, labels = self.scenes.labelled_scene(self.cursor)
+        self.cursor += 1
+        return image, labels

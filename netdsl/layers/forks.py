@@ -9,7 +9,8 @@ import numpy as np
 from .. import kernels
 from ..gpu.program import Unsupported
 from ..registry import FILLER, F, Layer, Msg, ShapeError, filler_record, fmt, register
-from .conv import Convolution
+from .common import _indices
+from .conv import Convolution, Pooling
 from .data import _FileData
 
 
@@ -125,6 +126,38 @@ class BN(Layer):
         extra = [a.reshape(1, -1, 1, 1).astype(x.dtype, copy=False) for a in (mean, var)][: len(self.spec.tops) - 1]
         return [y] + extra, ("norm", xhat, xc, inv_std, scale, axes)
 
+    def _affine(self, params):
+        """(mul, add) per channel where the output is an affine map of the input (SegNet's INFERENCE,
+        PSPNet's moving statistics); None where the batch's own statistics normalise."""
+        blobs = [np.asarray(a, np.float64).reshape(-1) for a in params]
+        if self.segnet and self.p.bn_mode == "INFERENCE":
+            return blobs[0], blobs[1]
+        if self.batch_stats():
+            return None
+        inv = blobs[0] / np.sqrt(blobs[3] + self.p.eps)
+        return inv, blobs[1] - blobs[2] * inv
+
+    def onnx_affine(self, ex, step):
+        """(mul, add) per channel, for --fold-batchnorm."""
+        return self._affine(ex.params(step)) if len(step.node.tops) == 1 else None
+
+    def to_onnx(self, ex, step):
+        """Mul and Add per channel; SegNet's LEARN mode (the batch's statistics in every phase) as
+        ReduceMean over N, H, W, its biased variance and 1e-9."""
+        x, nd = ex.bottoms(step)[0], len(ex.in_shape(step))
+        if len(step.node.tops) > 1:
+            raise ex.unsupported(step, "the batch mean and variance tops")
+        params = ex.params(step)
+        affine = self._affine(params)
+        if affine is None:
+            axes = [0] + list(range(2, nd))
+            xc = ex.add_node("Sub", [x, ex.reduce("ReduceMean", x, axes)])
+            var = ex.reduce("ReduceMean", ex.add_node("Mul", [xc, xc]), axes)
+            x = ex.add_node("Div", [xc, ex.add_node("Sqrt", [ex.add_node("Add", [var, ex.scalar(self.SEGNET_EPS)])])])
+            affine = [np.asarray(a, np.float64).reshape(-1) for a in params[:2]]
+        mul, add = affine
+        ex.chain(step, x, [("Mul", [ex.along(mul, 1, nd, suffix="mul")]), ("Add", [ex.along(add, 1, nd, suffix="add")])])
+
     def backward(self, xp, saved, dtops, params, need):
         dy = dtops[0]
         if saved[0] == "affine":                     # SegNet INFERENCE: y = scale * x + shift
@@ -158,9 +191,13 @@ class Upsample(Layer):
     other output is 0. The output size is upsample_h x upsample_w, or else input * scale (scale_h,
     scale_w) minus pad_out_h / pad_out_w. Backward gathers the top gradient through the mask, as
     the fork does (where two inputs name one position, forward keeps the last, backward hands both
-    its gradient). The mask gets no gradient."""
+    its gradient). The mask gets no gradient.
+
+    With one bottom, the nearest-neighbour upsampling of the YOLOv3 ports (ChenYingpeng/caffe-yolov3's
+    and eric612/MobileNet-YOLO's upsample_layer): each value fills a scale_h x scale_w block of the
+    output (input * scale); backward sums each block's gradient."""
     type = "Upsample"
-    n_bottoms = (2, 2)
+    n_bottoms = (1, 2)
     bottom_roles = ("the values to unpool", "the mask top of the MAX Pooling layer")
     messages = {"upsample_param": Msg("UpsampleParameter", {
         "scale": F(int, 2), "scale_h": F(int, None), "scale_w": F(int, None),
@@ -176,8 +213,16 @@ class Upsample(Layer):
             return p.scale_h, p.scale_w
         return p.scale, p.scale
 
+    def _nearest(self) -> bool:
+        return len(self.spec.bottoms) == 1
+
     def validate(self):
         p, errs = self.p, []
+        given = [k for k in ("upsample_h", "upsample_w", "pad_out_h", "pad_out_w") if p.has(k)]
+        if self._nearest() and given:
+            return [ShapeError("E0108", f"Upsample '{self.name}' has one bottom (nearest-neighbour upsampling), which "
+                               f"takes `scale` only, not `{given[0]}`", field=given[0],
+                               help="add the Pooling layer's mask top as a second bottom to unpool, or use `scale`")]
         if self._explicit():
             for name in ("upsample_h", "upsample_w"):
                 if getattr(p, name) <= 1:
@@ -204,7 +249,7 @@ class Upsample(Layer):
         return errs
 
     def shape(self, bottoms):
-        x, mask = bottoms
+        x, mask = bottoms[0], bottoms[-1]
         _need_4d(self, x)
         _need_4d(self, mask, "mask", 1)
         if tuple(x) != tuple(mask):
@@ -218,11 +263,74 @@ class Upsample(Layer):
             ow = None if x[3] is None else x[3] * sw - int(self.p.pad_out_w)
         return [(x[0], x[1], oh, ow)]
 
+    @classmethod
+    def check_net(cls, checking):
+        for node in checking.graph.nodes:
+            if isinstance(node.layer, cls) and not node.layer._nearest():
+                node.layer.check_mask(node, checking.graph, checking.inference, checking.c)
+
+    @staticmethod
+    def _mask_fix(g, blobs, values: str) -> str | None:
+        """The mask top of a MAX Pooling layer whose output has the shape of `values`, as a fix."""
+        shape = blobs.get(values)
+        pool = next((n for n in g.nodes if isinstance(n.layer, Pooling) and len(n.tops) == 2 and shape is not None
+                     and blobs.get(n.tops[0]) == shape), None)
+        return pool and f"use `bottom: \"{g.display(pool.tops[1])}\"`, the mask top of Pooling '{pool.name}'"
+
+    def check_mask(self, node, g, inf, c) -> None:
+        """The mask must be a MAX Pooling layer's mask top (flat positions h * W + w of that Pooling's
+        input plane), and this layer must unpool to that input's H x W: else the values land in the
+        wrong places, or past the plane's end. A mask fed from outside (an Input) is the caller's."""
+        mask, blobs = node.bottoms[1], inf.blobs
+        pool = g.producer.get(mask)
+        if pool is None or pool.layer.is_data:
+            return
+        failed = inf.failed.get(node)
+        if failed is not None:                  # E0320, mask and values differ: name the mask to use
+            fix = self._mask_fix(g, blobs, node.bottoms[0])
+            if failed.code == "E0320" and fix:
+                c.diagnostics[:] = [d for d in c.diagnostics if d is not failed]
+                c.error(failed.code, failed.message, failed.pos, notes=failed.notes, help=fix)
+            return
+        where = self.spec.record.item_pos("bottom", 1) or self.spec.pos
+        shown = g.display(mask)
+        if not isinstance(pool.layer, Pooling) or pool.tops.index(mask) != 1:
+            is_values = isinstance(pool.layer, Pooling)
+            fix = self._mask_fix(g, blobs, node.bottoms[0]) or (
+                f"give Pooling '{pool.name}' a second top (`top: \"{pool.name}_mask\"`) and use it here" if is_values
+                else "feed the mask top (second top) of the MAX Pooling layer whose output this unpools")
+            made = f"the pooled values (top 0) of Pooling '{pool.name}'" if is_values else \
+                f"made by {pool.layer.type} '{pool.name}'"
+            c.error("E0376", f"Upsample '{self.name}': its mask bottom '{shown}' is {made}, not a MAX Pooling layer's "
+                    "mask top", where,
+                    notes=["the mask holds, per pooled value, the flat position h * W + w of its maximum in the "
+                           "Pooling layer's input: the positions the values are put back to"], help=fix)
+            return
+        src, out = blobs.get(pool.bottoms[0]), blobs.get(node.tops[0])
+        if src is None or out is None or None in (*src[2:], *out[2:]) or tuple(src[2:]) == tuple(out[2:]):
+            return
+        (h, w), (oh, ow) = src[2:], out[2:]
+        form = ("upsample_h" if self._explicit() else "scale_h" if self.p.scale_h is not None else "scale")
+        fix = f"set `upsample_h: {h} upsample_w: {w}`"
+        x = blobs[node.bottoms[0]]
+        if not self._explicit() and (h, w) in {(x[2] * 2 - a, x[3] * 2 - b) for a in (0, 1) for b in (0, 1)}:
+            pads = "".join(f" pad_out_{k}: true" for k, v in (("h", x[2] * 2 - h), ("w", x[3] * 2 - w)) if v)
+            fix += f", or `scale: 2{pads}`"
+        c.error("E0377", f"Upsample '{self.name}' unpools to {oh} x {ow}, but its mask '{shown}' holds positions in "
+                f"the {h} x {w} input '{g.display(pool.bottoms[0])}' of Pooling '{pool.name}'", self.pos(form),
+                notes=[f"Pooling '{pool.name}' maps {fmt(src)} to {fmt(blobs[node.bottoms[0]])}; unpooling must give "
+                       f"back {h} x {w} for each value to return to where its maximum was"
+                       + ("" if oh * ow >= h * w else f" (on {oh} x {ow} the last positions fall off the plane)")],
+                help=fix)
+
     def forward(self, xp, bottoms, params):
+        if self._nearest():
+            sh, sw = self._scales()
+            return [bottoms[0].repeat(sh, axis=2).repeat(sw, axis=3)], None
         x, mask = bottoms
         n, c, h, w = x.shape
         _, _, oh, ow = self._out(x.shape)
-        idx = mask.reshape(n * c, h * w).astype(xp.int64)
+        idx = _indices(xp, mask, oh * ow, self, f"the mask '{self.spec.bottoms[1]}'", True).reshape(n * c, h * w)
         rows = xp.arange(n * c)[:, None]
         y = xp.zeros((n * c, oh * ow), x.dtype)
         y[rows, idx] = x.reshape(n * c, h * w)
@@ -232,10 +340,30 @@ class Upsample(Layer):
         return self.shape([tuple(shape), tuple(shape)])[0]
 
     def backward(self, xp, saved, dtops, params, need):
-        rows, idx, shape = saved
         dy = dtops[0]
         n, c = dy.shape[:2]
+        if self._nearest():
+            (sh, sw), (oh, ow) = self._scales(), dy.shape[2:]
+            return [dy.reshape(n, c, oh // sh, sh, ow // sw, sw).sum(axis=(3, 5))], []
+        rows, idx, shape = saved
         return [dy.reshape(n * c, -1)[rows, idx].reshape(shape), None], []
+
+    def to_onnx(self, ex, step):
+        """ScatterElements of each plane's values into zeros at the mask's positions: exact for any
+        mask. (ONNX's MaxUnpool reads MaxPool's whole-tensor indices, not Caffe's per-plane ones; where
+        overlapping windows name one position twice, ONNX leaves the order open, onnxruntime and
+        netdsl keep the last.) The nearest variant: Resize, nearest, input index floor(output / scale)."""
+        if self._nearest():
+            return ex.add_node("Resize", [ex.bottoms(step)[0], "", ex.const("scales", [1, 1, *self._scales()])],
+                               ex.tops(step), mode="nearest", coordinate_transformation_mode="asymmetric",
+                               nearest_mode="floor")
+        x, mask = ex.bottoms(step)
+        oh, ow = ex.out_shape(step)[2:]
+        values = ex.add_node("Reshape", [x, ex.ints([0, 0, -1])])
+        index = ex.add_node("Cast", [ex.add_node("Reshape", [mask, ex.ints([0, 0, -1])])], to=7)     # 7: INT64
+        zeros = ex.constant_like_shape(ex.dims_then(x, [oh * ow]), 0.0)
+        planes = ex.add_node("ScatterElements", [zeros, index, values], axis=2)
+        ex.add_node("Reshape", [planes, ex.ints([0, 0, oh, ow])], ex.tops(step))
 
 
 @register
@@ -343,12 +471,58 @@ class Interp(Layer):
             if eff is not None and eff <= 0:
                 raise ShapeError("E0401", f"Interp '{self.name}': cropping pad_beg {self.p.pad_beg} and pad_end "
                                  f"{self.p.pad_end} leaves an input {name} of {eff}", field="pad_beg", involves=(0,),
-                                 help="crop less")
+                                 help=f"crop at most {x[axis] - 1} in all (pad_beg + pad_end >= {1 - x[axis]})")
             if o is not None and o <= 0:
                 raise ShapeError("E0401", f"Interp '{self.name}': output {name} is {o}", field=name, involves=(0,),
                                  help="give a positive output size")
             out.append(o)
         return [(x[0], x[1], out[0], out[1])]
+
+    @classmethod
+    def check_net(cls, checking):
+        for node in checking.graph.nodes:
+            if isinstance(node.layer, cls) and node not in checking.inference.failed:
+                node.layer.check_joins(node, checking.graph, checking.inference, checking.c)
+
+    def check_joins(self, node, g, inf, c) -> None:
+        """PSPNet's pyramid: each pooled branch is resized back and concatenated (or summed) with the
+        map it was pooled from. Where the Interp's size misses the other operands' (zoom_factor gives
+        (H - 1) * zoom + 1, which only inputs of k * zoom + 1 pixels make whole), report it here, with
+        its arithmetic, rather than at the Concat."""
+        out = inf.blobs.get(node.tops[0])
+        for join in g.consumers.get(node.tops[0], []):
+            failed = inf.failed.get(join)
+            if failed is None or failed.code not in ("E0320", "E0321") or out is None:
+                continue
+            others = {tuple(inf.blobs[b][2:]) for b in join.bottoms if b != node.tops[0] and b in inf.blobs}
+            if len(others) != 1 or (want := others.pop()) == tuple(out[2:]) or len(want) != 2 or None in want:
+                continue
+            ref = next(b for b in join.bottoms if b != node.tops[0])
+            x = inf.blobs[node.bottoms[0]]
+            how = [self._arithmetic(x[2], "height"), self._arithmetic(x[3], "width")]
+            field = next((f for f in ("zoom_factor", "shrink_factor", "height") if self.p.has(f)), None)
+            c.diagnostics[:] = [d for d in c.diagnostics if d is not failed]
+            c.error("E0378", f"Interp '{self.name}' resizes to {out[2]} x {out[3]}, but {join.layer.type} "
+                    f"'{join.name}' joins it with '{g.display(ref)}' of {want[0]} x {want[1]}", self.pos(field),
+                    notes=[h for h in how if h] + [f"{join.layer.type} '{join.name}' needs one spatial size"],
+                    help=f"give Interp '{self.name}' the second bottom '{g.display(ref)}' (it then takes that blob's "
+                         f"size), or set `height: {want[0]} width: {want[1]}` in place of "
+                         f"{field or 'the size it has'}")
+
+    def _arithmetic(self, n_in, name: str) -> str | None:
+        """How the factors give one output side, e.g. "height: (6 - 1) x 10 + 1 = 51"."""
+        p = self.p
+        if n_in is None or not (p.has("zoom_factor") or p.has("shrink_factor")):
+            return None
+        eff = n_in + p.pad_beg + p.pad_end
+        text, o = (f"{n_in} {p.pad_beg:+d} {p.pad_end:+d} = {eff}, " if p.pad_beg or p.pad_end else ""), eff
+        if p.has("shrink_factor"):
+            o = (eff - 1) // p.shrink_factor + 1
+            text += f"shrink_factor: ({eff} - 1) / {p.shrink_factor} + 1 = {o}, "
+        if p.has("zoom_factor"):
+            z = o + (o - 1) * (p.zoom_factor - 1)
+            text += f"zoom_factor: ({o} - 1) x {p.zoom_factor} + 1 = {z}"
+        return f"{name}: {text.rstrip(', ')}"
 
     @staticmethod
     def weights(n_in: int, n_out: int) -> np.ndarray:
@@ -378,6 +552,19 @@ class Interp(Layer):
         ah, aw = xp.asarray(ah, x.dtype), xp.asarray(aw, x.dtype)
         y = xp.matmul(xp.matmul(ah, x[:, :, b:b + he, b:b + we]), aw.T)
         return [y], (ah, aw, b, x.shape)
+
+    def to_onnx(self, ex, step):
+        """Resize, linear, `align_corners` (the fork's output corners on input corners), after a Slice
+        for pad_beg / pad_end."""
+        x, shape = ex.bottoms(step)[0], ex.in_shape(step)
+        oh, ow = ex.out_shape(step)[2:]
+        b, he, we = -self.p.pad_beg, shape[2] + self.p.pad_beg + self.p.pad_end, shape[3] + self.p.pad_beg + self.p.pad_end
+        if (oh == 1 and he > 1) or (ow == 1 and we > 1):
+            raise ex.unsupported(step, "an output side of 1 (ONNX's align_corners divides by it minus 1)")
+        if (he, we) != tuple(shape[2:]):
+            x = ex.add_node("Slice", [x, ex.ints([b, b]), ex.ints([b + he, b + we]), ex.ints([2, 3])])
+        ex.add_node("Resize", [x, "", "", ex.dims_then(x, [oh, ow])], ex.tops(step), mode="linear",
+                    coordinate_transformation_mode="align_corners")
 
     def backward(self, xp, saved, dtops, params, need):
         ah, aw, b, shape = saved
@@ -476,7 +663,10 @@ class ShuffleChannel(Layer):
         g = self.p.group
         if x[1] is not None and x[1] % g:
             raise ShapeError("E0302", f"ShuffleChannel '{self.name}': input depth {x[1]} is not divisible by group {g}",
-                             field="group", involves=(0,), help=f"use a group that divides {x[1]}")
+                             field="group", involves=(0,),
+                             help=f"use `group: {max(d for d in range(1, x[1] + 1) if x[1] % d == 0 and d <= g)}` or another "
+                                  f"divisor of {x[1]}, or give the layer before it a multiple of {g} channels "
+                                  f"({x[1] + g - x[1] % g})")
         return [x]
 
     @staticmethod
@@ -491,6 +681,13 @@ class ShuffleChannel(Layer):
     def backward(self, xp, saved, dtops, params, need):
         dy = dtops[0]
         return [self.shuffle(xp, dy, dy.shape[1] // self.p.group)], []
+
+    def to_onnx(self, ex, step):
+        """Reshape to N x g x C/g x rest, Transpose the two channel axes, Reshape back."""
+        shape, g = ex.in_shape(step), self.p.group
+        split = ex.add_node("Reshape", [ex.bottoms(step)[0], ex.ints([0, g, shape[1] // g, -1])])
+        swapped = ex.add_node("Transpose", [split], perm=[0, 2, 1, 3])
+        ex.add_node("Reshape", [swapped, ex.ints([0, *shape[1:]])], ex.tops(step))
 
 
 @register
@@ -524,6 +721,12 @@ class Axpy(Layer):
         dt = dtops[0]
         da = (dt * x).sum(axis=tuple(range(2, x.ndim))).reshape(a_shape) if need[0] else None
         return [da, dt * s if need[1] else None, dt if need[2] else None], []
+
+    def to_onnx(self, ex, step):
+        a, x, y = ex.bottoms(step)
+        nd = len(ex.in_shape(step, 1))
+        scale = ex.along(a, 0, nd, len(ex.in_shape(step, 0)))
+        ex.add_node("Add", [ex.add_node("Mul", [scale, x]), y], ex.tops(step))
 
 
 # =============================================================================================
@@ -631,3 +834,7 @@ class PSROIPooling(Layer):
             a = gy[sel].transpose(1, 2, 3, 0)[..., None, :] * mh[sel].transpose(1, 2, 0)[None, :, None]  # d g g H R_b
             dx[b] = xp.matmul(a, mw[sel].transpose(1, 0, 2)[None, None]).reshape(c, h, w)
         return [dx, None], []
+
+    def to_onnx(self, ex, step):
+        raise ex.unsupported(step, "ONNX has no position-sensitive RoI pooling (RoiAlign samples points, it "
+                                   "does not average R-FCN's rounded integer bins)")

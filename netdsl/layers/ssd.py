@@ -80,6 +80,15 @@ class Normalize(Layer):
             dx = ((g - x3 * (dot / (norm * norm))) / norm).reshape(shape)
         return [dx], [ds]
 
+    def to_onnx(self, ex, step):
+        """x / Sqrt(ReduceSumSquare + eps) over C x H x W (or C), times the scale."""
+        x, nd = ex.bottoms(step)[0], len(ex.in_shape(step))
+        axes = list(range(1, nd)) if self.p.across_spatial else [1]
+        norm = ex.add_node("Sqrt", [ex.add_node("Add", [ex.reduce("ReduceSumSquare", x, axes), ex.scalar(self.p.eps)])])
+        scale = ex.params(step)[0]
+        ex.chain(step, ex.add_node("Div", [x, norm]), [("Mul", [ex.along(np.asarray(scale).reshape(-1), 1, nd, suffix="scale")
+                                                                  if scale.ndim else ex.const("scale", scale)])])
+
 
 # =============================================================================================
 # PriorBox
@@ -221,6 +230,11 @@ class PriorBox(Layer):
 
     def backward(self, xp, saved, dtops, params, need):
         return [None, None], []
+
+    def to_onnx(self, ex, step):
+        """A constant: the priors depend only on the two bottoms' sizes, which the plan fixes."""
+        (fh, fw), (ih, iw) = ex.in_shape(step, 0)[2:], ex.in_shape(step, 1)[2:]
+        ex.add_node("Identity", [ex.const("priors", self.priors(fh, fw, ih, iw))], ex.tops(step))
 
 
 # =============================================================================================
