@@ -54,7 +54,6 @@ LOSS = Msg("LossParameter", {
 # Layer types of Caffe's forks that netdsl does not have (yet), and where they come from: an
 # unknown type among these is named with its fork instead of a misleading did-you-mean.
 FORK_TYPES = {
-    "MultiBoxLoss": "SSD's Caffe fork (weiliu89/caffe)",
     "AnnotatedData": "SSD's Caffe fork (weiliu89/caffe)",
     "BoxAnnotatorOHEM": "R-FCN's Caffe fork (daijifeng001/caffe-rfcn)",
     "Reorg": "the YOLO Caffe ports", "Region": "the YOLO Caffe ports",

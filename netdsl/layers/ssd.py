@@ -1,5 +1,6 @@
 """SSD's layers (Wei Liu's Caffe fork, weiliu89/caffe, branch `ssd`): Normalize, PriorBox and
-DetectionOutput. Permute, the fork's fourth layer type, lives with the tensor layers (tensor.py).
+DetectionOutput (MultiBoxLoss, the training loss, is in multibox.py). Permute, the fork's fourth
+layer type, lives with the tensor layers (tensor.py).
 
 The fork keeps boxes in its `NormalizedBBox` message, whose coordinates, sizes and scores are
 proto floats: PriorBox and DetectionOutput compute in float32 where the fork does (and in double
@@ -304,6 +305,34 @@ def nms_fast(boxes: np.ndarray, sizes: np.ndarray, scores: np.ndarray, score_thr
     return keep
 
 
+def check_heads(layer, bottoms, num_classes: int, loc_classes: int) -> None:
+    """E0371 when the box predictions (bottom 0) or class scores (bottom 1) of DetectionOutput or
+    MultiBoxLoss do not hold 4 x loc_classes and num_classes values per prior (bottom 2): the mbox
+    heads and the PriorBox layers disagree on the number of priors per cell."""
+    loc, conf, priors = bottoms[:3]
+    if len(priors) != 3 or priors[1] not in (2, None) or (priors[2] is not None and priors[2] % 4):
+        raise ShapeError("E0221", f"{layer.type} '{layer.name}': the priors must be 1 x 2 x (P * 4), got {fmt(priors)}",
+                         involves=(2,), help="concatenate the PriorBox tops on axis 2 (concat_param { axis: 2 })")
+    n_pri = None if priors[2] is None else priors[2] // 4
+    c, lc = num_classes, loc_classes
+    for k, per, what in ((0, lc * 4, "box"), (1, c, "class score")):
+        b = bottoms[k]
+        per_image = None if any(d is None for d in b[1:]) else math.prod(b[1:])
+        if len(b) < 2 or n_pri is None or per_image is None:
+            continue
+        if b[1] != per_image or per_image != n_pri * per:
+            raise ShapeError("E0371", f"{layer.type} '{layer.name}': {layer.bottom_roles[k]} '{layer.spec.bottoms[k]}' "
+                             f"is {fmt(b)}, but {n_pri} priors x {per} {what} values = {n_pri * per} per image are "
+                             "needed (N x " f"{n_pri * per})", involves=(k, 2),
+                             notes=[f"the priors '{layer.spec.bottoms[2]}' {fmt(priors)} hold {n_pri} boxes"],
+                             help="each box head must predict as many boxes per cell as its PriorBox makes "
+                                  f"({'4' if k == 0 else 'num_classes'} x num_priors channels), with the heads "
+                                  "permuted to N x H x W x C, flattened and concatenated in the PriorBox order")
+    if loc[0] is not None and conf[0] is not None and loc[0] != conf[0]:
+        raise ShapeError("E0371", f"{layer.type} '{layer.name}': box predictions for {loc[0]} images, class "
+                         f"scores for {conf[0]}", involves=(0, 1), help="feed both from the same batch")
+
+
 @register
 class DetectionOutput(Layer):
     """SSD's detections: decode the box predictions against the priors, per-class NMS, keep the
@@ -353,28 +382,7 @@ class DetectionOutput(Layer):
         return 1 if self.p.share_location else self.p.num_classes
 
     def shape(self, bottoms):
-        loc, conf, priors = bottoms[:3]
-        if len(priors) != 3 or priors[1] not in (2, None) or (priors[2] is not None and priors[2] % 4):
-            raise ShapeError("E0221", f"DetectionOutput '{self.name}': the priors must be 1 x 2 x (P * 4), got {fmt(priors)}",
-                             involves=(2,), help="concatenate the PriorBox tops on axis 2 (concat_param { axis: 2 })")
-        n_pri = None if priors[2] is None else priors[2] // 4
-        c, lc = self.p.num_classes, self.loc_classes()
-        for k, per, what in ((0, lc * 4, "box"), (1, c, "class score")):
-            b = bottoms[k]
-            per_image = None if any(d is None for d in b[1:]) else math.prod(b[1:])
-            if len(b) < 2 or n_pri is None or per_image is None:
-                continue
-            if b[1] != per_image or per_image != n_pri * per:
-                raise ShapeError("E0371", f"DetectionOutput '{self.name}': {self.bottom_roles[k]} '{self.spec.bottoms[k]}' "
-                                 f"is {fmt(b)}, but {n_pri} priors x {per} {what} values = {n_pri * per} per image are "
-                                 "needed (N x " f"{n_pri * per})", involves=(k, 2),
-                                 notes=[f"the priors '{self.spec.bottoms[2]}' {fmt(priors)} hold {n_pri} boxes"],
-                                 help="each box head must predict as many boxes per cell as its PriorBox makes "
-                                      f"({'4' if k == 0 else 'num_classes'} x num_priors channels), with the heads "
-                                      "permuted to N x H x W x C, flattened and concatenated in the PriorBox order")
-        if loc[0] is not None and conf[0] is not None and loc[0] != conf[0]:
-            raise ShapeError("E0371", f"DetectionOutput '{self.name}': box predictions for {loc[0]} images, class "
-                             f"scores for {conf[0]}", involves=(0, 1), help="feed both from the same batch")
+        check_heads(self, bottoms, self.p.num_classes, self.loc_classes())
         return [(1, 1, None, 7)]
 
     def forward(self, xp, bottoms, params):
