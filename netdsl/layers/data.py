@@ -321,7 +321,8 @@ def transform(x: np.ndarray, p, phase: str, rng, mean: np.ndarray | None = None)
 @register
 class DigitScenes(_DataLayer):
     """Detection scenes of real MNIST digits (one image per batch, as py-faster-rcnn):
-    tops data 1 x C x H x W, im_info 1 x 3 (height, width, scale), gt_boxes G x 5.
+    tops data 1 x C x H x W, im_info 1 x 3 (height, width, scale), gt_boxes G x 5 (or, with
+    `label_format: SSD`, SSD's 1 x 1 x G x 8 label rows for MultiBoxLoss, see `ssd_label`).
 
     Forward number k returns scene k (then k+1, ...) of netdsl.data.scenes.DigitScenes with seed
     `seed` + the run seed: a pure function of (seed, split, k), so runs are reproducible and a
@@ -333,7 +334,9 @@ class DigitScenes(_DataLayer):
     messages = {"digit_scenes_param": Msg("DigitScenesParameter", {
         "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "height": F(int, 224), "width": F(int, 224),
         "channels": F(int, 1), "min_digits": F(int, 1), "max_digits": F(int, 5), "min_size": F(int, 16),
-        "max_size": F(int, 120), "seed": F(int, 0)})}
+        "max_size": F(int, 120), "seed": F(int, 0),
+        "label_format": F("enum", "BOXES", choices=("BOXES", "SSD"),
+                          doc="the third top: BOXES G x 5 pixel boxes (py-faster-rcnn), SSD 1 x 1 x G x 8 rows")})}
     n_tops = (3, 3)
 
     def validate(self):
@@ -354,7 +357,7 @@ class DigitScenes(_DataLayer):
 
     def shape(self, bottoms):
         p = self.p
-        return [(1, p.channels, p.height, p.width), (1, 3), (None, 5)]
+        return [(1, p.channels, p.height, p.width), (1, 3), (1, 1, None, 8) if p.label_format == "SSD" else (None, 5)]
 
     def open(self, ctx):
         from ..data.scenes import DigitScenes as Scenes
@@ -366,7 +369,23 @@ class DigitScenes(_DataLayer):
     def forward(self, xp, bottoms, params, state):
         image, gt, (h, w) = state.source.next()
         info = np.array([[h, w, 1.0]], np.float32)
+        if self.p.label_format == "SSD":
+            gt = ssd_label(gt, image.shape[1:])
         return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
+
+
+def ssd_label(gt: np.ndarray, size) -> np.ndarray:
+    """G x 5 pixel boxes (x1, y1, x2, y2 inclusive, class) as SSD's 1 x 1 x G x 8 label rows
+    [item 0, class, instance, xmin, ymin, xmax, ymax, difficult 0], the corners normalised by the
+    image's (height, width) `size` as AnnotatedData does: a box spanning pixels x1..x2 covers
+    [x1, x2 + 1) of the width. No box: one row of -1, as AnnotatedData pads an empty batch."""
+    h, w = size
+    if not len(gt):
+        return np.full((1, 1, 1, 8), -1.0)
+    x1, y1, x2, y2, cls = (gt[:, k].astype(np.float64) for k in range(5))
+    rows = np.stack([np.zeros(len(gt)), cls, np.arange(len(gt)), x1 / w, y1 / h, (x2 + 1) / w, (y2 + 1) / h,
+                     np.zeros(len(gt))], axis=1)
+    return rows.reshape(1, 1, -1, 8)
 
 
 class ScenesFeed:

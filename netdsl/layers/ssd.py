@@ -352,6 +352,7 @@ class DetectionOutput(Layer):
     with share_location works (the fork skips decoding the shared boxes and aborts). No backward."""
     type = "DetectionOutput"
     no_backward = True
+    makes_detections = True
     n_bottoms = (3, 4)
     bottom_roles = ("the box predictions (mbox_loc)", "the class scores after Softmax (mbox_conf_flatten)",
                     "the priors (mbox_priorbox)", "the image (visualize only)")
