@@ -23,22 +23,14 @@ from .errors import NetdslError
 
 def add_parsers(sub) -> None:
     """Register the `detect` subcommand (called once from commands.add_parsers)."""
+    from .propose import add_run_options
     p = sub.add_parser("detect", help="draw a trained detector's boxes (class, score) on scenes or PNGs; "
                                       "write them as JSON")
     p.add_argument("model", help="the net file (its TEST phase must end in a DetectionOutput layer, as "
                                  "nets/ssd_digits.net)")
-    p.add_argument("--weights", required=True, help="trained weights (.npz)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--scenes", type=int, default=None, metavar="N",
-                   help="run on the first N scenes of the net's TEST data layer (default 4)")
-    g.add_argument("--image", action="append", default=[], metavar="PNG",
-                   help="run on this PNG instead (repeatable); no ground truth is drawn")
-    p.add_argument("-o", "--out", required=True, help="output directory for the PNGs and detections.json")
+    add_run_options(p, "detections.json")
     p.add_argument("--threshold", type=float, default=0.3,
                    help="draw detections scoring at least this (default 0.3; the JSON has all)")
-    p.add_argument("--seed", type=int, default=0, help="run seed of the TEST net (picks the scenes, as `test`)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
     p.set_defaults(func=cmd_detect)
 
 
@@ -99,6 +91,8 @@ def ground_truth(net) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ detect
 
+ROWS_FORMAT = "detections: [label, score, x1, y1, x2, y2], inclusive pixel corners; DigitScenes' label is the digit + 1"
+
 def caption(label: int, score: float) -> str:
     """A box's caption: the digit (DigitScenes' class is the digit + 1) and the score, e.g. "7 .93"."""
     s = f"{score:.2f}"
@@ -110,27 +104,20 @@ def detect(model: str, weights: str, out: str, scenes: int | None = None, images
     """Run the net's TEST phase on `scenes` held-out scenes or on the PNG files `images`; write one
     PNG per input (gt green; detections scoring >= threshold red to yellow by score, captioned) and
     detections.json. Returns what the JSON holds."""
-    from .data.png import read_png
     from .data.scenes import render_scene_png
     from .evaluate import build_test_net
-    from .propose import PAD_MULTIPLE, _mkdir, _write_json, image_blob, pad_to
+    from .propose import PAD_MULTIPLE, _mkdir, _write_json, pad_to, run_inputs
     if not 0 <= threshold <= 1:
         raise NetdslError("E0632", f"--threshold must lie in [0, 1], got {threshold}", help="e.g. --threshold 0.3")
+    if not has_detections(model):
+        raise NetdslError("E0641", f"{model}: the TEST phase has no detection output",
+                          help="detect needs a net whose TEST phase ends in DetectionOutput (see nets/ssd_digits.net)")
     net = build_test_net(model, weights, backend, data_dir, seed)
-    detection_layer(net)                                     # E0641 before any work
     data = net.plan.find("feeds_scenes")
     if data is None:
         raise NetdslError("E0642", f"net '{net.plan.name}' has no DigitScenes layer to feed scenes or images to",
                           help="feed the detector from a DigitScenes layer (see nets/ssd_digits.net)")
-    if images:
-        channels = data.layer.p.channels
-        inputs = [(os.path.splitext(os.path.basename(p))[0] + "_detections.png", p, image_blob(read_png(p), channels))
-                  for p in images]
-    else:
-        n = 4 if scenes is None else scenes
-        if n < 1:
-            raise NetdslError("E0632", f"--scenes must be at least 1, got {n}", help="e.g. --scenes 8")
-        inputs = [(f"scene_{i:04d}_detections.png", None, None) for i in range(n)]
+    inputs = run_inputs(images, scenes, data.layer.p.channels, "detections")
     _mkdir(out)
     records, seconds = [], 0.0
     for k, (name, source, image) in enumerate(inputs):
@@ -152,9 +139,8 @@ def detect(model: str, weights: str, out: str, scenes: int | None = None, images
         rec = {"png": name, "image_size": list(picture.shape[1:]), "gt_boxes": gt.tolist(),
                "detections": [[int(r[1]), float(r[2]), *map(float, r[3:7])] for r in rows]}
         records.append({"scene": k, **rec} if source is None else {"source": source, **rec})
-    result = {"model": model, "weights": weights, "seed": seed, "threshold": threshold,
-              "format": "detections: [label, score, x1, y1, x2, y2], inclusive pixel corners; DigitScenes' label "
-                        "is the digit + 1", "images": records, "seconds": seconds}
+    result = {"model": model, "weights": weights, "seed": seed, "threshold": threshold, "format": ROWS_FORMAT,
+              "images": records, "seconds": seconds, "images_per_second": len(records) / max(seconds, 1e-9)}
     _write_json(os.path.join(out, "detections.json"), result)
     return result
 
@@ -163,8 +149,7 @@ def cmd_detect(args) -> int:
     from .backend import get_backend
     r = detect(args.model, args.weights, args.out, args.scenes, args.image, args.threshold, args.seed,
                get_backend(args.device), args.data_dir)
-    n = len(r["images"])
-    shown = sum(1 for x in r["images"] for d in x["detections"] if d[1] >= args.threshold)
-    print(f"wrote {n} PNG{'s' if n != 1 else ''} and detections.json ({shown} detections scoring >= "
-          f"{args.threshold:g}, {n / max(r['seconds'], 1e-9):.1f} images/s) to {args.out}")
+    drawn = sum(d[1] >= args.threshold for x in r["images"] for d in x["detections"])
+    print(f"wrote {len(r['images'])} PNG(s) and detections.json to {args.out}: {drawn} detections scoring >= "
+          f"{args.threshold:g} drawn, {r['images_per_second']:.1f} images/s")
     return 0

@@ -21,17 +21,8 @@ def add_parsers(sub) -> None:
     """Register the `propose` and `scenes` subcommands (called once from commands.add_parsers)."""
     p = sub.add_parser("propose", help="draw a trained RPN's top proposals on scenes or a PNG; write them as JSON")
     p.add_argument("model", help="the net file (its TEST phase must end in a Proposal layer, as nets/rpn.net)")
-    p.add_argument("--weights", required=True, help="trained weights (.npz)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--scenes", type=int, default=None, metavar="N",
-                   help="run on the first N scenes of the net's TEST data layer (default 4)")
-    g.add_argument("--image", action="append", default=[], metavar="PNG",
-                   help="run on this PNG instead (repeatable); no ground truth is drawn")
-    p.add_argument("-o", "--out", required=True, help="output directory for the PNGs and proposals.json")
+    add_run_options(p, "proposals.json")
     p.add_argument("--top", type=int, default=10, help="proposals drawn per image (default 10; the JSON has all)")
-    p.add_argument("--seed", type=int, default=0, help="run seed of the TEST net (picks the scenes, as `test`)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
     p.set_defaults(func=cmd_propose)
 
     p = sub.add_parser("scenes", help="render sample DigitScenes (MNIST digit detection scenes) with their boxes")
@@ -50,6 +41,21 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-size", type=int, default=120)
     p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
     p.set_defaults(func=cmd_scenes)
+
+
+def add_run_options(p, json_name: str) -> None:
+    """The options of a command that runs a trained net on scenes or PNGs and draws what it finds
+    (`propose`, `detect`): weights, the inputs, the output directory, seed, device, data."""
+    p.add_argument("--weights", required=True, help="trained weights (.npz)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scenes", type=int, default=None, metavar="N",
+                   help="run on the first N scenes of the net's TEST data layer (default 4)")
+    g.add_argument("--image", action="append", default=[], metavar="PNG",
+                   help="run on this PNG instead (repeatable); no ground truth is drawn")
+    p.add_argument("-o", "--out", required=True, help=f"output directory for the PNGs and {json_name}")
+    p.add_argument("--seed", type=int, default=0, help="run seed of the TEST net (picks the scenes, as `test`)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
 
 
 # ------------------------------------------------------------------------------------- scenes
@@ -140,26 +146,31 @@ def pad_to(image: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(image, ((0, 0), (0, ph), (0, pw))) if ph or pw else image
 
 
+def run_inputs(images, scenes: int | None, channels: int, suffix: str) -> list[tuple]:
+    """What `propose` and `detect` run on: (output PNG name, source PNG or None, (C, H, W) image or
+    None) for each PNG in `images`, else for each of the first `scenes` scenes (default 4)."""
+    from .data.png import read_png
+    if images:
+        return [(f"{os.path.splitext(os.path.basename(p))[0]}_{suffix}.png", p, image_blob(read_png(p), channels))
+                for p in images]
+    n = 4 if scenes is None else scenes
+    if n < 1:
+        raise NetdslError("E0632", f"--scenes must be at least 1, got {n}", help="e.g. --scenes 8")
+    return [(f"scene_{i:04d}_{suffix}.png", None, None) for i in range(n)]
+
+
 def propose(model: str, weights: str, out: str, scenes: int | None = None, images=(), top: int = 10, seed: int = 0,
             backend=None, data_dir=None) -> dict:
     """Run the net's TEST phase on `scenes` held-out scenes or on the PNG files `images`, write one PNG
     per input (gt green; the top `top` proposals red to yellow by score) and proposals.json."""
-    from .data.png import read_png
     from .data.scenes import render_scene_png
     from .evaluate import build_test_net
     if top < 0:
         raise NetdslError("E0632", f"--top must be >= 0, got {top}", help="e.g. --top 10")
     net = build_test_net(model, weights, backend, data_dir, seed)
     data = net.plan.find("feeds_scenes")
-    if images:
-        channels = data.layer.p.channels if data is not None else 1
-        inputs = [(os.path.splitext(os.path.basename(p))[0] + "_proposals.png", p,
-                   (image_blob(read_png(p), channels), np.zeros((0, 5), np.float32))) for p in images]
-    else:
-        n = 4 if scenes is None else scenes
-        if n < 1:
-            raise NetdslError("E0632", f"--scenes must be at least 1, got {n}", help="e.g. --scenes 8")
-        inputs = [(f"scene_{i:04d}_proposals.png", None, None) for i in range(n)]
+    inputs = [(name, source, None if image is None else (image, np.zeros((0, 5), np.float32)))
+              for name, source, image in run_inputs(images, scenes, data.layer.p.channels if data else 1, "proposals")]
     _mkdir(out)
     records, seconds = [], 0.0
     for k, (name, source, feed) in enumerate(inputs):
