@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import NetdslError
 from ..registry import LOSS, F, Layer, Msg, ShapeError, fmt, register
 from .loss import FLT_MIN, normalization, normalizer
-from .ssd import CODE_TYPES, F32, NMS_PARAM, _host, _overlaps, check_heads, decode_boxes, nms_fast
+from .ssd import CODE_TYPES, F32, NMS_PARAM, _host, _overlaps, check_heads, check_mbox_heads, decode_boxes, nms_fast
 
 MULTIBOX = Msg("MultiBoxLossParameter", {
     "loc_loss_type": F("enum", "SMOOTH_L1", choices=("L2", "SMOOTH_L1")),
@@ -162,6 +162,12 @@ class MultiBoxLoss(Layer):
     bottom_roles = ("the box predictions (mbox_loc)", "the class scores (mbox_conf, before Softmax)",
                     "the priors (mbox_priorbox)", "the ground truth (1 x 1 x G x 8, SSD's label layout)")
     messages = {"multibox_loss_param": MULTIBOX, "loss_param": LOSS}
+    reads_mbox_heads = True
+
+    @classmethod
+    def check_net(cls, checking):
+        if checking.once("ssd mbox heads"):
+            check_mbox_heads(checking)
 
     def validate(self):
         p, errs = self.p, []

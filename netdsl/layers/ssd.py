@@ -161,6 +161,11 @@ class PriorBox(Layer):
     def num_priors(self) -> int:
         return len(self.aspect_ratios()) * len(self.p.min_size) + len(self.p.max_size)
 
+    def prior_count_note(self) -> str:
+        ars = ", ".join(f"{float(a):g}" for a in self.aspect_ratios())
+        return (f"{len(self.aspect_ratios())} aspect ratios ({ars}) x {len(self.p.min_size)} min_size + "
+                f"{len(self.p.max_size)} max_size = {self.num_priors()}")
+
     def shape(self, bottoms):
         feat, img = bottoms
         for k, b in enumerate(bottoms):
@@ -333,6 +338,66 @@ def check_heads(layer, bottoms, num_classes: int, loc_classes: int) -> None:
                          f"scores for {conf[0]}", involves=(0, 1), help="feed both from the same batch")
 
 
+# =============================================================================================
+# The mbox heads against their PriorBox layers (net level)
+
+_PASS_THROUGH = ("Flatten", "Permute", "Reshape", "Softmax")     # keep a head's values, reorder them
+
+
+def _trace(g, blob: str, leaf: str, via=()):
+    """The `leaf`-type layers whose outputs make `blob`, in concatenation order, through Concat and
+    the value-keeping layers; None when anything else is in the way. Each with its path."""
+    node = g.producer.get(blob)
+    if node is None:
+        return None
+    if node.layer.type == leaf:
+        return [(node, via)]
+    if node.layer.type in _PASS_THROUGH or node.layer.type == "Concat":
+        found = []
+        for b in (node.bottoms if node.layer.type == "Concat" else node.bottoms[:1]):
+            sub = _trace(g, b, leaf, (node, *via))
+            if sub is None:
+                return None
+            found += sub
+        return found
+    return None
+
+
+def check_mbox_heads(checking) -> None:
+    """E0371 at the head itself: each mbox head convolution must have 4 x loc classes (box head)
+    or num_classes (class head) times its PriorBox's priors per cell as num_output. The k-th head
+    of the loc (conf) concatenation pairs with the k-th PriorBox of the prior concatenation, as
+    SSD's CreateMultiBoxHead builds them. The shape rule's coarser E0371 is then dropped."""
+    g, c, failed = checking.graph, checking.c, checking.inference.failed
+    reported = set()
+    for node in g.nodes:
+        layer = node.layer
+        if not getattr(layer, "reads_mbox_heads", False) or len(node.bottoms) < 3 or layer.p.num_classes is None:
+            continue
+        priors = _trace(g, node.bottoms[2], "PriorBox")
+        found = False
+        for k, per, role in ((0, 4 * layer.loc_classes(), "box"), (1, layer.p.num_classes, "class")):
+            heads = _trace(g, node.bottoms[k], "Convolution")
+            if priors is None or heads is None or len(heads) != len(priors):
+                continue
+            for (conv, via), (pb, _) in zip(heads, priors):
+                want = per * pb.layer.num_priors()
+                if conv.layer.p.num_output == want or conv in reported:
+                    continue
+                reported.add(conv)
+                found = True
+                path = f" through {', '.join(repr(n.name) for n in via)}" if via else ""
+                c.error("E0371", f"Convolution '{conv.name}' (an SSD {role} head) has num_output "
+                        f"{conv.layer.p.num_output}, but PriorBox '{pb.name}' makes {pb.layer.num_priors()} priors a "
+                        f"cell: {per} x {pb.layer.num_priors()} = {want} are needed", conv.layer.pos("num_output"),
+                        notes=[f"PriorBox '{pb.name}' at {pb.layer.spec.pos}: {pb.layer.prior_count_note()}",
+                               f"its output reaches {layer.type} '{node.name}' (bottom {k}){path}"],
+                        help=f"set `num_output: {want}` ({per} {'box coordinates' if k == 0 else 'class scores'} "
+                             "per prior)")
+        if found and node in failed and failed[node].code == "E0371":
+            c.diagnostics[:] = [d for d in c.diagnostics if d is not failed[node]]
+
+
 @register
 class DetectionOutput(Layer):
     """SSD's detections: decode the box predictions against the priors, per-class NMS, keep the
@@ -353,6 +418,7 @@ class DetectionOutput(Layer):
     type = "DetectionOutput"
     no_backward = True
     makes_detections = True
+    reads_mbox_heads = True
     n_bottoms = (3, 4)
     bottom_roles = ("the box predictions (mbox_loc)", "the class scores after Softmax (mbox_conf_flatten)",
                     "the priors (mbox_priorbox)", "the image (visualize only)")
@@ -378,6 +444,11 @@ class DetectionOutput(Layer):
             errs.append(ShapeError("E0107", f"DetectionOutput '{self.name}': eta must lie in (0, 1], got {nms.eta}",
                                    field="nms_param", help="use `eta: 1` (no adaptive NMS)"))
         return errs
+
+    @classmethod
+    def check_net(cls, checking):
+        if checking.once("ssd mbox heads"):
+            check_mbox_heads(checking)
 
     def loc_classes(self) -> int:
         return 1 if self.p.share_location else self.p.num_classes
