@@ -12,7 +12,7 @@ from .errors import Collector, NetdslError
 from .graph import Graph
 from .registry import fmt, layer_type_with
 from .shapes import Inference, ShapedGraph, producer_note
-from .syntax import Message, parse_file
+from .syntax import Message, parse_file, paused_gc
 from .weights import Weights, read_weights
 
 
@@ -38,6 +38,7 @@ class Checking:
         return self._other
 
 
+@paused_gc()
 def check(ast: Message, phase: str = "TRAIN", stages=(), level: int = 0, hints: dict | None = None,
           weights: str | None = None) -> ShapedGraph:
     """Build and shape-check one phase; raises Errors with every diagnostic when any is an error."""
@@ -60,7 +61,8 @@ def check(ast: Message, phase: str = "TRAIN", stages=(), level: int = 0, hints: 
     for cls in dict.fromkeys(type(n.layer) for n in g.nodes):
         cls.check_net(checking)
     if weights:
-        check_weights(inf, read_weights(weights), c)
+        expect = {n.layer.name: list(sh.params) for n, sh in inf.nodes.items() if sh.params}
+        check_weights(inf, read_weights(weights, expect), c)
     if not c.errors:
         check_usage(inf, c)
     c.raise_if_errors()

@@ -6,7 +6,7 @@ import argparse
 import sys
 import traceback
 
-from . import commands
+from . import commands, memory
 from .errors import EXIT_BUG, EXIT_OK, EXIT_USER, NetdslError, render_all
 
 
@@ -25,7 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     commands.add_parsers(sub)
+    for name in RUNS_NETS:
+        if name in sub.choices:
+            sub.choices[name].add_argument(
+                "--memory-limit", metavar="SIZE", default=None,
+                help="refuse a net needing more memory than SIZE (8G, 512M; default: what is available; off: no check)")
     return ap
+
+
+# the commands that allocate a net's blobs (or a scene): they check its memory need first
+RUNS_NETS = ("train", "test", "time", "propose", "scenes", "export", "detect", "gradcheck")
+
+
+def _quiet_float_warnings():
+    """NumPy's overflow / invalid-value RuntimeWarnings (with NumPy's source paths) say nothing a
+    user can act on: a run that diverges is stopped by netdsl's own NaN/Inf check (E0710), which
+    names the layer. The CLI silences them; the Python API leaves NumPy's settings alone."""
+    import numpy as np
+    return np.errstate(all="ignore")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             build_parser().print_help()
             return EXIT_USER
-        return args.func(args)
+        try:                # every run sets it: an in-process caller's earlier --memory-limit never lingers
+            memory.set_limit(getattr(args, "memory_limit", None) or "auto")
+        except ValueError as e:
+            raise NetdslError("E0775", f"--memory-limit: {e}", help="e.g. --memory-limit 8G, or off") from None
+        with _quiet_float_warnings():
+            return args.func(args)
     except NetdslError as e:
         if debug:
             traceback.print_exc()

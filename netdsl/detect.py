@@ -100,10 +100,12 @@ def caption(label: int, score: float) -> str:
 
 
 def detect(model: str, weights: str, out: str, scenes: int | None = None, images=(), threshold: float = 0.3,
-           seed: int = 0, backend=None, data_dir=None) -> dict:
-    """Run the net's TEST phase on `scenes` held-out scenes or on the PNG files `images`; write one
-    PNG per input (gt green; detections scoring >= threshold red to yellow by score, captioned) and
-    detections.json. Returns what the JSON holds."""
+           seed: int = 0, backend=None, data_dir=None, max_side: int = 1000) -> dict:
+    """Run the net's TEST phase on `scenes` held-out scenes or on the PNG files `images` (each
+    downscaled to at most `max_side` pixels a side); write one PNG per input, as the net saw it
+    (gt green; detections scoring >= threshold red to yellow by score, captioned) and
+    detections.json (boxes in the original image's pixels; `scale` is how much it was shrunk).
+    Returns what the JSON holds."""
     from .data.scenes import render_scene_png
     from .evaluate import build_test_net
     from .propose import PAD_MULTIPLE, _mkdir, _write_json, pad_to, run_inputs
@@ -117,10 +119,10 @@ def detect(model: str, weights: str, out: str, scenes: int | None = None, images
     if data is None:
         raise NetdslError("E0642", f"net '{net.plan.name}' has no DigitScenes layer to feed scenes or images to",
                           help="feed the detector from a DigitScenes layer (see nets/ssd_digits.net)")
-    inputs = run_inputs(images, scenes, data.layer.p.channels, "detections")
+    inputs = run_inputs(images, scenes, data.layer.p.channels, "detections", max_side)
     _mkdir(out)
     records, seconds = [], 0.0
-    for k, (name, source, image) in enumerate(inputs):
+    for k, (name, source, image, size) in enumerate(inputs):
         t0 = time.perf_counter()
         if image is not None:
             net.source(data.node.name).feed(pad_to(image, PAD_MULTIPLE), None, im_size=image.shape[1:])
@@ -136,9 +138,11 @@ def detect(model: str, weights: str, out: str, scenes: int | None = None, images
         shown = rows[rows[:, 2] >= threshold]
         render_scene_png(os.path.join(out, name), picture, gt, shown[:, 3:7], shown[:, 2],
                          texts=[caption(r[1], r[2]) for r in shown])
-        rec = {"png": name, "image_size": list(picture.shape[1:]), "gt_boxes": gt.tolist(),
-               "detections": [[int(r[1]), float(r[2]), *map(float, r[3:7])] for r in rows]}
-        records.append({"scene": k, **rec} if source is None else {"source": source, **rec})
+        size = size or picture.shape[1:]
+        scale = picture.shape[2] / size[1]
+        rec = {"png": name, "image_size": [int(size[0]), int(size[1])], "gt_boxes": gt.tolist(),
+               "detections": [[int(r[1]), float(r[2]), *map(float, r[3:7] / scale)] for r in rows]}
+        records.append({"scene": k, **rec} if source is None else {"source": source, "scale": scale, **rec})
     result = {"model": model, "weights": weights, "seed": seed, "threshold": threshold, "format": ROWS_FORMAT,
               "images": records, "seconds": seconds, "images_per_second": len(records) / max(seconds, 1e-9)}
     _write_json(os.path.join(out, "detections.json"), result)
@@ -148,7 +152,7 @@ def detect(model: str, weights: str, out: str, scenes: int | None = None, images
 def cmd_detect(args) -> int:
     from .backend import get_backend
     r = detect(args.model, args.weights, args.out, args.scenes, args.image, args.threshold, args.seed,
-               get_backend(args.device), args.data_dir)
+               get_backend(args.device), args.data_dir, args.max_side)
     drawn = sum(d[1] >= args.threshold for x in r["images"] for d in x["detections"])
     print(f"wrote {len(r['images'])} PNG(s) and detections.json to {args.out}: {drawn} detections scoring >= "
           f"{args.threshold:g} drawn, {r['images_per_second']:.1f} images/s")

@@ -4,6 +4,7 @@ all run state (param blobs, stateful layers' RNG streams and data sources, saved
 number of Nets can run one plan. `build_net` is the one way from a net file to a Net."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from .errors import NetdslError
 from .files import write_atomic
 from .fillers import fill
 from .plan import Plan
-from .registry import RunState
+from .registry import RunState, fmt
 
 
 @dataclass
@@ -240,14 +241,20 @@ class Net:
         return out
 
     def save(self, path: str) -> None:
-        """The weights as `.caffemodel` (Caffe's binary NetParameter, by the suffix) or netdsl's .npz."""
-        if path.endswith(".caffemodel"):
-            from .weights import write_caffemodel
-            types = {s.node.name: s.layer.type for s in self.plan.steps}
-            write_caffemodel(path, {name: (types[name], [to_host(p.data) for p in ps])
-                                    for name, ps in self.params.items()}, self.plan.name)
-        else:
-            save_npz(path, self.state())
+        """The weights as `.caffemodel` (Caffe's binary NetParameter, by the suffix) or netdsl's .npz,
+        written atomically; a path that cannot be written is E0771 (an existing file stays intact)."""
+        path = os.fspath(path)
+        try:
+            if path.endswith(".caffemodel"):
+                from .weights import write_caffemodel
+                types = {s.node.name: s.layer.type for s in self.plan.steps}
+                write_caffemodel(path, {name: (types[name], [to_host(p.data) for p in ps])
+                                        for name, ps in self.params.items()}, self.plan.name)
+            else:
+                save_npz(path, self.state())
+        except OSError as e:
+            raise NetdslError("E0771", f"cannot write weights to {path}: {e.strerror or e}",
+                              help="check that the directory exists, is writable and has space") from None
 
     def load(self, weights) -> Copied:
         """Copy weights by layer name as Caffe's CopyTrainedLayersFrom: a path (.caffemodel, V1 or V2,
@@ -256,7 +263,7 @@ class Net:
         and both shapes."""
         from .weights import Weights, from_arrays, read_weights
         if isinstance(weights, (str, os.PathLike)):
-            weights = read_weights(str(weights))
+            weights = read_weights(str(weights), {name: [p.data.shape for p in ps] for name, ps in self.params.items()})
         elif not isinstance(weights, Weights):
             weights = from_arrays(weights)
         mine = self.params
@@ -292,10 +299,11 @@ def save_npz(path: str, arrays: dict) -> None:
 
 def build_net(source, phase: str = "TRAIN", device="cpu", *, weights=None, seed: int = 0,
               data_dir: str | None = None, stages=(), level: int = 0, hints: dict | None = None,
-              share_from: Net | None = None, dtype=np.float32) -> Net:
+              share_from: Net | None = None, dtype=np.float32, memory_limit="default") -> Net:
     """Check, lower and instantiate one phase of a net: what every command and `netdsl.load` do.
     `source` is a path, or (path, an inline NetParameter AST or None) as a solver file gives it;
-    `device` "cpu", "gpu" or a Backend; `weights` a path or {"<layer>/<i>": array}."""
+    `device` "cpu", "gpu" or a Backend; `weights` a path or {"<layer>/<i>": array};
+    `memory_limit` bytes, "8G", "auto" or "off" (default: the CLI's --memory-limit, else "auto")."""
     from .backend import get_backend
     from .check import check
     from .plan import lower
@@ -303,8 +311,19 @@ def build_net(source, phase: str = "TRAIN", device="cpu", *, weights=None, seed:
     path, inline = source if isinstance(source, tuple) else (source, None)
     ast = inline if inline is not None else parse_file(path)
     plan = lower(check(ast, phase=phase.upper(), stages=stages, level=level, hints=hints), runnable=True)
+    check_memory(plan, phase.upper() == "TRAIN", 8 if dtype in ("float64", np.float64) else 4, memory_limit)
     backend = get_backend(device) if isinstance(device, str) else device
     net = Net(plan, backend.xp, dtype=dtype, seed=seed, data_dir=data_dir, share_from=share_from)
     if weights is not None:
         net.load(weights)
     return net
+
+
+def check_memory(plan, training: bool, itemsize: int, limit="default") -> None:
+    """Refuse a net whose blobs and params cannot fit in memory before allocating any of them
+    (E0775): a 16 GB Input or a `num_output: 1000000000` fails here, not in the kernel's OOM killer."""
+    from .memory import require
+    shapes = plan.blob_shapes
+    biggest = max(shapes, key=lambda b: math.prod(d or 0 for d in shapes[b]), default=None)
+    require(plan.run_bytes(training, itemsize), f"net '{plan.name or 'net'}' ({plan.phase}), its blobs and params,",
+            [f"the largest blob is '{biggest}' {fmt(shapes[biggest])}"] if biggest else [], limit)

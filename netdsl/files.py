@@ -1,6 +1,8 @@
-"""Atomic file writes: snapshots, weights, downloads, PNGs and JSON never appear half-written."""
+"""Atomic file writes (snapshots, weights, downloads, PNGs and JSON never appear half-written) and
+the output directory of a run, checked before it starts."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -31,3 +33,38 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def prepare_output(prefix: str) -> str | None:
+    """Make the directory that files named `prefix`* go to and prove it is writable, before a run
+    spends any time: returns None when it is, else why not (for the caller's located error). Also
+    removes the temporary `.NAME.part` files a killed snapshot write of this prefix left behind
+    (write_atomic cleans up after itself unless the process is killed outright)."""
+    if "\x00" in prefix:
+        return "it contains a NUL character"
+    directory = os.path.dirname(os.path.abspath(prefix))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".netdsl-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):
+        return f"{_nearest_file(directory)} is a file, not a directory"
+    except OSError as e:
+        return f"cannot write in {directory}: {e.strerror or e}"
+    stem = os.path.basename(prefix)
+    for name in os.listdir(directory):
+        if name.startswith(f".{stem}_iter_") and name.endswith(".part"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+    return None
+
+
+def _nearest_file(directory: str) -> str:
+    """The first component of `directory` that exists and is not a directory."""
+    parts = os.path.abspath(directory).split(os.sep)
+    for k in range(2, len(parts) + 1):
+        path = os.sep.join(parts[:k])
+        if os.path.exists(path) and not os.path.isdir(path):
+            return path
+    return directory

@@ -70,3 +70,75 @@ def overlaps(blocks, arena_bytes: int) -> list[tuple]:
                     a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes:
                 bad.append((a, b))
     return bad
+
+
+# -- the memory budget: refuse a net that cannot fit before allocating it --------------------
+
+_limit: int | None | str = "auto"          # set by the CLI's --memory-limit; "auto": what is available
+
+
+def set_limit(value: int | str | None) -> None:
+    """The process-wide budget: bytes, a size like "8G", "auto" (available memory, the default)
+    or "off"/None (no check)."""
+    global _limit
+    _limit = parse_size(value)
+
+
+def parse_size(value: int | str | None) -> int | None | str:
+    """8G, 512M, 1.5GiB, 1000000 -> bytes; "auto" stays "auto"; "off", 0 and None -> None."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value or None
+    text = str(value).strip().lower()
+    if text in ("auto", "off", "none", "0"):
+        return None if text != "auto" else "auto"
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    number = text.rstrip("ib").rstrip("kmgt")
+    unit = text[len(number):].rstrip("ib")
+    try:
+        size = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"not a memory size: {value!r} (e.g. 8G, 512M, auto or off)") from None
+    if not size > 0:
+        raise ValueError(f"not a memory size: {value!r} (must be positive)")
+    return int(size)
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still take: Linux's MemAvailable, capped by the cgroup (container)
+    limit less its current use; None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                cap = f.read().strip()
+                if cap.isdigit() and int(cap) < 1 << 60:
+                    found.append(int(cap) - int(g.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
+def require(need: int, what: str, notes=(), limit: int | str | None = "default") -> None:
+    """Refuse (E0775) to allocate `need` bytes for `what` when they exceed the budget: the
+    --memory-limit / memory_limit given, else the memory available now; "off" skips the check."""
+    from .errors import NetdslError
+    from .summary import human_bytes
+    try:
+        limit = _limit if limit == "default" else parse_size(limit)
+    except ValueError as e:
+        raise NetdslError("E0775", str(e), help="e.g. --memory-limit 8G, or off to skip the check") from None
+    if limit is None:
+        return
+    budget, source = (available_bytes(), "the memory available now") if limit == "auto" else (limit, "the memory limit")
+    if budget is not None and need > budget:
+        raise NetdslError("E0775", f"{what} needs about {human_bytes(need)}, more than {source} ({human_bytes(budget)})",
+                          notes=list(notes), help="make it smaller (batch, image size); --memory-limit SIZE "
+                                                  "(or off) in the CLI, memory_limit= in the API, overrides the check")

@@ -56,6 +56,15 @@ class Plan:
     train_peak_bytes: int
     naive_bytes: int               # every blob its own buffer
 
+    def run_bytes(self, training: bool, itemsize: int = 4) -> int:
+        """About what a Net running this plan holds at its peak: every blob (the executor keeps
+        each its own buffer), in training the blobs kept for backward and the gradients, and every
+        param (in training with its gradient and up to two solver history blobs). The memory
+        budget check compares it with what the machine has before anything is allocated."""
+        blobs = sum(b.nbytes for b in self.train_arena) if training else self.naive_bytes
+        params = sum(_nbytes(p.shape) for p in self.params) * (4 if training else 1)
+        return (blobs + params) // 4 * itemsize
+
     def find(self, role: str) -> Step | None:
         """The first step whose layer plays `role` (a Layer flag such as makes_proposals), for the
         commands that need one particular layer."""

@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import NetdslError
 from .files import write_atomic
+from .memory import require
 
 # Error codes of this module and netdsl.evaluate:
 #   E0630 the net has no Proposal layer (TEST)      E0632 an invalid argument value
@@ -53,6 +54,8 @@ def add_run_options(p, json_name: str) -> None:
     g.add_argument("--image", action="append", default=[], metavar="PNG",
                    help="run on this PNG instead (repeatable); no ground truth is drawn")
     p.add_argument("-o", "--out", required=True, help=f"output directory for the PNGs and {json_name}")
+    p.add_argument("--max-side", type=int, default=1000,
+                   help="downscale --image inputs to at most this many pixels a side (default 1000, py-faster-rcnn's)")
     p.add_argument("--seed", type=int, default=0, help="run seed of the TEST net (picks the scenes, as `test`)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
@@ -67,6 +70,9 @@ def render_scenes(out: str, n: int, split: str = "train", seed: int = 0, first: 
     if n < 1 or first < 0:
         raise NetdslError("E0632", f"need -n >= 1 and --first >= 0, got {n} and {first}",
                           help="e.g. `netdsl scenes -n 8 -o scenes/`")
+    h, w, c = options.get("height", 224), options.get("width", 224), options.get("channels", 1)
+    if min(h, w, c) >= 1:             # the generator refuses the rest; a scene and its drawing: ~7 floats a pixel
+        require(h * w * max(c, 3) * 4 * 7, f"a {h}x{w} scene")
     scenes = DigitScenes(split=split, data_dir=data_dir, seed=seed, **options)
     _mkdir(out)
     records = []
@@ -146,45 +152,71 @@ def pad_to(image: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(image, ((0, 0), (0, ph), (0, pw))) if ph or pw else image
 
 
-def run_inputs(images, scenes: int | None, channels: int, suffix: str) -> list[tuple]:
-    """What `propose` and `detect` run on: (output PNG name, source PNG or None, (C, H, W) image or
-    None) for each PNG in `images`, else for each of the first `scenes` scenes (default 4)."""
+def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
+    """(C, H, W) downscaled (area averaging) so that its longer side is at most `max_side`, as
+    py-faster-rcnn's test scales cap an image's longer side (TEST.MAX_SIZE 1000): an 8000x8000
+    photo runs at 1000x1000 instead of needing gigabytes of activations."""
+    from .data.scenes import resample
+    _, h, w = image.shape
+    if max(h, w) <= max_side:
+        return image
+    s = max_side / max(h, w)
+    oh, ow = max(round(h * s), 1), max(round(w * s), 1)
+    return np.stack([resample(c, oh, ow) for c in image])
+
+
+def run_inputs(images, scenes: int | None, channels: int, suffix: str, max_side: int) -> list[tuple]:
+    """What `propose` and `detect` run on: (output PNG name, source PNG or None, (C, H, W) image
+    downscaled to at most `max_side` a side or None, the PNG's own (H, W) or None) for each PNG in
+    `images`, else for each of the first `scenes` scenes (default 4)."""
     from .data.png import read_png
-    if images:
-        return [(f"{os.path.splitext(os.path.basename(p))[0]}_{suffix}.png", p, image_blob(read_png(p), channels))
-                for p in images]
-    n = 4 if scenes is None else scenes
-    if n < 1:
-        raise NetdslError("E0632", f"--scenes must be at least 1, got {n}", help="e.g. --scenes 8")
-    return [(f"scene_{i:04d}_{suffix}.png", None, None) for i in range(n)]
+    if max_side < 32:
+        raise NetdslError("E0632", f"--max-side must be at least 32, got {max_side}", help="e.g. --max-side 1000")
+    if not images:
+        n = 4 if scenes is None else scenes
+        if n < 1:
+            raise NetdslError("E0632", f"--scenes must be at least 1, got {n}", help="e.g. --scenes 8")
+        return [(f"scene_{i:04d}_{suffix}.png", None, None, None) for i in range(n)]
+    inputs = []
+    for p in images:
+        image = image_blob(read_png(p), channels)
+        inputs.append((f"{os.path.splitext(os.path.basename(p))[0]}_{suffix}.png", p, shrink(image, max_side),
+                       image.shape[1:]))
+        del image
+    return inputs
 
 
 def propose(model: str, weights: str, out: str, scenes: int | None = None, images=(), top: int = 10, seed: int = 0,
-            backend=None, data_dir=None) -> dict:
-    """Run the net's TEST phase on `scenes` held-out scenes or on the PNG files `images`, write one PNG
-    per input (gt green; the top `top` proposals red to yellow by score) and proposals.json."""
+            backend=None, data_dir=None, max_side: int = 1000) -> dict:
+    """Run the net's TEST phase on `scenes` held-out scenes or on the PNG files `images` (each
+    downscaled to at most `max_side` pixels a side), write one PNG per input (gt green; the top
+    `top` proposals red to yellow by score) and proposals.json (boxes in the original image's
+    pixels; `scale` is how much it was shrunk)."""
     from .data.scenes import render_scene_png
     from .evaluate import build_test_net
     if top < 0:
         raise NetdslError("E0632", f"--top must be >= 0, got {top}", help="e.g. --top 10")
     net = build_test_net(model, weights, backend, data_dir, seed)
     data = net.plan.find("feeds_scenes")
-    inputs = [(name, source, None if image is None else (image, np.zeros((0, 5), np.float32)))
-              for name, source, image in run_inputs(images, scenes, data.layer.p.channels if data else 1, "proposals")]
+    inputs = [(name, source, None if image is None else (image, np.zeros((0, 5), np.float32)), size)
+              for name, source, image, size in run_inputs(images, scenes, data.layer.p.channels if data else 1,
+                                                          "proposals", max_side)]
     _mkdir(out)
     records, seconds = [], 0.0
-    for k, (name, source, feed) in enumerate(inputs):
+    for k, (name, source, feed, size) in enumerate(inputs):
         t0 = time.perf_counter()
         r = run_proposals(net, feed)
         seconds += time.perf_counter() - t0
         render_scene_png(os.path.join(out, name), r["image"], r["gt"], r["rois"][:top], r["scores"][:top])
-        rec = {"png": name, "image_size": list(r["image"].shape[1:]),
+        size = size or r["image"].shape[1:]
+        scale = r["image"].shape[2] / size[1]
+        rec = {"png": name, "image_size": [int(size[0]), int(size[1])],
                "gt_boxes": r["gt"].tolist(),
-               "proposals": [[*map(float, b), float(s)] for b, s in zip(r["rois"], r["scores"])]}
+               "proposals": [[*map(float, b / scale), float(s)] for b, s in zip(r["rois"], r["scores"])]}
         if source is None:
             rec = {"scene": k, **rec}
         else:
-            rec = {"source": source, **rec}
+            rec = {"source": source, "scale": scale, **rec}
         records.append(rec)
     result = {"model": model, "weights": weights, "seed": seed,
               "format": "proposals: [x1, y1, x2, y2, score], inclusive pixel corners, best first",
@@ -196,7 +228,7 @@ def propose(model: str, weights: str, out: str, scenes: int | None = None, image
 def cmd_propose(args) -> int:
     from .backend import get_backend
     r = propose(args.model, args.weights, args.out, args.scenes, args.image, args.top, args.seed,
-                get_backend(args.device), args.data_dir)
+                get_backend(args.device), args.data_dir, args.max_side)
     n = len(r["images"])
     props = sum(len(x["proposals"]) for x in r["images"])
     print(f"wrote {n} PNG{'s' if n != 1 else ''} and proposals.json ({props} proposals, "

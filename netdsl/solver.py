@@ -367,6 +367,10 @@ def validate(cfg: SolverConfig) -> list[str]:
         problem("delta", f"{kind} divides by sqrt(history) + delta: delta must be > 0, got {cfg.delta}")
     if kind in ("Adam", "AdamW") and cfg.delta < 0:
         problem("delta", f"{kind}'s delta must be >= 0, got {cfg.delta}")
+    if kind in ("Adam", "AdamW") and not 0 <= cfg.momentum2 < 1:     # sqrt(1 - momentum2^t) is Adam's bias correction
+        problem("momentum2", f"{kind}'s momentum2 (beta2) must be in [0, 1), got {cfg.momentum2}")
+    if kind in ("Adam", "AdamW") and not 0 <= cfg.momentum < 1:
+        problem("momentum", f"{kind}'s momentum (beta1) must be in [0, 1), got {cfg.momentum}")
     if cfg.max_iter < 0:
         problem("max_iter", f"max_iter must be >= 0, got {cfg.max_iter}")
     if cfg.display < 0:

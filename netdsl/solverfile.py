@@ -117,6 +117,8 @@ def _resolve_tests(path, cfg, train, c) -> list[tuple[str, Message | None]]:
                     help="give a path relative to the solver file or the working directory")
         tests.append((found or "", None))
     tests += [(path, m) for m in cfg.test_net_param]
-    if not tests and cfg.test_iter:
-        tests = [train] * len(cfg.test_iter)        # the train net in its TEST phase, as Caffe does
+    if not cfg.train_net and not cfg.train_net_param:
+        # Caffe's generic net (net / net_param): each test_iter beyond the test nets named tests it
+        # once more in its TEST phase (with its own test_state, if given)
+        tests += [train] * max(len(cfg.test_iter) - len(tests), 0)
     return tests

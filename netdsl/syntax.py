@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ast as _pyast
+import gc
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -97,7 +99,8 @@ _TRANSFORMER = _ToAst()
 
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
-    return Lark(_grammar_path().read_text(), parser="lalr", transformer=_TRANSFORMER,
+    # the basic lexer: the grammar's terminals never overlap, so Lark's contextual lexer only costs time
+    return Lark(_grammar_path().read_text(), parser="lalr", lexer="basic", transformer=_TRANSFORMER,
                 maybe_placeholders=False, cache=True)
 
 
@@ -151,11 +154,27 @@ def parse(text: str, file: str = "<string>") -> Message:
     parser = _parser()
     _TRANSFORMER.file = file
     try:
-        return parser.parse(text)
+        with paused_gc():
+            return parser.parse(text)
     except UnexpectedInput as e:
         if _depth(text) > MAX_DEPTH:
             raise _too_deep(text, file) from None
         raise _syntax_error(e, text, file) from None
+
+
+@contextmanager
+def paused_gc():
+    """Pause Python's cyclic garbage collector while building a big acyclic structure (an AST, a
+    shaped graph): its full collections rescan every object made so far, which made parsing a
+    large net superlinear (2.7 s/MB at 5 MB against 1.7 s/MB at 1 MB). Reference counting still
+    frees everything; the collector resumes afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _depth(text: str) -> int:

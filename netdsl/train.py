@@ -3,6 +3,7 @@ snapshots; atomic snapshot writes; SIGINT snapshots and stops; a non-finite loss
 stops with the first layer that produced it, after snapshotting the last good state."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import numpy as np
 
 from .errors import NetdslError
 from .executor import build_net, save_npz
+from .files import prepare_output
 from .solver import Solver, learning_rate
 from .solverfile import SolverFile, load_solver
 
@@ -30,22 +32,37 @@ class TrainResult:
 
 
 class Logger:
-    """Caffe-style log lines to a file (always) and to stderr (when not drawing a progress bar)."""
+    """Caffe-style log lines to a file (always) and to stderr (when not drawing a progress bar);
+    `stamp=False` writes lines as given (the metrics JSON lines). A write that fails mid-run (a
+    full disk) warns once and stops logging to the file: training and its snapshots go on."""
 
-    def __init__(self, path: str, echo: bool):
-        self.f = open(path, "a", encoding="utf-8")
-        self.echo = echo
+    def __init__(self, path: str, echo: bool, stamp: bool = True):
+        try:
+            self.f = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise NetdslError("E0770", f"cannot open {path}: {e.strerror or e}",
+                              help="point snapshot_prefix / --out at a writable directory") from None
+        self.path, self.echo, self.stamp = path, echo, stamp
 
     def __call__(self, msg: str, echo: bool | None = None) -> None:
         t = time.time()
-        line = time.strftime("I%m%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1e6):06d}] {msg}"
-        self.f.write(line + "\n")
-        self.f.flush()
+        line = time.strftime("I%m%d %H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1e6):06d}] {msg}" \
+            if self.stamp else msg
+        if self.f is not None:
+            try:
+                self.f.write(line + "\n")
+                self.f.flush()
+            except OSError as e:
+                self.f = None
+                print(f"warning[W0770]: cannot write {self.path} ({e.strerror or e}); it stops here, "
+                      "training goes on", file=sys.stderr, flush=True)
         if self.echo if echo is None else echo:
             print(line, file=sys.stderr, flush=True)
 
     def close(self):
-        self.f.close()
+        if self.f is not None:
+            with contextlib.suppress(OSError):
+                self.f.close()
 
 
 class Progress:
@@ -94,10 +111,10 @@ class Trainer:
         # else netdsl's .npz (its default: one numpy file, no protobuf needed to read it back)
         explicit = self.sf.record.has("snapshot_format") and cfg.snapshot_format == "BINARYPROTO"
         self.weights_suffix = ".caffemodel" if explicit else ".npz"
-        os.makedirs(self.out, exist_ok=True)
+        self._prepare_output(out)
         self.progress_on = sys.stderr.isatty() if progress is None else progress
         self.log = Logger(self.prefix + ".log", echo=not self.progress_on)
-        self.metrics = open(self.prefix + "_metrics.jsonl", "a", encoding="utf-8")
+        self.metrics = Logger(self.prefix + "_metrics.jsonl", echo=False, stamp=False)
         stages = tuple(cfg.train_state.stage) if cfg.train_state is not None else ()
         self.net = build_net(self.sf.train_net, "TRAIN", backend, seed=self.seed, data_dir=data_dir, stages=stages)
         self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net)
@@ -111,8 +128,32 @@ class Trainer:
         self.last_snapshot = None
         self.test_results: list[dict] = []
 
+    def _prepare_output(self, out: str | None) -> None:
+        """Refuse, before any work, an output place that cannot take the log and the snapshots."""
+        why = prepare_output(self.prefix)
+        if why:
+            rec = self.sf.record
+            given = "--out" if out else "snapshot_prefix"
+            raise NetdslError("E0770", f"cannot write the run's files to {self.prefix!r}: {why}",
+                              rec.pos("snapshot_prefix") if given == "snapshot_prefix" and rec.has("snapshot_prefix")
+                              else None, help=f"point {given} at a writable directory (e.g. `runs/mynet/`)")
+
     # -- snapshots --------------------------------------------------------------------------
     def snapshot(self) -> str:
+        """Write the weights and the solver state at this iteration; a failed write (a full disk)
+        stops the run with the previous snapshot intact (writes are atomic)."""
+        try:
+            return self._snapshot()
+        except (OSError, NetdslError) as e:
+            if isinstance(e, NetdslError) and e.diagnostic.code != "E0771":
+                raise
+            why = e.diagnostic.message if isinstance(e, NetdslError) else f"{e.strerror or e} ({e.filename or self.prefix})"
+            before = (f"the previous snapshot {self.last_snapshot}{self.weights_suffix} is intact"
+                      if self.last_snapshot else "no earlier snapshot was written in this run")
+            raise NetdslError("E0771", f"cannot write the snapshot at iteration {self.iter}: {why}", notes=[before],
+                              help="free space or point snapshot_prefix / --out elsewhere, then resume") from None
+
+    def _snapshot(self) -> str:
         base = f"{self.prefix}_iter_{self.iter}"
         self.net.save(base + self.weights_suffix)
         state = {f"solver/{k}": v for k, v in self.solver.state_dict().items()}
@@ -179,6 +220,9 @@ class Trainer:
             sums = self.compiled.test_sums(i, n)          # graph mode: the test step's CUDA graph
         else:
             for _ in range(n):
+                if self.stop_requested:              # Ctrl-C: stop now, not at the end of the pass
+                    self.log(f"    Test net #{i} interrupted; its outputs are not recorded", echo=True)
+                    return {}
                 outs = net.forward()
                 for k, v in outs.items():
                     if v.size == 1:
@@ -190,8 +234,7 @@ class Trainer:
             self.log(f"    Test net output #{j}: {k} = {v:.6g}" + (f" (* {w:g} = {v * w:.6g} loss)" if w else ""),
                      echo=True)
         rec = {"kind": "test", "net": i, "iter": self.iter, **means}
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
+        self.metrics(json.dumps(rec))
         self.test_results.append(rec)
         return means
 
@@ -219,6 +262,21 @@ class Trainer:
                     return f"the gradient of layer '{name}' param {j}"
         return "the loss"
 
+    def _diverged(self, bad: str) -> NetdslError:
+        """E0710, naming the last good weights: the current ones when they are finite (the step
+        that diverged was not applied), snapshotted now; else the last snapshot of the run."""
+        xp = self.backend.xp
+        if all(bool(xp.isfinite(p.data).all()) for p in self.net.learnable):
+            snap = self.snapshot()
+            good = f"the last good weights are in {snap}{self.weights_suffix} (resume with --snapshot {snap}.solverstate.npz)"
+        elif self.last_snapshot:
+            good = (f"the weights are already NaN or Inf, so none were saved now; the last snapshot is "
+                    f"{self.last_snapshot}{self.weights_suffix}")
+        else:
+            good = "the weights are already NaN or Inf and no snapshot was written before: none were saved"
+        return NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced NaN or Inf",
+                           notes=[good], help="lower base_lr, add clip_gradients, or check the input scaling")
+
     def _train_outputs(self):
         """The train net's scalar outputs of the last forward, with their loss weights."""
         for step in self.net.plan.steps:
@@ -233,8 +291,7 @@ class Trainer:
         for j, (name, value, w) in enumerate(outputs):
             self.log(f"    Train net output #{j}: {name} = {value:.6g}" + (f" (* {w:g} = {value * w:.6g} loss)" if w else ""))
         self.log(f"Iteration {k}, lr = {lr:.6g}")
-        self.metrics.write(json.dumps({"kind": "train", "iter": k, "loss": smoothed, "lr": lr}) + "\n")
-        self.metrics.flush()
+        self.metrics(json.dumps({"kind": "train", "iter": k, "loss": smoothed, "lr": lr}))
 
     def run(self) -> TrainResult:
         """Caffe's Solve: the loop (eager, or replayed CUDA graphs), then the final snapshot and test."""
@@ -273,11 +330,7 @@ class Trainer:
             loss /= cfg.iter_size
             bad = self._non_finite(loss)
             if bad:
-                snap = self.snapshot()
-                raise NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced "
-                                  "NaN or Inf", notes=[f"the last good weights are in {snap}{self.weights_suffix} (resume with "
-                                                       f"--snapshot {snap}.solverstate.npz)"],
-                                  help="lower base_lr, add clip_gradients, or check the input scaling")
+                raise self._diverged(bad)
             self.losses.append(loss)
             smoothed = sum(self.losses) / len(self.losses)
             lr = learning_rate(cfg, self.iter)

@@ -43,8 +43,10 @@ class Weights:
         return None
 
 
-def read_weights(path: str) -> Weights:
-    """A weights file, by content: an .npz (a zip), else a binary Caffe NetParameter."""
+def read_weights(path: str, expect: dict[str, list[tuple]] | None = None) -> Weights:
+    """A weights file, by content: an .npz (a zip), else a binary Caffe NetParameter. `expect`
+    (layer -> its param shapes in the net) lets an .npz skip inflating the arrays the net cannot
+    take: they come back as zero-memory views of their declared shape, enough to report them."""
     if os.path.exists(path) and not os.path.isfile(path):
         raise NetdslError("E0802", f"{path} is not a regular file", help="pass a .caffemodel or .npz file")
     try:
@@ -55,26 +57,62 @@ def read_weights(path: str) -> Weights:
     except OSError as e:
         raise NetdslError("E0802", f"cannot read weights {path}: {e.strerror}", help="check the path") from None
     if head == b"PK\x03\x04":
-        return _read_npz(path)
+        return _read_npz(path, expect)
     if head == b"\x93NUM":
         raise NetdslError("E0802", f"{path} is a single .npy array, not a set of named weights",
                           help="save the weights as an .npz of '<layer>/<i>' arrays (np.savez), or a .caffemodel")
     return read_caffemodel(path)
 
 
-def _read_npz(path: str) -> Weights:
+def _read_npz(path: str, expect: dict[str, list[tuple]] | None) -> Weights:
+    """An .npz whose members are checked before any is inflated (a 6 MB file of zeros can claim a
+    40000 x 40000 array): each .npy header must declare numbers; an array the net cannot take
+    (another layer, another size) is not inflated; the rest must fit in memory, and each inflates
+    to no more than the zip directory declares."""
     import zipfile
+
+    from .memory import require
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if not k.startswith("__")}
+        with zipfile.ZipFile(path) as z:
+            members = [m for m in z.infolist() if m.filename.endswith(".npy") and not m.filename.startswith("__")]
+            declared = {}
+            for m in members:
+                with z.open(m) as f:
+                    header = (np.lib.format.read_array_header_1_0 if np.lib.format.read_magic(f) == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = header(f)
+                if dtype.kind not in "fiu" or dtype.fields is not None:
+                    raise NetdslError("E0802", f"{path}: array '{m.filename[:-4]}' holds {dtype} values, not numbers",
+                                      help="weights are float arrays named '<layer>/<i>'")
+                declared[m.filename] = (tuple(shape), dtype)
+            wanted = [m for m in members if _wanted(m.filename[:-4], declared[m.filename][0], expect)]
+            require(sum(m.file_size for m in wanted), f"weights file {path} (as its zip directory declares)")
+            arrays = {}
+            for m in members:
+                key = m.filename[:-4]
+                if m in wanted:
+                    with z.open(m) as f:
+                        arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+                else:
+                    shape, dtype = declared[m.filename]
+                    arrays[key] = np.broadcast_to(np.zeros((), dtype), shape)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise NetdslError("E0802", f"cannot read weights {path}: {e}",
                           help="pass an .npz written by `netdsl train` (..._iter_N.npz) or a .caffemodel") from None
-    for key, a in arrays.items():
-        if a.dtype.kind not in "fiu" or a.dtype.fields is not None:
-            raise NetdslError("E0802", f"{path}: array '{key}' holds {a.dtype} values, not numbers",
-                              help="weights are float arrays named '<layer>/<i>'")
     return from_arrays(arrays, path)
+
+
+def _wanted(key: str, shape: tuple, expect: dict[str, list[tuple]] | None) -> bool:
+    """Whether blob `key` ('<layer>/<i>') of `shape` may be copied into the net (same element
+    count: legacy shapes are reconciled later); with no expectations, every blob is."""
+    if expect is None:
+        return True
+    name, _, i = key.rpartition("/")
+    shapes = expect.get(name, [])
+    if not (i.isdigit() and int(i) < len(shapes)):
+        return False
+    want = shapes[int(i)]
+    return any(d is None for d in want) or math.prod(shape) == math.prod(want)
 
 
 def from_arrays(arrays: dict[str, np.ndarray], path: str = "<arrays>") -> Weights:

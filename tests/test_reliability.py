@@ -91,6 +91,7 @@ def solver(tmp_path, **fields) -> Path:
     ({"type": '"AdaGrad"', "delta": 0}, "delta must be > 0"),
     ({"max_iter": -5}, "max_iter must be >= 0"),
     ({"display": -1}, "display must be >= 0"),
+    ({"type": '"Adam"', "momentum2": 2}, "momentum2 (beta2) must be in [0, 1)"),
 ])
 def test_solver_values_caffe_or_the_math_refuse(tmp_path, fields, word):
     code, err = run("check", solver(tmp_path, **fields))
@@ -195,3 +196,214 @@ def test_a_type_or_field_of_the_wrong_kind_is_one_error(tmp_path):
                                  + 'layer { name: "f" type: "InnerProduct" bottom: "x" top: "y" '
                                  'inner_product_param { num_output { } } }\n'))
     assert code == 2 and err.count("error[") == 1 and "`num_output` expects an integer, got a message" in err
+
+
+# -- file-system faults, memory and decompression bounds, interrupted tests (issue 14: 4, 5, 6, 9, 12)
+
+TINY = ('layer { name: "d" type: "DummyData" top: "x" top: "label" dummy_data_param { '
+        'shape { dim: 4 dim: 3 } shape { dim: 4 } data_filler { type: "gaussian" } data_filler { type: "constant" } } }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 2 '
+        'weight_filler { type: "xavier" } } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "y" bottom: "label" top: "loss" }\n')
+
+
+def tiny_solver(tmp_path, **fields) -> Path:
+    return solver(tmp_path, net=f'"{net(tmp_path, TINY)}"', **fields)
+
+
+@pytest.mark.parametrize("prefix, words", [
+    ("afile/x", "is a file, not a directory"),
+    ("afile/sub/x", "is a file, not a directory"),
+    ("/proc/netdsl/x", "cannot write in /proc/netdsl"),
+])
+def test_an_unwritable_snapshot_prefix_is_refused_before_training(tmp_path, prefix, words):
+    (tmp_path / "afile").write_text("")
+    s = tiny_solver(tmp_path, snapshot_prefix=f'"{tmp_path / prefix if not prefix.startswith("/") else prefix}"')
+    code, err = run("train", s)
+    assert code == 2 and "error[E0770]" in err and words in err and "snapshot_prefix" in err, err
+
+
+def test_out_pointing_at_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    code, err = run("train", tiny_solver(tmp_path), "--out", tmp_path / "afile")
+    assert code == 2 and "error[E0770]" in err and "--out" in err
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_failed_snapshot_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    from netdsl import executor
+    real, calls = executor.write_atomic, []
+
+    def fill_up(path, write):
+        calls.append(path)
+        if "_iter_4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, write)
+    monkeypatch.setattr(executor, "write_atomic", fill_up)
+    s = tiny_solver(tmp_path, max_iter=6, snapshot=2)
+    code, err = run("train", s)
+    assert code == 2 and "error[E0771]" in err and "No space left on device" in err, err
+    assert "the previous snapshot" in err and "x_iter_2.npz is intact" in err
+    assert np.load(tmp_path / "run" / "x_iter_2.npz")["ip/0"].shape == (2, 3)
+    assert not list((tmp_path / "run").glob(".*.part"))
+
+
+def test_stale_part_files_of_a_killed_write_are_removed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = run_dir / ".x_iter_2.npz.abc123.part"
+    other = run_dir / ".notes.part"              # not ours: left alone
+    stale.write_bytes(b"half")
+    other.write_bytes(b"theirs")
+    code, err = run("train", tiny_solver(tmp_path))
+    assert code == 0, err
+    assert not stale.exists() and other.exists()
+
+
+def test_a_log_that_cannot_be_written_warns_and_training_goes_on(tmp_path, monkeypatch):
+    from netdsl import train
+    s = tiny_solver(tmp_path, max_iter=3, display=1)
+    trainer = train.Trainer(str(s), _cpu(), progress=False)
+
+    class Full:
+        def write(self, _):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+    trainer.log.f = Full()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        result = trainer.run()
+    assert result.iterations == 3 and err.getvalue().count("warning[W0770]") == 1
+
+
+def _cpu():
+    from netdsl.backend import get_backend
+    return get_backend("cpu")
+
+
+def test_diverged_weights_are_never_called_good(tmp_path):
+    import numpy as np
+    w = tmp_path / "nan.npz"
+    np.savez(w, **{"ip/0": np.full((2, 3), np.nan, np.float32)})
+    code, err = run("train", tiny_solver(tmp_path, snapshot=1, max_iter=3), "--weights", w)
+    assert code == 2 and "error[E0710]" in err
+    assert "the weights are already NaN or Inf and no snapshot was written before: none were saved" in err
+    assert not list((tmp_path / "run").glob("*.npz"))
+
+
+def test_a_diverging_run_prints_no_numpy_warnings(tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # a RuntimeWarning would become an exception: exit 1
+        regression = TINY.replace("shape { dim: 4 }", "shape { dim: 4 dim: 2 }").replace(
+            'data_filler { type: "constant" }', 'data_filler { type: "gaussian" }').replace("SoftmaxWithLoss", "EuclideanLoss")
+        code, err = run("train", solver(tmp_path, net=f'"{net(tmp_path, regression)}"', base_lr="1e30", max_iter=20))
+    assert code == 2 and "error[E0710]" in err and "RuntimeWarning" not in err
+
+
+def test_an_interrupted_test_pass_stops_at_once(tmp_path):
+    from netdsl.train import Trainer
+    s = tiny_solver(tmp_path, test_iter=1000, test_interval=1000)
+    trainer = Trainer(str(s), _cpu(), progress=False)
+    trainer.stop_requested = True          # what Ctrl-C (the SIGINT handler) sets
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert trainer.test(0) == {}
+    assert "Test net #0 interrupted" in err.getvalue() and trainer.tests[0].forward_count == 0
+
+
+def test_extra_test_iters_test_a_generic_net_again(tmp_path):
+    from netdsl.solverfile import load_solver
+    sf = load_solver(str(tiny_solver(tmp_path, test_net=f'"{net(tmp_path, TINY)}"', test_iter="1 test_iter: 2",
+                                     test_interval=1)))
+    assert len(sf.test_nets) == 2          # the named test net, then the generic `net` once more (Caffe)
+
+
+def test_a_net_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path):
+    huge = net(tmp_path, IN.format("dim: 64 dim: 3 dim: 20000 dim: 20000"))
+    code, err = run("time", huge, "--phase", "test")
+    assert code == 2 and "error[E0775]" in err and "more than the memory available now" in err
+    assert "the largest blob is 'x' 64x3x20000x20000" in err
+    code, err = run("time", huge, "--phase", "test", "--memory-limit", "banana")
+    assert code == 2 and "not a memory size" in err
+    with pytest.raises(NetdslError, match="more than the memory limit"):
+        netdsl.load(str(net(tmp_path, API_NET)), phase="test", memory_limit="16")
+    assert netdsl.load(str(net(tmp_path, API_NET)), phase="test", memory_limit="off") is not None
+    code, err = run("scenes", "-n", "1", "-o", tmp_path / "s", "--height", "30000", "--width", "30000")
+    assert code == 2 and "a 30000x30000 scene needs about" in err
+
+
+def test_an_npz_array_the_net_cannot_take_is_never_inflated(tmp_path):
+    import resource
+    import zipfile
+
+    import numpy as np
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z, z.open("ip/0.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (20000, 20000)})
+        zeros = bytes(1 << 22)
+        for _ in range(20000 * 20000 * 4 // len(zeros)):
+            f.write(zeros)
+    assert bomb.stat().st_size < 3 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, err = run("check", net(tmp_path, TINY), "--weights", bomb)
+    assert code == 2 and "bomb.npz has ip/0 as 20000x20000; the net needs 2x3" in err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 << 10     # KiB: never 1.6 GB
+
+
+def test_image_and_gzip_bombs_are_refused_before_inflating(tmp_path):
+    import struct
+    import zlib
+
+    from netdsl.data import mnist
+    from netdsl.data.png import _SIGNATURE, _chunk, read_png
+
+    def png(w, h, idat):
+        return (_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)) + _chunk(b"IDAT", idat)
+                + _chunk(b"IEND", b""))
+    (tmp_path / "huge.png").write_bytes(png(50000, 50000, zlib.compress(bytes(1 << 20))))
+    with pytest.raises(NetdslError, match="50000x50000 pixels, more than this reader's limit"):
+        read_png(tmp_path / "huge.png")
+    (tmp_path / "liar.png").write_bytes(png(100, 100, zlib.compress(bytes(1 << 28), 9)))
+    with pytest.raises(NetdslError, match="expected 10100"):
+        read_png(tmp_path / "liar.png")
+    import gzip
+    d = tmp_path / "mnist"
+    d.mkdir()
+    (d / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(300 << 20), 9))
+    with pytest.raises(NetdslError, match="expands to more than 256 MiB"):
+        mnist.read_uncompressed(d / "t10k-images-idx3-ubyte.gz")
+
+
+def test_an_mnist_file_with_no_images_is_refused(tmp_path):
+    from netdsl.data import mnist
+    header = (0x0803).to_bytes(4, "big") + (0).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    with pytest.raises(NetdslError, match="holds no images"):
+        mnist.parse_idx(header, Path("x"), 3)
+
+
+def test_a_huge_image_to_propose_is_shrunk_not_run_at_full_size():
+    import numpy as np
+
+    from netdsl.propose import shrink
+    image = np.random.default_rng(0).random((1, 3000, 1500), dtype=np.float32)
+    small = shrink(image, 1000)
+    assert small.shape == (1, 1000, 500) and abs(small.mean() - image.mean()) < 1e-3
+    assert shrink(image[:, :800, :600], 1000) is not None and shrink(image[:, :800, :600], 1000).shape == (1, 800, 600)
+
+
+def test_api_paths_are_checked(tmp_path):
+    with pytest.raises(NetdslError, match="needs the path of a net file, got NoneType"):
+        netdsl.load(None)
+    net_ = netdsl.load(net(tmp_path, API_NET), phase="test")          # a pathlib.Path is a path
+    with pytest.raises(NetdslError, match="cannot write weights to /proc/nope/x.npz"):
+        net_.save("/proc/nope/x.npz")

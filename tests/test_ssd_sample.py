@@ -91,6 +91,14 @@ def test_detect_and_map(tiny, tmp_path, capsys):
     assert read_png(tmp_path / "q" / "in_detections.png").shape == (50, 70, 3)
     boxes = np.array([d[2:] for d in x["detections"]]).reshape(-1, 4)
     assert boxes[:, [0, 2]].max(initial=0) <= 69 and boxes[:, [1, 3]].max(initial=0) <= 49
+    # --max-side shrinks the picture for the net; the JSON keeps the original's pixels
+    assert main(["detect", str(net), "--weights", str(weights), "--image", str(tmp_path / "in.png"),
+                 "-o", str(tmp_path / "s"), "--threshold", "0", "--max-side", "35", *DATA]) == 0
+    x = json.loads((tmp_path / "s" / "detections.json").read_text())["images"][0]
+    assert x["image_size"] == [50, 70] and x["scale"] == pytest.approx(0.5)
+    assert read_png(tmp_path / "s" / "in_detections.png").shape == (25, 35, 3)
+    boxes = np.array([d[2:] for d in x["detections"]]).reshape(-1, 4)
+    assert boxes[:, [0, 2]].max(initial=0) <= 69 and boxes[:, [1, 3]].max(initial=0) <= 49
     capsys.readouterr()
     assert main(["test", str(net), "--weights", str(weights), "--iterations", "3", "--json", *DATA]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -100,7 +108,8 @@ def test_detect_and_map(tiny, tmp_path, capsys):
 @needs_mnist
 def test_detect_bad_input_exits_2(tiny, tmp_path, capsys):
     net, weights, _ = tiny
-    cases = [(["--scenes", "0"], "E0632"), (["--threshold", "2"], "E0632"), (["-o", "/proc/nope"], "E0633")]
+    cases = [(["--scenes", "0"], "E0632"), (["--threshold", "2"], "E0632"), (["--max-side", "8"], "E0632"),
+             (["-o", "/proc/nope"], "E0633")]
     for extra, code in cases:
         args = ["detect", str(net), "--weights", str(weights), "-o", str(tmp_path / "o"), *extra, *DATA]
         assert main(args) == 2

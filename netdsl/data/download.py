@@ -1,7 +1,6 @@
 """Data stage: downloading and checksum-verifying the MNIST files."""
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import os
@@ -121,7 +120,9 @@ def _fetch(url: str, label: str, show: bool) -> bytes:
 
 def _check(data: bytes, name: str) -> None:
     try:
-        content = gzip.decompress(data)
+        content = mnist.gunzip(data, mnist.MAX_IDX_BYTES)
+    except OverflowError:
+        raise _Failed(f"expands to more than {mnist.MAX_IDX_BYTES >> 20} MiB: not an MNIST file", bad_content=True) from None
     except (OSError, EOFError, zlib.error) as e:
         raise _Failed(f"not a valid gzip file ({e})", bad_content=True) from None
     digest = hashlib.sha256(content).hexdigest()

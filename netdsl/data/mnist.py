@@ -1,7 +1,6 @@
 """Data stage: locating, parsing and validating the MNIST idx files."""
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import zlib
@@ -24,6 +23,7 @@ ALL_FILES: tuple[str, ...] = tuple(n for pair in MNIST_FILES.values() for n in p
 
 _REDOWNLOAD = "run `netdsl data mnist --force` to download a fresh copy"
 _IDX_UBYTE = 0x08
+MAX_IDX_BYTES = 256 << 20     # no MNIST file expands to more (train images: 45 MiB)
 
 # Decoded arrays keyed by (path, mtime, size): repeated loads are free, and a file replaced by a
 # re-download is decoded again rather than served stale.
@@ -70,12 +70,35 @@ def read_uncompressed(path: Path) -> bytes:
     if path.suffix != ".gz":
         return raw
     try:
-        return gzip.decompress(raw)
+        return gunzip(raw, MAX_IDX_BYTES)
+    except OverflowError:
+        raise NetdslError("E0905", f"MNIST file {path} expands to more than {MAX_IDX_BYTES >> 20} MiB",
+                          notes=[f"the file is {len(raw)} bytes; MNIST's largest file expands to 45 MiB"],
+                          help=f"this is not an MNIST file; delete it, or {_REDOWNLOAD}") from None
     except (OSError, EOFError, zlib.error) as e:
         raise NetdslError("E0903", f"MNIST file {path} is not a valid gzip file",
                           notes=[f"gzip says: {e}", f"the file is {len(raw)} bytes"],
                           help=f"the file is truncated or corrupt; delete it, or {_REDOWNLOAD}"
                           ) from None
+
+
+def gunzip(raw: bytes, limit: int) -> bytes:
+    """gzip.decompress, but stopping (OverflowError) once the output passes `limit` bytes: a small
+    file must not inflate to gigabytes before it is checked. Handles several gzip members."""
+    out, total = [], 0
+    while raw:
+        d = zlib.decompressobj(wbits=31)
+        while raw:
+            chunk = d.decompress(raw, limit + 1 - total)
+            out.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise OverflowError
+            raw = d.unconsumed_tail
+        if not d.eof:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+        raw = d.unused_data.lstrip(b"\0")          # gzip allows zero padding between members
+    return b"".join(out)
 
 
 def verify_mnist(directory: Path, names: tuple[str, ...] = ALL_FILES,
@@ -154,6 +177,8 @@ def parse_idx(data: bytes, path: Path, ndim: int) -> np.ndarray:
         raise bad("E0905", f"truncated: {len(data)} bytes, shorter than the {header}-byte "
                            "idx header")
     dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if dims[0] == 0:
+        raise bad("E0905", f"it holds no {kind}s (the header says 0)")
     if ndim == 3 and dims[1:] != (28, 28):
         raise bad("E0904", f"images are {dims[1]}x{dims[2]}, expected 28x28")
     expected = header + int(np.prod(dims))

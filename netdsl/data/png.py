@@ -14,8 +14,10 @@ from netdsl.files import write_atomic
 # Error codes of this module:
 #   E0913 cannot read the file, or it is not a PNG    E0915 the PNG is corrupt
 #   E0914 the PNG uses a feature this reader lacks     E0916 cannot write the PNG
+#   E0917 the PNG is larger than MAX_PIXELS
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PIXELS = 178_956_970          # Pillow's decompression-bomb limit (2 x 89,478,485): a 13,000^2 image
 # colour type -> samples per pixel (3, palette, is expanded to RGB or RGBA after decoding)
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 _COLOUR_NAMES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
@@ -78,11 +80,16 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     if compression != 0 or filter_method != 0 or w == 0 or h == 0:
         raise _corrupt(path, f"invalid IHDR (size {w}x{h}, compression {compression}, "
                              f"filter method {filter_method})")
-    try:
-        raw = zlib.decompress(b"".join(d for kind, d in chunks if kind == b"IDAT"))
+    bpp = _CHANNELS[colour]
+    if w * h > MAX_PIXELS:
+        raise NetdslError("E0917", f"{path} is {w}x{h} pixels, more than this reader's limit of {MAX_PIXELS:,}",
+                          notes=["the size is read from the PNG header; nothing was decompressed"],
+                          help="downscale the image first (e.g. `convert in.png -resize 4000x4000 out.png`)")
+    try:                      # inflate no more than the header's size promises (a zlib bomb stops there)
+        raw = zlib.decompressobj().decompress(b"".join(d for kind, d in chunks if kind == b"IDAT"),
+                                              h * (1 + w * bpp) + 1)
     except zlib.error as e:
         raise _corrupt(path, f"the image data does not decompress ({e})") from None
-    bpp = _CHANNELS[colour]
     if len(raw) != h * (1 + w * bpp):
         raise _corrupt(path, f"the image data is {len(raw)} bytes, expected {h * (1 + w * bpp)}")
     pixels = _unfilter(np.frombuffer(raw, np.uint8).reshape(h, 1 + w * bpp), bpp, path)
