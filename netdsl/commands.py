@@ -134,8 +134,8 @@ def add_parsers(sub) -> None:
                    help="GPU: capture the whole iteration as one CUDA graph (auto: when the net allows)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), or proposal "
-                                    "recall for a region proposal net")
+    p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), proposal "
+                                    "recall for a region proposal net, or mAP@0.5 for a detector")
     p.add_argument("model")
     p.add_argument("--weights", required=True, help="trained weights (.npz)")
     p.add_argument("--iterations", type=int, default=50, help="test batches to average (default 50, as Caffe)")
@@ -156,6 +156,8 @@ def add_parsers(sub) -> None:
 
     from . import propose
     propose.add_parsers(sub)            # `propose` and `scenes` (region proposals, netdsl/propose.py)
+    from . import detect
+    detect.add_parsers(sub)             # `detect` (draw a detector's boxes, netdsl/detect.py)
 
     p = sub.add_parser("plot", help="plot loss, lr and test accuracy of a training run")
     p.add_argument("run", help="the run directory (or its _metrics.jsonl file)")
@@ -319,13 +321,15 @@ def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> 
 
 
 def cmd_test(args) -> int:
-    from . import evaluate
+    from . import detect, evaluate
     from .backend import get_backend
     if args.iterations < 1:
         raise NetdslError("E0000", f"--iterations must be at least 1, got {args.iterations}",
                           help="e.g. --iterations 50 (Caffe's default)")
     if evaluate.has_proposal(args.model):       # an RPN: proposal recall over held-out scenes
         return evaluate.cmd_test_recall(args)
+    if detect.has_detections(args.model):       # a detector: mAP over held-out scenes
+        return evaluate.cmd_test_map(args)
     means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
                          args.seed)
     if args.json:

@@ -1,6 +1,6 @@
 """Proposal recall of a region-proposal net over held-out scenes (what `netdsl test` reports for a
-net with a Proposal layer), and the mean IoU of a segmentation net (what it adds for a net whose
-SoftmaxWithLoss classifies every pixel).
+net with a Proposal layer), a detector's mAP (for a net with a detection output), and the mean IoU
+of a segmentation net (what it adds for a net whose SoftmaxWithLoss classifies every pixel).
 
 Recall@K/IoU t is pooled over ground-truth boxes: the fraction of all gt boxes, over all scenes,
 that have IoU >= t with at least one of the first K proposals of their scene (proposals come
@@ -197,3 +197,99 @@ class PixelConfusion:
                "pixel_accuracy": float(tp.sum() / max(self.counts.sum(), 1))}
         out.update({f"iou/class{c}": float(v) for c, v in enumerate(iou)})
         return out
+# ------------------------------------------------------------------------------------ mAP
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:
+    """PASCAL VOC's average precision (VOC2010 onwards, py-faster-rcnn's voc_eval without the
+    07 metric): the area under the precision-recall curve made monotone from the right."""
+    r = np.concatenate([[0.0], recall, [1.0]])
+    p = np.concatenate([[0.0], precision, [0.0]])
+    p = np.maximum.accumulate(p[::-1])[::-1]
+    step = np.flatnonzero(r[1:] != r[:-1])
+    return float(((r[step + 1] - r[step]) * p[step + 1]).sum())
+
+
+@dataclass
+class APCounter:
+    """Detections and ground truth of many images, scored VOC-style per class at IoU >= iou: each
+    class's detections over all images by descending score (stable), each a true positive when its
+    best-overlapping gt box of that class in its image (IoU with the +1 convention) reaches the
+    threshold and is not taken yet, else a false positive."""
+    iou: float = 0.5
+    images: int = 0
+    dets: list = field(default_factory=list)      # [image, label, score, x1, y1, x2, y2]
+    gts: list = field(default_factory=list)       # [image, x1, y1, x2, y2, label]
+
+    def add(self, rows, gt) -> None:
+        """One image: detection rows (K, 7) [_, label, score, x1, y1, x2, y2] and gt (G, 5) pixel boxes."""
+        rows, gt = np.asarray(rows, np.float64).reshape(-1, 7), np.asarray(gt, np.float64).reshape(-1, 5)
+        self.dets += [[self.images, *r[1:]] for r in rows]
+        self.gts += [[self.images, *g] for g in gt]
+        self.images += 1
+
+    def per_class(self) -> dict[int, float]:
+        """AP of every class with ground truth (a class never in the ground truth is left out)."""
+        dets, gts = np.array(self.dets).reshape(-1, 7), np.array(self.gts).reshape(-1, 6)
+        out = {}
+        for c in sorted({int(v) for v in gts[:, 5]}):
+            d = dets[dets[:, 1] == c]
+            d = d[np.argsort(-d[:, 2], kind="stable")]
+            g = gts[gts[:, 5] == c]
+            taken = np.zeros(len(g), bool)
+            tp = np.zeros(len(d))
+            for k, row in enumerate(d):
+                mine = np.flatnonzero(g[:, 0] == row[0])
+                if not mine.size:
+                    continue
+                ious = boxes.bbox_overlaps(row[None, 3:7], g[mine, 1:5])[0]
+                j = int(np.argmax(ious))
+                if ious[j] >= self.iou and not taken[mine[j]]:
+                    tp[k], taken[mine[j]] = 1, True
+            hits = np.cumsum(tp)
+            out[c] = voc_ap(hits / len(g), hits / np.arange(1, len(d) + 1)) if len(d) else 0.0
+        return out
+
+    def result(self) -> dict:
+        ap = self.per_class()
+        return {"mAP": float(np.mean(list(ap.values()))) if ap else float("nan"), "iou": self.iou,
+                "ap": {str(c): v for c, v in ap.items()}, "images": self.images, "gt_boxes": len(self.gts),
+                "detections": len(self.dets)}
+
+
+def evaluate_map(model: str, weights, scenes: int, backend=None, data_dir=None, seed: int = 0, iou: float = 0.5,
+                 net=None) -> dict:
+    """VOC mAP@iou of a detector over `scenes` held-out scenes of its TEST net (its DigitScenes
+    layer from scene 0 with run seed `seed`), plus "seconds" and "ms_per_scene"."""
+    from .detect import detection_rows, ground_truth
+    if scenes < 1:
+        raise NetdslError("E0632", "--iterations (scenes) must be at least 1", help="e.g. --iterations 500")
+    net = net or build_test_net(model, weights, backend, data_dir, seed)
+    counter, seconds = APCounter(iou), 0.0
+    for _ in range(scenes):
+        t0 = time.perf_counter()
+        net.forward()
+        rows = detection_rows(net)
+        seconds += time.perf_counter() - t0
+        counter.add(rows, ground_truth(net))
+    out = counter.result()
+    out.update(seconds=seconds, ms_per_scene=1e3 * seconds / scenes)
+    return out
+
+
+def format_map(r: dict) -> str:
+    lines = [f"mAP@{r['iou']:g} = {r['mAP']:.4f} over {r['images']} scenes ({r['gt_boxes']} gt boxes, "
+             f"{r['detections']} detections); VOC AP per class:",
+             "  ".join(f"{c}: {v:.3f}" for c, v in r["ap"].items())]
+    if "ms_per_scene" in r:
+        lines.append(f"{r['ms_per_scene']:.1f} ms per scene (forward + detections)")
+    return "\n".join(lines)
+
+
+def cmd_test_map(args) -> int:
+    """`netdsl test` for a detector: mAP@0.5 over --iterations held-out scenes."""
+    import json
+
+    from .backend import get_backend
+    r = evaluate_map(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir, args.seed)
+    print(json.dumps(r) if args.json else format_map(r))
+    return 0

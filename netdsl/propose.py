@@ -22,19 +22,8 @@ def add_parsers(sub) -> None:
     """Register the `propose` and `scenes` subcommands (called once from commands.add_parsers)."""
     p = sub.add_parser("propose", help="draw a trained RPN's top proposals on scenes or a PNG; write them as JSON")
     p.add_argument("model", help="the net file (its TEST phase must end in a Proposal layer, as nets/rpn.net)")
-    p.add_argument("--weights", required=True, help="trained weights (.npz)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--scenes", type=int, default=None, metavar="N",
-                   help="run on the first N scenes of the net's TEST data layer (default 4)")
-    g.add_argument("--image", action="append", default=[], metavar="PNG",
-                   help="run on this PNG instead (repeatable); no ground truth is drawn")
-    p.add_argument("-o", "--out", required=True, help="output directory for the PNGs and proposals.json")
+    add_run_options(p, "proposals.json")
     p.add_argument("--top", type=int, default=10, help="proposals drawn per image (default 10; the JSON has all)")
-    p.add_argument("--max-side", type=int, default=1000,
-                   help="downscale --image inputs to at most this many pixels a side (default 1000, py-faster-rcnn's)")
-    p.add_argument("--seed", type=int, default=0, help="run seed of the TEST net (picks the scenes, as `test`)")
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
     p.set_defaults(func=cmd_propose)
 
     p = sub.add_parser("scenes", help="render sample DigitScenes (MNIST digit detection scenes) with their boxes")
@@ -53,6 +42,23 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-size", type=int, default=120)
     p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
     p.set_defaults(func=cmd_scenes)
+
+
+def add_run_options(p, json_name: str) -> None:
+    """The options of a command that runs a trained net on scenes or PNGs and draws what it finds
+    (`propose`, `detect`): weights, the inputs, the output directory, seed, device, data."""
+    p.add_argument("--weights", required=True, help="trained weights (.npz)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--scenes", type=int, default=None, metavar="N",
+                   help="run on the first N scenes of the net's TEST data layer (default 4)")
+    g.add_argument("--image", action="append", default=[], metavar="PNG",
+                   help="run on this PNG instead (repeatable); no ground truth is drawn")
+    p.add_argument("-o", "--out", required=True, help=f"output directory for the PNGs and {json_name}")
+    p.add_argument("--max-side", type=int, default=1000,
+                   help="downscale --image inputs to at most this many pixels a side (default 1000, py-faster-rcnn's)")
+    p.add_argument("--seed", type=int, default=0, help="run seed of the TEST net (picks the scenes, as `test`)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--data-dir", help="dataset directory (default: $NETDSL_DATA or the user cache dir)")
 
 
 # ------------------------------------------------------------------------------------- scenes
@@ -159,35 +165,42 @@ def shrink(image: np.ndarray, max_side: int) -> np.ndarray:
     return np.stack([resample(c, oh, ow) for c in image])
 
 
+def run_inputs(images, scenes: int | None, channels: int, suffix: str, max_side: int) -> list[tuple]:
+    """What `propose` and `detect` run on: (output PNG name, source PNG or None, (C, H, W) image
+    downscaled to at most `max_side` a side or None, the PNG's own (H, W) or None) for each PNG in
+    `images`, else for each of the first `scenes` scenes (default 4)."""
+    from .data.png import read_png
+    if max_side < 32:
+        raise NetdslError("E0632", f"--max-side must be at least 32, got {max_side}", help="e.g. --max-side 1000")
+    if not images:
+        n = 4 if scenes is None else scenes
+        if n < 1:
+            raise NetdslError("E0632", f"--scenes must be at least 1, got {n}", help="e.g. --scenes 8")
+        return [(f"scene_{i:04d}_{suffix}.png", None, None, None) for i in range(n)]
+    inputs = []
+    for p in images:
+        image = image_blob(read_png(p), channels)
+        inputs.append((f"{os.path.splitext(os.path.basename(p))[0]}_{suffix}.png", p, shrink(image, max_side),
+                       image.shape[1:]))
+        del image
+    return inputs
+
+
 def propose(model: str, weights: str, out: str, scenes: int | None = None, images=(), top: int = 10, seed: int = 0,
             backend=None, data_dir=None, max_side: int = 1000) -> dict:
     """Run the net's TEST phase on `scenes` held-out scenes or on the PNG files `images` (each
     downscaled to at most `max_side` pixels a side), write one PNG per input (gt green; the top
     `top` proposals red to yellow by score) and proposals.json (boxes in the original image's
     pixels; `scale` is how much it was shrunk)."""
-    from .data.png import read_png
     from .data.scenes import render_scene_png
     from .evaluate import build_test_net
     if top < 0:
         raise NetdslError("E0632", f"--top must be >= 0, got {top}", help="e.g. --top 10")
-    if max_side < 32:
-        raise NetdslError("E0632", f"--max-side must be at least 32, got {max_side}", help="e.g. --max-side 1000")
     net = build_test_net(model, weights, backend, data_dir, seed)
     data = net.plan.find("feeds_scenes")
-    if images:
-        channels = data.layer.p.channels if data is not None else 1
-        inputs = []
-        for p in images:
-            image = image_blob(read_png(p), channels)
-            small = shrink(image, max_side)
-            inputs.append((os.path.splitext(os.path.basename(p))[0] + "_proposals.png", p,
-                           (small, np.zeros((0, 5), np.float32)), image.shape[1:]))
-            del image
-    else:
-        n = 4 if scenes is None else scenes
-        if n < 1:
-            raise NetdslError("E0632", f"--scenes must be at least 1, got {n}", help="e.g. --scenes 8")
-        inputs = [(f"scene_{i:04d}_proposals.png", None, None, None) for i in range(n)]
+    inputs = [(name, source, None if image is None else (image, np.zeros((0, 5), np.float32)), size)
+              for name, source, image, size in run_inputs(images, scenes, data.layer.p.channels if data else 1,
+                                                          "proposals", max_side)]
     _mkdir(out)
     records, seconds = [], 0.0
     for k, (name, source, feed, size) in enumerate(inputs):

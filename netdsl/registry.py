@@ -54,7 +54,6 @@ LOSS = Msg("LossParameter", {
 # Layer types of Caffe's forks that netdsl does not have (yet), and where they come from: an
 # unknown type among these is named with its fork instead of a misleading did-you-mean.
 FORK_TYPES = {
-    "MultiBoxLoss": "SSD's Caffe fork (weiliu89/caffe)",
     "AnnotatedData": "SSD's Caffe fork (weiliu89/caffe)",
     "BoxAnnotatorOHEM": "R-FCN's Caffe fork (daijifeng001/caffe-rfcn)",
     "Reorg": "the YOLO Caffe ports", "Region": "the YOLO Caffe ports",
@@ -173,6 +172,7 @@ class Layer:
     silences: ClassVar[bool] = False      # takes blobs and makes nothing: marks tops unused on purpose (Silence)
     makes_proposals: ClassVar[bool] = False  # the RPN's region proposals (Proposal)
     feeds_scenes: ClassVar[bool] = False  # a data layer with ground-truth boxes an image can be fed to (DigitScenes)
+    makes_detections: ClassVar[bool] = False  # detection rows [image, label, score, corners] (DetectionOutput)
     sets_size: ClassVar[bool] = False     # computes a spatial size (Convolution, Pooling): diagnostics trace to it
 
     def __init__(self, spec: LayerSpec, phase: str):

@@ -474,6 +474,21 @@ CASES += [   # SSD's layers (layers/ssd.py); PriorBox and DetectionOutput have n
       "nms_param { nms_threshold: 0.3 eta: 0.9 } }", ((1, 60), (1, 15), (1, 2, 20)), inputs=("n", "u", "ref"),
       id="per-class-loc"),
 ]
+MBOX = ((2, 48), (2, 36), (1, 2, 48), (1, 1, 3, 8))     # 2 images, 12 priors, 3 classes, 3 gt boxes
+MBOX_IN = ("n", "n", "priors", "ssdgt2x3")
+CASES += [   # SSD's MultiBoxLoss (layers/multibox.py): matching and mining are fixed by the priors, the labels and the
+    # distinct losses, so central differences see the smooth part
+    C("MultiBoxLoss", "multibox_loss_param { num_classes: 3 overlap_threshold: 0.3 neg_pos_ratio: 2 }", MBOX,
+      inputs=MBOX_IN, id="ssd-default"),
+    C("MultiBoxLoss", "multibox_loss_param { num_classes: 3 loc_loss_type: L2 conf_loss_type: LOGISTIC loc_weight: 2 "
+      "match_type: BIPARTITE code_type: CENTER_SIZE mining_type: NONE } loss_param { normalization: BATCH_SIZE }",
+      MBOX, inputs=MBOX_IN, id="l2-logistic-center-nomining"),
+    C("MultiBoxLoss", "multibox_loss_param { num_classes: 3 code_type: CORNER_SIZE mining_type: HARD_EXAMPLE "
+      "sample_size: 5 overlap_threshold: 0.2 } loss_param { normalization: FULL }", MBOX, inputs=MBOX_IN,
+      id="hard-example-corner-size"),
+    C("MultiBoxLoss", "multibox_loss_param { num_classes: 3 share_location: false use_prior_for_matching: false "
+      "overlap_threshold: 0.3 mining_type: NONE }", ((2, 144), (2, 36), (1, 2, 48), (1, 1, 3, 8)), inputs=MBOX_IN, id="per-class-decoded"),
+]
 
 DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
 CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
@@ -531,6 +546,18 @@ def gen(kind: str, shape, rng, pool=None) -> np.ndarray:
         x1, y1 = rng.integers(-2, ww, r), rng.integers(-2, hh, r)
         x2, y2 = x1 + rng.integers(0, ww // 2 + 3, r), y1 + rng.integers(0, hh // 2 + 3, r)
         return np.stack([rng.integers(0, nb, r), x1, y1, x2, y2], axis=1).astype(F64)
+    if kind == "priors":    # PriorBox's 1 x 2 x (P * 4) top: boxes inside the unit square, variances 0.1 / 0.2
+        xy = rng.uniform(0.0, 0.6, (shape[2] // 4, 2))
+        wh = rng.uniform(0.15, 0.4, (shape[2] // 4, 2))
+        var = np.tile([0.1, 0.1, 0.2, 0.2], shape[2] // 4)
+        return np.stack([np.concatenate([xy, xy + wh], axis=1).reshape(-1), var])[None]
+    if kind.startswith("ssdgt"):   # "ssdgt<N>x<C>": SSD's 1 x 1 x G x 8 label rows, images < N, labels 1..C-1
+        nb, c = (int(v) for v in kind[5:].split("x"))
+        g = shape[2]
+        xy, wh = rng.uniform(0.0, 0.6, (g, 2)), rng.uniform(0.15, 0.4, (g, 2))
+        rows = np.concatenate([np.stack([np.arange(g) % nb, rng.integers(1, c, g), np.arange(g)], axis=1), xy, xy + wh,
+                               np.zeros((g, 1))], axis=1)
+        return rows.reshape(shape)
     raise ValueError(kind)
 
 

@@ -214,12 +214,13 @@ class DigitScenes:
 
 def render_scene_png(path: str | os.PathLike, image: np.ndarray, gt_boxes: np.ndarray,
                      proposals: np.ndarray | None = None, scores: np.ndarray | None = None,
-                     thickness: int = 1) -> None:
+                     thickness: int = 1, texts: list[str] | None = None) -> None:
     """Draw `image` ((C, H, W) or (H, W) in [0, 1]; with fewer than 3 channels the first is
     shown as gray, otherwise the first 3 as RGB) with gt_boxes (G, 4|5; x1, y1, x2, y2 first)
     in green over proposals ((P, 4) boxes, or (P, 5) Caffe rois whose column 0 is the batch
-    index) shaded from red (lowest score) to yellow (highest), in `thickness` px lines, and
-    write it as a PNG."""
+    index) shaded from red (lowest score) to yellow (highest), in `thickness` px lines, each
+    with its text (e.g. a detection's class and score; digits, '.', '-' and ' ') written above
+    its top-left corner, and write it as a PNG."""
     image = np.asarray(image, np.float32)
     if image.ndim == 2:
         image = image[None]
@@ -237,8 +238,10 @@ def render_scene_png(path: str | os.PathLike, image: np.ndarray, gt_boxes: np.nd
             s = np.asarray(scores, np.float64).reshape(-1)
             ranks = (s - s.min()) / (np.ptp(s) or 1.0)
         # Lowest score first, so the best proposals are drawn on top.
-        for box, r in sorted(zip(props, ranks), key=lambda t: t[1]):
+        labels = list(texts) if texts is not None else [""] * len(props)
+        for box, r, text in sorted(zip(props, ranks, labels), key=lambda t: t[1]):
             _draw_box(canvas, box, (255, int(255 * r), 0), thickness)
+            _draw_text(canvas, int(round(box[0])), int(round(box[1])) - 6, text, (255, int(255 * r), 0))
     for box in _as_boxes(gt_boxes, "gt_boxes"):
         _draw_box(canvas, box[:4], _GREEN, thickness)
     write_png(path, canvas)
@@ -269,3 +272,24 @@ def _draw_box(canvas: np.ndarray, box, colour, thickness: int) -> None:
         for x in (left, right):
             if 0 <= x < w:
                 canvas[rows, x] = colour
+
+
+# A 3 x 5 pixel font for box captions: each glyph is 5 rows of 3 bits.
+_GLYPHS = {"0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7),
+           "4": (5, 5, 7, 1, 1), "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1),
+           "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7), ".": (0, 0, 0, 0, 2), "-": (0, 0, 7, 0, 0),
+           " ": (0, 0, 0, 0, 0)}
+
+
+def _draw_text(canvas: np.ndarray, x: int, y: int, text: str, colour) -> None:
+    """Write `text` with its top-left at (x, y) (moved inside the canvas), 4 px a character."""
+    h, w, _ = canvas.shape
+    y = min(max(y, 0), h - 5)
+    x = min(max(x, 0), w - 4 * len(text))
+    for k, ch in enumerate(text):
+        rows = _GLYPHS.get(ch, _GLYPHS[" "])
+        for dy, bits in enumerate(rows):
+            for dx in range(3):
+                px, py = x + 4 * k + dx, y + dy
+                if bits >> (2 - dx) & 1 and 0 <= px < w and 0 <= py < h:
+                    canvas[py, px] = colour

@@ -322,7 +322,8 @@ def transform(x: np.ndarray, p, phase: str, rng, mean: np.ndarray | None = None)
 @register
 class DigitScenes(_DataLayer):
     """Detection scenes of real MNIST digits (one image per batch, as py-faster-rcnn):
-    tops data 1 x C x H x W, im_info 1 x 3 (height, width, scale), gt_boxes G x 5.
+    tops data 1 x C x H x W, im_info 1 x 3 (height, width, scale), gt_boxes G x 5 (or, with
+    `label_format: SSD`, SSD's 1 x 1 x G x 8 label rows for MultiBoxLoss, see `ssd_label`).
 
     Forward number k returns scene k (then k+1, ...) of netdsl.data.scenes.DigitScenes with seed
     `seed` + the run seed: a pure function of (seed, split, k), so runs are reproducible and a
@@ -340,8 +341,9 @@ class DigitScenes(_DataLayer):
         "channels": F(int, 1), "min_digits": F(int, 1), "max_digits": F(int, 5), "min_size": F(int, 16),
         "max_size": F(int, 120), "seed": F(int, 0),
         "noise": F(float, 0.15, doc="the background's largest level: flat + gradient + grain in [0, noise]"),
-        "label_format": F("enum", "BOXES", choices=("BOXES", "FOREGROUND", "DIGIT"),
-                          doc="BOXES: tops data, im_info, gt_boxes; FOREGROUND / DIGIT: data and a per-pixel label"),
+        "label_format": F("enum", "BOXES", choices=("BOXES", "FOREGROUND", "DIGIT", "SSD"),
+                          doc="BOXES: tops data, im_info, gt_boxes (G x 5 pixel boxes, py-faster-rcnn); SSD: the "
+                              "third top as 1 x 1 x G x 8 rows; FOREGROUND / DIGIT: data and a per-pixel label"),
     })}
     n_tops = (2, 3)
 
@@ -362,9 +364,10 @@ class DigitScenes(_DataLayer):
         if not 0 <= p.noise <= 1:
             errs.append(ShapeError("E0107", f"DigitScenes '{self.name}': noise must lie in [0, 1], got {p.noise}",
                                    field="noise", help="use `noise: 0.15` (the default) or 0 for a black background"))
-        want = 3 if p.label_format == "BOXES" else 2
+        want = 3 if p.label_format in ("BOXES", "SSD") else 2
         if len(self.spec.tops) != want:
-            tops = "data, im_info and gt_boxes" if want == 3 else "data and label"
+            tops = ("data, im_info and label" if p.label_format == "SSD" else "data, im_info and gt_boxes") \
+                if want == 3 else "data and label"
             errs.append(ShapeError("E0202", f"DigitScenes '{self.name}' with label_format {p.label_format} has {want} "
                                    f"tops ({tops}), got {len(self.spec.tops)}", field="label_format" if p.has("label_format") else None,
                                    help=f"give {want} tops" + (", or `label_format: FOREGROUND` for data and a per-pixel "
@@ -374,9 +377,9 @@ class DigitScenes(_DataLayer):
     def shape(self, bottoms):
         p = self.p
         data = (1, p.channels, p.height, p.width)
-        if p.label_format != "BOXES":
+        if p.label_format in ("FOREGROUND", "DIGIT"):
             return [data, (1, 1, p.height, p.width)]
-        return [data, (1, 3), (None, 5)]
+        return [data, (1, 3), (1, 1, None, 8) if p.label_format == "SSD" else (None, 5)]
 
     def open(self, ctx):
         from ..data.scenes import DigitScenes as Scenes
@@ -387,14 +390,30 @@ class DigitScenes(_DataLayer):
                                  noise=p.noise))
 
     def forward(self, xp, bottoms, params, state):
-        if self.p.label_format != "BOXES":
+        if self.p.label_format in ("FOREGROUND", "DIGIT"):
             image, labels = state.source.next_labelled()
             if self.p.label_format == "FOREGROUND":
                 labels = np.where(labels == IGNORE, labels, labels > 0)
             return [xp.asarray(image[None]), xp.asarray(labels[None, None].astype(np.float32))], None
         image, gt, (h, w) = state.source.next()
         info = np.array([[h, w, 1.0]], np.float32)
+        if self.p.label_format == "SSD":
+            gt = ssd_label(gt, image.shape[1:])
         return [xp.asarray(image[None].astype(np.float32)), xp.asarray(info), xp.asarray(gt.astype(np.float32))], None
+
+
+def ssd_label(gt: np.ndarray, size) -> np.ndarray:
+    """G x 5 pixel boxes (x1, y1, x2, y2 inclusive, class) as SSD's 1 x 1 x G x 8 label rows
+    [item 0, class, instance, xmin, ymin, xmax, ymax, difficult 0], the corners normalised by the
+    image's (height, width) `size` as AnnotatedData does: a box spanning pixels x1..x2 covers
+    [x1, x2 + 1) of the width. No box: one row of -1, as AnnotatedData pads an empty batch."""
+    h, w = size
+    if not len(gt):
+        return np.full((1, 1, 1, 8), -1.0)
+    x1, y1, x2, y2, cls = (gt[:, k].astype(np.float64) for k in range(5))
+    rows = np.stack([np.zeros(len(gt)), cls, np.arange(len(gt)), x1 / w, y1 / h, (x2 + 1) / w, (y2 + 1) / h,
+                     np.zeros(len(gt))], axis=1)
+    return rows.reshape(1, 1, -1, 8)
 
 
 class ScenesFeed:

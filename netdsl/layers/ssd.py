@@ -1,5 +1,6 @@
 """SSD's layers (Wei Liu's Caffe fork, weiliu89/caffe, branch `ssd`): Normalize, PriorBox and
-DetectionOutput. Permute, the fork's fourth layer type, lives with the tensor layers (tensor.py).
+DetectionOutput (MultiBoxLoss, the training loss, is in multibox.py). Permute, the fork's fourth
+layer type, lives with the tensor layers (tensor.py).
 
 The fork keeps boxes in its `NormalizedBBox` message, whose coordinates, sizes and scores are
 proto floats: PriorBox and DetectionOutput compute in float32 where the fork does (and in double
@@ -169,6 +170,11 @@ class PriorBox(Layer):
     def num_priors(self) -> int:
         return len(self.aspect_ratios()) * len(self.p.min_size) + len(self.p.max_size)
 
+    def prior_count_note(self) -> str:
+        ars = ", ".join(f"{float(a):g}" for a in self.aspect_ratios())
+        return (f"{len(self.aspect_ratios())} aspect ratios ({ars}) x {len(self.p.min_size)} min_size + "
+                f"{len(self.p.max_size)} max_size = {self.num_priors()}")
+
     def shape(self, bottoms):
         feat, img = bottoms
         for k, b in enumerate(bottoms):
@@ -318,6 +324,94 @@ def nms_fast(boxes: np.ndarray, sizes: np.ndarray, scores: np.ndarray, score_thr
     return keep
 
 
+def check_heads(layer, bottoms, num_classes: int, loc_classes: int) -> None:
+    """E0371 when the box predictions (bottom 0) or class scores (bottom 1) of DetectionOutput or
+    MultiBoxLoss do not hold 4 x loc_classes and num_classes values per prior (bottom 2): the mbox
+    heads and the PriorBox layers disagree on the number of priors per cell."""
+    loc, conf, priors = bottoms[:3]
+    if len(priors) != 3 or priors[1] not in (2, None) or (priors[2] is not None and priors[2] % 4):
+        raise ShapeError("E0221", f"{layer.type} '{layer.name}': the priors must be 1 x 2 x (P * 4), got {fmt(priors)}",
+                         involves=(2,), help="concatenate the PriorBox tops on axis 2 (concat_param { axis: 2 })")
+    n_pri = None if priors[2] is None else priors[2] // 4
+    c, lc = num_classes, loc_classes
+    for k, per, what in ((0, lc * 4, "box"), (1, c, "class score")):
+        b = bottoms[k]
+        per_image = None if any(d is None for d in b[1:]) else math.prod(b[1:])
+        if len(b) < 2 or n_pri is None or per_image is None:
+            continue
+        if b[1] != per_image or per_image != n_pri * per:
+            raise ShapeError("E0371", f"{layer.type} '{layer.name}': {layer.bottom_roles[k]} '{layer.spec.bottoms[k]}' "
+                             f"is {fmt(b)}, but {n_pri} priors x {per} {what} values = {n_pri * per} per image are "
+                             "needed (N x " f"{n_pri * per})", involves=(k, 2),
+                             notes=[f"the priors '{layer.spec.bottoms[2]}' {fmt(priors)} hold {n_pri} boxes"],
+                             help="each box head must predict as many boxes per cell as its PriorBox makes "
+                                  f"({'4' if k == 0 else 'num_classes'} x num_priors channels), with the heads "
+                                  "permuted to N x H x W x C, flattened and concatenated in the PriorBox order")
+    if loc[0] is not None and conf[0] is not None and loc[0] != conf[0]:
+        raise ShapeError("E0371", f"{layer.type} '{layer.name}': box predictions for {loc[0]} images, class "
+                         f"scores for {conf[0]}", involves=(0, 1), help="feed both from the same batch")
+
+
+# =============================================================================================
+# The mbox heads against their PriorBox layers (net level)
+
+_PASS_THROUGH = ("Flatten", "Permute", "Reshape", "Softmax")     # keep a head's values, reorder them
+
+
+def _trace(g, blob: str, leaf: str, via=()):
+    """The `leaf`-type layers whose outputs make `blob`, in concatenation order, through Concat and
+    the value-keeping layers; None when anything else is in the way. Each with its path."""
+    node = g.producer.get(blob)
+    if node is None:
+        return None
+    if node.layer.type == leaf:
+        return [(node, via)]
+    if node.layer.type in _PASS_THROUGH or node.layer.type == "Concat":
+        found = []
+        for b in (node.bottoms if node.layer.type == "Concat" else node.bottoms[:1]):
+            sub = _trace(g, b, leaf, (node, *via))
+            if sub is None:
+                return None
+            found += sub
+        return found
+    return None
+
+
+def check_mbox_heads(checking) -> None:
+    """E0371 at the head itself: each mbox head convolution must have 4 x loc classes (box head)
+    or num_classes (class head) times its PriorBox's priors per cell as num_output. The k-th head
+    of the loc (conf) concatenation pairs with the k-th PriorBox of the prior concatenation, as
+    SSD's CreateMultiBoxHead builds them. The shape rule's coarser E0371 is then dropped."""
+    g, c, failed = checking.graph, checking.c, checking.inference.failed
+    reported = set()
+    for node in g.nodes:
+        layer = node.layer
+        if not getattr(layer, "reads_mbox_heads", False) or len(node.bottoms) < 3 or layer.p.num_classes is None:
+            continue
+        priors = _trace(g, node.bottoms[2], "PriorBox")
+        found = False
+        for k, per, role in ((0, 4 * layer.loc_classes(), "box"), (1, layer.p.num_classes, "class")):
+            heads = _trace(g, node.bottoms[k], "Convolution")
+            if priors is None or heads is None or len(heads) != len(priors):
+                continue
+            for (conv, via), (pb, _) in zip(heads, priors):
+                want = per * pb.layer.num_priors()
+                if conv.layer.p.num_output == want or conv in reported:
+                    continue
+                reported.add(conv)
+                found = True
+                path = f" through {', '.join(repr(n.name) for n in via)}" if via else ""
+                c.error("E0371", f"Convolution '{conv.name}' (an SSD {role} head) has num_output "
+                        f"{conv.layer.p.num_output}, but PriorBox '{pb.name}' makes {pb.layer.num_priors()} priors a "
+                        f"cell: {per} x {pb.layer.num_priors()} = {want} are needed", conv.layer.pos("num_output"),
+                        notes=[f"PriorBox '{pb.name}' at {pb.layer.spec.pos}: {pb.layer.prior_count_note()}",
+                               f"its output reaches {layer.type} '{node.name}' (bottom {k}){path}"],
+                        help=f"set `num_output: {want}` ({per} {'box coordinates' if k == 0 else 'class scores'} "
+                             "per prior)")
+        if found and node in failed and failed[node].code == "E0371":
+            c.diagnostics[:] = [d for d in c.diagnostics if d is not failed[node]]
+
+
 @register
 class DetectionOutput(Layer):
     """SSD's detections: decode the box predictions against the priors, per-class NMS, keep the
@@ -337,6 +431,8 @@ class DetectionOutput(Layer):
     with share_location works (the fork skips decoding the shared boxes and aborts). No backward."""
     type = "DetectionOutput"
     no_backward = True
+    makes_detections = True
+    reads_mbox_heads = True
     n_bottoms = (3, 4)
     bottom_roles = ("the box predictions (mbox_loc)", "the class scores after Softmax (mbox_conf_flatten)",
                     "the priors (mbox_priorbox)", "the image (visualize only)")
@@ -363,32 +459,16 @@ class DetectionOutput(Layer):
                                    field="nms_param", help="use `eta: 1` (no adaptive NMS)"))
         return errs
 
+    @classmethod
+    def check_net(cls, checking):
+        if checking.once("ssd mbox heads"):
+            check_mbox_heads(checking)
+
     def loc_classes(self) -> int:
         return 1 if self.p.share_location else self.p.num_classes
 
     def shape(self, bottoms):
-        loc, conf, priors = bottoms[:3]
-        if len(priors) != 3 or priors[1] not in (2, None) or (priors[2] is not None and priors[2] % 4):
-            raise ShapeError("E0221", f"DetectionOutput '{self.name}': the priors must be 1 x 2 x (P * 4), got {fmt(priors)}",
-                             involves=(2,), help="concatenate the PriorBox tops on axis 2 (concat_param { axis: 2 })")
-        n_pri = None if priors[2] is None else priors[2] // 4
-        c, lc = self.p.num_classes, self.loc_classes()
-        for k, per, what in ((0, lc * 4, "box"), (1, c, "class score")):
-            b = bottoms[k]
-            per_image = None if any(d is None for d in b[1:]) else math.prod(b[1:])
-            if len(b) < 2 or n_pri is None or per_image is None:
-                continue
-            if b[1] != per_image or per_image != n_pri * per:
-                raise ShapeError("E0371", f"DetectionOutput '{self.name}': {self.bottom_roles[k]} '{self.spec.bottoms[k]}' "
-                                 f"is {fmt(b)}, but {n_pri} priors x {per} {what} values = {n_pri * per} per image are "
-                                 "needed (N x " f"{n_pri * per})", involves=(k, 2),
-                                 notes=[f"the priors '{self.spec.bottoms[2]}' {fmt(priors)} hold {n_pri} boxes"],
-                                 help="each box head must predict as many boxes per cell as its PriorBox makes "
-                                      f"({'4' if k == 0 else 'num_classes'} x num_priors channels), with the heads "
-                                      "permuted to N x H x W x C, flattened and concatenated in the PriorBox order")
-        if loc[0] is not None and conf[0] is not None and loc[0] != conf[0]:
-            raise ShapeError("E0371", f"DetectionOutput '{self.name}': box predictions for {loc[0]} images, class "
-                             f"scores for {conf[0]}", involves=(0, 1), help="feed both from the same batch")
+        check_heads(self, bottoms, self.p.num_classes, self.loc_classes())
         return [(1, 1, None, 7)]
 
     def forward(self, xp, bottoms, params):
