@@ -473,6 +473,13 @@ CASES += [   # SSD's layers (layers/ssd.py); PriorBox and DetectionOutput have n
       id="per-class-loc"),
 ]
 
+CASES += [   # py-faster-rcnn's ProposalTarget (layers/rpn.py): sampling and targets, no backward
+    C("ProposalTarget", "proposal_target_param { num_classes: 4 }", ((12, 5), (3, 5)), tops=5,
+      inputs=("roi1x40x40", "gt4x40x40"), id="voc-defaults"),
+    C("ProposalTarget", "proposal_target_param { num_classes: 3 batch_size: 8 fg_fraction: 0.5 bg_thresh_lo: 0 "
+      "normalize_targets: false }", ((20, 5), (2, 5)), tops=5, inputs=("roi1x30x30", "gt3x30x30"), id="end2end-lo0"),
+]
+
 DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
 CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
 
@@ -529,6 +536,12 @@ def gen(kind: str, shape, rng, pool=None) -> np.ndarray:
         x1, y1 = rng.integers(-2, ww, r), rng.integers(-2, hh, r)
         x2, y2 = x1 + rng.integers(0, ww // 2 + 3, r), y1 + rng.integers(0, hh // 2 + 3, r)
         return np.stack([rng.integers(0, nb, r), x1, y1, x2, y2], axis=1).astype(F64)
+    if kind.startswith("gt"):   # "gt<K>x<H>x<W>": G x 5 gt boxes (x1, y1, x2, y2, class in 1..K-1) in an H x W image
+        k, hh, ww = (int(v) for v in kind[2:].split("x"))
+        g = shape[0]
+        x1, y1 = rng.integers(0, ww // 2, g), rng.integers(0, hh // 2, g)
+        x2, y2 = x1 + rng.integers(4, ww // 2, g), y1 + rng.integers(4, hh // 2, g)
+        return np.stack([x1, y1, x2, y2, rng.integers(1, k, g)], axis=1).astype(F64)
     raise ValueError(kind)
 
 
