@@ -426,8 +426,8 @@ class Python(Layer):
     type = "Python"
     runnable = False
     shape_from_hints = True
-    run_help = ('replace py-faster-rcnn\'s RoIDataLayer by `type: "DigitScenes"` (the same 3 tops: data, im_info, '
-                'gt_boxes), or feed an Input layer from Python')
+    ROI_DATA_HELP = ('replace py-faster-rcnn\'s RoIDataLayer by `type: "DigitScenes"` (the same 3 tops: data, '
+                     'im_info, gt_boxes), or by Input layers fed from Python')
     messages = {"python_param": Msg("PythonParameter", {
         "module": F(str, ""), "layer": F(str, ""), "param_str": F(str, ""), "share_in_parallel": F(bool, False)})}
     n_bottoms, n_tops = (0, None), (0, None)
@@ -459,6 +459,12 @@ class Python(Layer):
     def qualname(self) -> str:
         return f"{self.p.module}.{self.p.layer}"
 
+    @property
+    def run_help(self) -> str:
+        if KNOWN_PYTHON.get(self.qualname()) == "RoIData":
+            return self.ROI_DATA_HELP
+        return "replace it with built-in layers: netdsl never imports Python modules named by a net file"
+
     def validate(self):
         if self.qualname() not in KNOWN_PYTHON:
             return []
@@ -481,7 +487,7 @@ class Python(Layer):
                                    f"built-in {kind}; it cannot run: it reads the roidb py-faster-rcnn's training "
                                    "script builds", layer.pos("module"),
                                    notes=[f"its {len(node.tops)}-top layout: {cls.LAYOUTS[len(node.tops)]}"],
-                                   help=cls.run_help)
+                                   help=cls.ROI_DATA_HELP)
 
     def shape(self, bottoms):
         if KNOWN_PYTHON.get(self.qualname()) == "RoIData":
