@@ -54,12 +54,12 @@ def main(argv=None) -> int:
     out = {"iterations": args.iterations, "seconds": round(seconds, 1), "ms_per_iteration": round(1000 * seconds /
            args.iterations, 1), "windows": windows, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "blas_threads": os.environ["OPENBLAS_NUM_THREADS"]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"{'iterations':>12} " + " ".join(f"{k:>14}" for k in LOSSES))
     for w in windows:
         print(f"{w['iterations']:>12} " + " ".join(f"{w[k]:>14.4f}" for k in LOSSES))
     print(f"{out['ms_per_iteration']} ms per iteration ({out['seconds']} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 
