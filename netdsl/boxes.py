@@ -290,6 +290,72 @@ def anchor_targets(height: int, width: int, gt_boxes, im_info, rng: np.random.Ge
 
 
 # ---------------------------------------------------------------------------------------------
+# Fast R-CNN training targets (py-faster-rcnn's rpn/proposal_target_layer.py)
+
+def proposal_targets(rois, gt_boxes, num_classes: int, rng: np.random.Generator, *, batch_size: int = 128,
+                     fg_fraction: float = 0.25, fg_thresh: float = 0.5, bg_thresh_hi: float = 0.5,
+                     bg_thresh_lo: float = 0.1, normalize_targets: bool = True,
+                     means=(0.0, 0.0, 0.0, 0.0), stds=(0.1, 0.1, 0.2, 0.2), inside_weight=(1.0, 1.0, 1.0, 1.0)):
+    """Sample RoIs for the Fast R-CNN head and give them class labels and box targets
+    (ProposalTargetLayer.forward and _sample_rois, step by step).
+
+    The gt boxes (G x 5: x1, y1, x2, y2, class) are appended to the rois (R x 5: 0, x1, y1, x2,
+    y2) as candidates. Each candidate takes the class of the gt box it overlaps most (IoU, +1
+    convention; the first on ties). Foreground: IoU >= fg_thresh, at most round(fg_fraction *
+    batch_size) of them, drawn without replacement; background: bg_thresh_lo <= IoU <
+    bg_thresh_hi, the rest of batch_size, drawn the same way, with label 0. The sample is the
+    foreground then the background, in draw order. Box targets (bbox_transform to the assigned gt,
+    minus means, over stds when normalize_targets: cfg.TRAIN.BBOX_NORMALIZE_TARGETS_PRECOMPUTED)
+    go in columns 4c..4c+3 of the sample's class c, with inside weights there; background rows
+    are zero. Outside weights are (inside weights > 0).
+
+    Returns float32 rois (S, 5), labels (S,), bbox_targets, bbox_inside_weights and
+    bbox_outside_weights (S, 4 num_classes). With no gt box every candidate has IoU 0 (py-faster-rcnn
+    fails on the empty argmax instead)."""
+    rois = _boxes(rois, "rois", 5, 5)
+    gt = _boxes(gt_boxes, "gt_boxes", 5, 5)
+    if np.any(rois[:, 0] != 0):
+        raise ValueError("ProposalTarget handles one image: every roi's batch index must be 0")
+    all_rois = np.vstack([rois, np.hstack([np.zeros((gt.shape[0], 1)), gt[:, :4]])])
+    overlaps = _iou(all_rois[:, None, 1:5], gt[None, :, :4])
+    gt_assignment = overlaps.argmax(axis=1) if gt.shape[0] else np.zeros(len(all_rois), np.int64)
+    max_overlaps = overlaps.max(axis=1) if gt.shape[0] else np.zeros(len(all_rois))
+
+    fg_per_image = int(np.round(fg_fraction * batch_size))
+    fg_inds = np.flatnonzero(max_overlaps >= fg_thresh)
+    n_fg = min(fg_per_image, fg_inds.size)
+    if fg_inds.size:
+        fg_inds = rng.choice(fg_inds, size=n_fg, replace=False)
+    bg_inds = np.flatnonzero((max_overlaps < bg_thresh_hi) & (max_overlaps >= bg_thresh_lo))
+    n_bg = min(batch_size - n_fg, bg_inds.size)
+    if bg_inds.size:
+        bg_inds = rng.choice(bg_inds, size=n_bg, replace=False)
+    keep = np.append(fg_inds, bg_inds).astype(np.int64)
+
+    labels = gt[gt_assignment[keep], 4] if gt.shape[0] else np.zeros(keep.size)
+    labels[n_fg:] = 0
+    sampled = all_rois[keep]
+    targets = np.zeros((keep.size, 4))
+    if gt.shape[0] and keep.size:
+        targets = bbox_transform(sampled[:, 1:5], gt[gt_assignment[keep], :4])
+    if normalize_targets:
+        targets = (targets - np.asarray(means, np.float64)) / np.asarray(stds, np.float64)
+    targets = targets.astype(np.float32)            # _compute_targets casts before the scatter
+
+    cls = labels.astype(np.int64)
+    if np.any(cls < 0) or np.any(cls >= num_classes):
+        raise ValueError(f"ProposalTarget: a gt box has class {int(cls.max() if cls.size else 0)}, outside "
+                         f"[0, num_classes = {num_classes})")
+    bbox_targets = np.zeros((keep.size, 4 * num_classes), np.float32)
+    inside = np.zeros_like(bbox_targets)
+    for i in np.flatnonzero(cls > 0):
+        bbox_targets[i, 4 * cls[i]:4 * cls[i] + 4] = targets[i]
+        inside[i, 4 * cls[i]:4 * cls[i] + 4] = inside_weight
+    return (sampled.astype(np.float32), labels.astype(np.float32), bbox_targets, inside,
+            (inside > 0).astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
 # Proposals (§6)
 
 def proposals(cls_prob, bbox_pred, im_info, *, feat_stride: int = 16, anchors=None,

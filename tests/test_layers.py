@@ -490,6 +490,13 @@ CASES += [   # SSD's MultiBoxLoss (layers/multibox.py): matching and mining are 
       "overlap_threshold: 0.3 mining_type: NONE }", ((2, 144), (2, 36), (1, 2, 48), (1, 1, 3, 8)), inputs=MBOX_IN, id="per-class-decoded"),
 ]
 
+CASES += [   # py-faster-rcnn's ProposalTarget (layers/rpn.py): sampling and targets, no backward
+    C("ProposalTarget", "proposal_target_param { num_classes: 4 }", ((12, 5), (3, 5)), tops=5,
+      inputs=("roi1x40x40", "gt4x40x40"), id="voc-defaults"),
+    C("ProposalTarget", "proposal_target_param { num_classes: 3 batch_size: 8 fg_fraction: 0.5 bg_thresh_lo: 0 "
+      "normalize_targets: false }", ((20, 5), (2, 5)), tops=5, inputs=("roi1x30x30", "gt3x30x30"), id="end2end-lo0"),
+]
+
 DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
 CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
 
@@ -558,6 +565,12 @@ def gen(kind: str, shape, rng, pool=None) -> np.ndarray:
         rows = np.concatenate([np.stack([np.arange(g) % nb, rng.integers(1, c, g), np.arange(g)], axis=1), xy, xy + wh,
                                np.zeros((g, 1))], axis=1)
         return rows.reshape(shape)
+    if kind.startswith("gt"):   # "gt<K>x<H>x<W>": G x 5 gt boxes (x1, y1, x2, y2, class in 1..K-1) in an H x W image
+        k, hh, ww = (int(v) for v in kind[2:].split("x"))
+        g = shape[0]
+        x1, y1 = rng.integers(0, ww // 2, g), rng.integers(0, hh // 2, g)
+        x2, y2 = x1 + rng.integers(4, ww // 2, g), y1 + rng.integers(4, hh // 2, g)
+        return np.stack([x1, y1, x2, y2, rng.integers(1, k, g)], axis=1).astype(F64)
     raise ValueError(kind)
 
 

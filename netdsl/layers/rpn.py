@@ -2,14 +2,16 @@
 ROIPooling, and py-faster-rcnn's Python layers mapped onto them for checking."""
 from __future__ import annotations
 
-import ast
+from dataclasses import replace
+from functools import cache
 
 import numpy as np
 
 from .. import boxes
 from ..errors import Collector
 from ..graph import Graph
-from ..registry import F, Layer, Msg, ShapeError, fmt, register
+from ..registry import F, Layer, LayerSpec, Msg, ShapeError, fmt, layer_types, register
+from ..schema import defaults
 
 ANCHORS = {
     "feat_stride": F(int, 16, doc="the backbone's total stride in pixels"),
@@ -86,9 +88,7 @@ class AnchorTarget(_AnchorLayer):
         return [(1, 1, None if h is None else a * h, w)] + [(1, 4 * a, h, w)] * 3
 
     def generator(self, state) -> np.random.Generator:
-        """The sampling generator of this forward: anchor_target_param.seed mixed with the
-        Net's per-forward stream."""
-        return np.random.default_rng([self.p.seed, int(state.rng.integers(2 ** 63))])
+        return sampling_rng(self.p.seed, state)
 
     def forward(self, xp, bottoms, params, state):
         p = self.p
@@ -235,28 +235,246 @@ class ROIPooling(Layer):
         return [dx.astype(dy.dtype).reshape(x_shape), None], []
 
 
-# py-faster-rcnn's Python layers, checked as netdsl's built-in equivalents (never imported)
+def sampling_rng(seed: int, state) -> np.random.Generator:
+    """The sampling generator of one forward: the layer's `seed` param mixed with the Net's
+    per-forward stream (seeded from net seed, step and forward count), so runs repeat and a resumed
+    run continues the same sequence."""
+    return np.random.default_rng([seed, int(state.rng.integers(2 ** 63))])
+
+
+@register
+class ProposalTarget(Layer):
+    """py-faster-rcnn's ProposalTargetLayer as a built-in: samples the proposals (plus the gt boxes)
+    for the Fast R-CNN head and gives them labels and per-class box targets (boxes.proposal_targets).
+    Defaults are py-faster-rcnn's cfg.TRAIN values (BATCH_SIZE 128, FG_FRACTION 0.25, FG_THRESH 0.5,
+    BG_THRESH_HI 0.5, BG_THRESH_LO 0.1, BBOX_NORMALIZE_MEANS 0, STDS 0.1 0.1 0.2 0.2,
+    BBOX_INSIDE_WEIGHTS 1) with BBOX_NORMALIZE_TARGETS_PRECOMPUTED true, as faster_rcnn_end2end.yml
+    sets it (the only training setup that uses this layer)."""
+    type = "ProposalTarget"
+    messages = {"proposal_target_param": Msg("ProposalTargetParameter", {
+        "num_classes": F(int, 0, doc="classes including background (21 for PASCAL VOC)"),
+        "batch_size": F(int, 128), "fg_fraction": F(float, 0.25), "fg_thresh": F(float, 0.5),
+        "bg_thresh_hi": F(float, 0.5), "bg_thresh_lo": F(float, 0.1), "normalize_targets": F(bool, True),
+        "bbox_normalize_means": F(float, repeated=True), "bbox_normalize_stds": F(float, repeated=True),
+        "bbox_inside_weights": F(float, repeated=True), "seed": F(int, 3)})}
+    n_bottoms, n_tops = (2, 2), (5, 5)
+    bottom_roles = ("the RPN's rois", "gt_boxes")
+    no_backward = True
+    stateful = True                 # samples with the Net's per-forward stream, see sampling_rng
+    VECTORS = {"bbox_normalize_means": (0.0, 0.0, 0.0, 0.0), "bbox_normalize_stds": (0.1, 0.1, 0.2, 0.2),
+               "bbox_inside_weights": (1.0, 1.0, 1.0, 1.0)}
+
+    def validate(self):
+        p = self.p
+        errs = [ShapeError("E0107", f"ProposalTarget '{self.name}': num_classes must be positive, got {p.num_classes}",
+                           field="num_classes" if p.has("num_classes") else None,
+                           help="set `num_classes` (the classes including background: 21 for PASCAL VOC)")
+                ] if p.num_classes <= 0 else []
+        errs += [ShapeError("E0107", f"ProposalTarget '{self.name}': {name} needs 4 values (dx, dy, dw, dh), got "
+                            f"{len(getattr(p, name))}", field=name, help=f"write `{name}` four times, or not at all")
+                 for name in self.VECTORS if getattr(p, name) and len(getattr(p, name)) != 4]
+        if not 0 <= p.bg_thresh_lo <= p.bg_thresh_hi <= 1 or not 0 <= p.fg_fraction <= 1 or p.batch_size <= 0:
+            errs.append(ShapeError("E0107", f"ProposalTarget '{self.name}': need 0 <= bg_thresh_lo <= bg_thresh_hi <= 1,"
+                                   " 0 <= fg_fraction <= 1 and batch_size > 0", field="bg_thresh_lo",
+                                   help="py-faster-rcnn's values: bg_thresh_lo 0.1, bg_thresh_hi 0.5, fg_fraction "
+                                        "0.25, batch_size 128"))
+        return errs
+
+    def vector(self, name: str):
+        return tuple(getattr(self.p, name)) or self.VECTORS[name]
+
+    def shape(self, bottoms):
+        rois, gt = bottoms
+        for i, (b, what) in enumerate(((rois, "rois (0, x1, y1, x2, y2)"), (gt, "gt_boxes (x1, y1, x2, y2, class)"))):
+            if len(b) != 2 or b[1] not in (5, None):
+                raise ShapeError("E0373", f"ProposalTarget '{self.name}': '{self.spec.bottoms[i]}' must be N x 5 {what},"
+                                 f" got {fmt(b)}", involves=(i,), help="feed a Proposal's rois and the data's gt_boxes")
+        k = 4 * self.p.num_classes
+        return [(None, 5), (None,), (None, k), (None, k), (None, k)]
+
+    def forward(self, xp, bottoms, params, state):
+        p = self.p
+        rois, gt = (np.asarray(b.get() if hasattr(b, "get") else b) for b in bottoms)
+        out = boxes.proposal_targets(rois, gt, p.num_classes, sampling_rng(p.seed, state), batch_size=p.batch_size,
+                                     fg_fraction=p.fg_fraction, fg_thresh=p.fg_thresh, bg_thresh_hi=p.bg_thresh_hi,
+                                     bg_thresh_lo=p.bg_thresh_lo, normalize_targets=p.normalize_targets,
+                                     means=self.vector("bbox_normalize_means"),
+                                     stds=self.vector("bbox_normalize_stds"),
+                                     inside_weight=self.vector("bbox_inside_weights"))
+        dtype = bottoms[0].dtype
+        return [xp.asarray(o.astype(dtype)) for o in out], None
+
+    def backward(self, xp, saved, dtops, params, need):
+        return [None, None], []
+
+
+# ------------------------------------------------------------------ py-faster-rcnn's Python layers
+# They run as netdsl's built-in equivalents: netdsl never imports a module a net file names. Each
+# reads its param_str as py-faster-rcnn's setup() does (yaml.load, here netdsl.param_str's safe
+# subset), only the keys that setup() reads; everything else comes from py-faster-rcnn's cfg
+# defaults, which are the built-in layers' defaults.
 KNOWN_PYTHON = {
     "rpn.anchor_target_layer.AnchorTargetLayer": "AnchorTarget",
     "rpn.proposal_layer.ProposalLayer": "Proposal",
     "roi_data_layer.layer.RoIDataLayer": "RoIData",
     "rpn.proposal_target_layer.ProposalTargetLayer": "ProposalTarget",
 }
+# the param_str keys each one's setup() reads: key -> required (setup's layer_params[key] vs .get)
+PARAM_KEYS = {
+    "AnchorTarget": {"feat_stride": True, "scales": False, "allowed_border": False},
+    "Proposal": {"feat_stride": True, "scales": False},
+    "ProposalTarget": {"num_classes": True},
+    "RoIData": {"num_classes": True},
+}
+
+
+def _number(v, positive: bool = True, integer: bool = False) -> bool:
+    ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+    return ok and (v > 0 if positive else v == v)
+
+
+def _check_value(key: str, v):
+    """The value as the built-in's field wants it, or a reason why py-faster-rcnn's code would fail on it."""
+    if key in ("feat_stride", "num_classes"):
+        return v if _number(v, integer=True) else f"`{key}` must be a positive integer, got {v!r}"
+    if key == "allowed_border":
+        return v if _number(v, positive=False) else f"`allowed_border` must be a number, got {v!r}"
+    scales = v if isinstance(v, list) else [v]
+    if not scales or not all(_number(s) for s in scales):
+        return f"`scales` must be a positive number or a list of them, got {v!r}"
+    return [float(s) for s in scales]
+
+
+def python_params(layer: Layer) -> tuple[dict, list, list[ShapeError]]:
+    """A known Python layer's param_str: (the values of the keys its setup() reads, the keys it
+    ignores, errors)."""
+    from ..param_str import ParamStrError, parse
+    kind = KNOWN_PYTHON[layer.qualname()]
+    who = f"Python layer '{layer.name}' ({layer.qualname()})"
+    try:
+        opts = parse(layer.p.param_str)
+    except ParamStrError as e:
+        return {}, [], [ShapeError("E0385", f"{who}: param_str is outside the YAML that netdsl reads: {e.message} (at "
+                               f"character {e.offset + 1} of {layer.p.param_str!r})", field="param_str",
+                               notes=["py-faster-rcnn reads param_str with yaml.load; netdsl reads the subset its files "
+                                      "use (flow mappings, one `key: value` per line, numbers, strings, lists, "
+                                      "`!!python/tuple [..]`) and constructs no Python objects"],
+                               help="write e.g. `param_str: \"'feat_stride': 16\\n'scales': !!python/tuple [4, 8, "
+                                    "16, 32]\"`")]
+    if not isinstance(opts, dict):
+        opts = {}
+    values, errs = {}, []
+    for key, required in PARAM_KEYS[kind].items():
+        if key not in opts:
+            if required:
+                errs.append(ShapeError("E0386", f"{who}: param_str has no '{key}', which its setup() reads",
+                                       field="param_str", notes=[f"param_str is {layer.p.param_str!r}"],
+                                       help=f"add `'{key}': N` to param_str (py-faster-rcnn stops with KeyError)"))
+            continue
+        v = _check_value(key, opts[key])
+        if isinstance(v, str):
+            errs.append(ShapeError("E0386", f"{who}: param_str {v}", field="param_str",
+                                   help=f"fix '{key}' in param_str, e.g. `'feat_stride': 16`, `'num_classes': 21`, "
+                                        "`'scales': !!python/tuple [8, 16, 32]`"))
+        else:
+            values[key] = v
+    return values, sorted(k for k in opts if k not in PARAM_KEYS[kind]), errs
+
+
+class FromPython:
+    """Mixin of a built-in layer standing for a py-faster-rcnn Python layer (see `Python.__new__`):
+    its `python` is (the Python layer as written, the param_str values read, the keys ignored)."""
+    python: tuple
+
+    @classmethod
+    def check_net(cls, checking):
+        if checking.once("python layers run"):
+            for node in checking.graph.nodes:
+                if isinstance(node.layer, FromPython):
+                    _warn_mapped(node.layer, checking.c)
+        super().check_net(checking)
+
+
+def _warn_mapped(layer, c: Collector) -> None:
+    py, values, ignored = layer.python
+    qualname = py.qualname()
+    read = ", ".join(f"{k} " + (f"({', '.join(f'{x:g}' for x in v)})" if isinstance(v, list) else f"{v}")
+                     for k, v in values.items()) or "nothing"
+    c.warning("W0215", f"Python layer '{layer.name}' ({qualname}) runs as netdsl's built-in {layer.type} "
+              f"(param_str gives {read}; the rest are py-faster-rcnn's cfg defaults)", py.pos("module"),
+              notes=["netdsl never imports Python modules from a net file"],
+              help=f'to set the other parameters, write `type: "{layer.type}"` with '
+                   f'{next(iter(type(layer).messages))} {{ ... }} (docs/faster_rcnn.md)')
+    for key in ignored:
+        c.warning("W0216", f"param_str key '{key}' of Python layer '{layer.name}' is not read by py-faster-rcnn's "
+                  f"{py.p.layer}: it has no effect", py.pos("param_str"),
+                  notes=[f"its setup() reads {', '.join(repr(k) for k in PARAM_KEYS[layer.type])}"],
+                  help=f"remove '{key}', or set it in the built-in {layer.type} layer's params")
+
+
+@cache
+def _adapter(builtin: type) -> type:
+    return type(builtin.__name__, (FromPython, builtin), {"__doc__": builtin.__doc__})
 
 
 @register
 class Python(Layer):
-    """Recognised, never executed: netdsl does not import arbitrary modules named by a net file."""
+    """Caffe's Python layer. netdsl never imports the module a net file names: py-faster-rcnn's
+    AnchorTargetLayer, ProposalLayer and ProposalTargetLayer are built as the built-in layers
+    (W0215), RoIDataLayer is checked (its shapes) but cannot run (it reads the roidb the training
+    script builds), and any other module is an error unless --shape gives its tops."""
     type = "Python"
     runnable = False
     shape_from_hints = True
-    run_help = "use the built-in AnchorTarget / Proposal layers in place of py-faster-rcnn's Python layers"
+    ROI_DATA_HELP = ('replace py-faster-rcnn\'s RoIDataLayer by `type: "DigitScenes"` (the same 3 tops: data, '
+                     'im_info, gt_boxes), or by Input layers fed from Python')
     messages = {"python_param": Msg("PythonParameter", {
         "module": F(str, ""), "layer": F(str, ""), "param_str": F(str, ""), "share_in_parallel": F(bool, False)})}
     n_bottoms, n_tops = (0, None), (0, None)
+    LAYOUTS = {3: "data, im_info, gt_boxes (cfg.TRAIN.HAS_RPN)",
+               6: "data, rois, labels, bbox_targets, bbox_inside_weights, bbox_outside_weights (Fast R-CNN, BBOX_REG)"}
+
+    def __new__(cls, spec: LayerSpec, phase: str):
+        """A runnable py-faster-rcnn layer with a readable param_str is built as the built-in layer,
+        its param message made from param_str; anything else is a Python layer (checked only)."""
+        layer = super().__new__(cls)
+        layer.__init__(spec, phase)
+        kind = KNOWN_PYTHON.get(layer.qualname())
+        if kind not in ("AnchorTarget", "Proposal", "ProposalTarget"):
+            return layer
+        values, ignored, errs = python_params(layer)
+        if errs:
+            return layer                                # validate() reports them
+        builtin = layer_types()[kind]
+        key, msg = next(iter(builtin.messages.items()))
+        rec = defaults(msg)
+        pos = layer.pos("param_str")
+        for k, v in values.items():
+            rec._values[k], rec._pos[k] = v, pos
+        record = replace(spec.record, _values={**spec.record._values, key: rec})
+        mapped = _adapter(builtin)(replace(spec, type=kind, record=record), phase)
+        mapped.python = (layer, values, ignored)
+        return mapped
 
     def qualname(self) -> str:
         return f"{self.p.module}.{self.p.layer}"
+
+    @property
+    def run_help(self) -> str:
+        if KNOWN_PYTHON.get(self.qualname()) == "RoIData":
+            return self.ROI_DATA_HELP
+        return "replace it with built-in layers: netdsl never imports Python modules named by a net file"
+
+    def validate(self):
+        if self.qualname() not in KNOWN_PYTHON:
+            return []
+        errs = python_params(self)[2]
+        if not errs and KNOWN_PYTHON[self.qualname()] == "RoIData" and len(self.spec.tops) not in self.LAYOUTS:
+            errs.append(ShapeError("E0387", f"Python layer '{self.name}' ({self.qualname()}) has "
+                                   f"{len(self.spec.tops)} tops; py-faster-rcnn's RoIDataLayer gives 3 or 6",
+                                   field="module", notes=[f"{n} tops: {t}" for n, t in self.LAYOUTS.items()],
+                                   help="list the tops of one of its two layouts"))
+        return errs
 
     @classmethod
     def check_net(cls, checking):
@@ -266,58 +484,17 @@ class Python(Layer):
             if kind and node not in inf.failed and all(b in inf.blobs for b in node.bottoms):
                 layer = node.layer
                 checking.c.warning("W0601", f"Python layer '{layer.name}' ({layer.qualname()}) is checked as netdsl's "
-                                   f"built-in {kind}; netdsl never imports Python modules from a net file",
-                                   layer.pos("module"),
-                                   help=(f'to run it, use `type: "{kind}"` with {kind.lower()}_param {{ ... }} instead'
-                                         if kind in ("AnchorTarget", "Proposal") else "it can be checked but not run"))
-        if checking.once("rpn anchors"):
-            check_anchors(checking)
-
-    def options(self) -> dict:
-        try:
-            v = ast.literal_eval("{" + self.p.param_str + "}") if self.p.param_str.strip() else {}
-            return v if isinstance(v, dict) else {}
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):   # not a dict literal
-            return {}
-
-    def anchor_scales(self) -> tuple:
-        """py-faster-rcnn's anchor layers take `'scales': (8, 16, 32)` in param_str; ratios are fixed."""
-        s = self.options().get("scales", DEFAULT_SCALES)
-        return tuple(s) if isinstance(s, (list, tuple)) else (s,)
-
-    def num_anchors(self) -> int:
-        return len(self.anchor_scales()) * len(DEFAULT_RATIOS)
-
-    def anchor_note(self) -> str:
-        n = len(self.anchor_scales())
-        return (f"A = {n} scales x {len(DEFAULT_RATIOS)} ratios = {self.num_anchors()} anchors per cell (Python layer "
-                f"'{self.name}', {self.qualname()})")
+                                   f"built-in {kind}; it cannot run: it reads the roidb py-faster-rcnn's training "
+                                   "script builds", layer.pos("module"),
+                                   notes=[f"its {len(node.tops)}-top layout: {cls.LAYOUTS[len(node.tops)]}"],
+                                   help=cls.ROI_DATA_HELP)
 
     def shape(self, bottoms):
-        kind = KNOWN_PYTHON.get(self.qualname())
-        opts = self.options()
-        if kind == "AnchorTarget" or kind == "Proposal":
-            if not bottoms:
-                raise ShapeError("E0202", f"Python layer '{self.name}' ({self.qualname()}) reads the RPN scores as "
-                                 "its first bottom, but has no bottoms", field="module",
-                                 help="give it the bottoms of py-faster-rcnn's layer (scores first)")
-            a = self.num_anchors()
-            score = bottoms[0]
-            if len(score) == 4 and score[1] is not None and score[1] != 2 * a:
-                raise ShapeError("E0371", f"Python layer '{self.name}' ({self.qualname()}): score input "
-                                 f"'{self.spec.bottoms[0]}' has {score[1]} channels but 2 x {a} anchors = {2 * a} "
-                                 "are needed", involves=(0,), notes=[self.anchor_note()],
-                                 help=f"set num_output: {2 * a} on the score head")
-            h, w = (score[2], score[3]) if len(score) == 4 else (None, None)
-            if kind == "AnchorTarget":
-                return [(1, 1, None if h is None else a * h, w)] + [(1, 4 * a, h, w)] * 3
-            return [(None, 5), (None, 1)][: len(self.spec.tops)]
-        if kind == "RoIData":
-            return [None, (1, 3), (None, 5)][: len(self.spec.tops)]
-        if kind == "ProposalTarget":
-            k = opts.get("num_classes", 21)
-            k = k if isinstance(k, int) and k > 0 else 21
-            return [(None, 5), (None,), (None, 4 * k), (None, 4 * k), (None, 4 * k)][: len(self.spec.tops)]
+        if KNOWN_PYTHON.get(self.qualname()) == "RoIData":
+            if len(self.spec.tops) == 3:
+                return [None, (1, 3), (None, 5)]              # data from --shape: the roidb's scaled image
+            k = 4 * python_params(self)[0]["num_classes"]
+            return [None, (None, 5), (None,), (None, k), (None, k), (None, k)]
         same = ",".join("?" if d is None else str(d) for d in bottoms[0]) if bottoms else "N,C,H,W"
         flags = " ".join(f"--shape {t}={same}" for t in self.spec.tops)
         raise ShapeError("E0602", f"Python layer '{self.name}' ({self.qualname()}) cannot be checked: netdsl "
@@ -339,19 +516,16 @@ class Python(Layer):
 
 def _anchor_layer(layer):
     """(A, "n scales x m ratios", where they are set, kind) for AnchorTarget / Proposal layers,
-    built in or py-faster-rcnn's Python layers."""
+    built in or py-faster-rcnn's Python layers (built as them)."""
     if layer.type in ("AnchorTarget", "Proposal"):
         how = f"{len(layer.scales())} scales x {len(layer.ratios())} ratios"
         pos = layer.p.pos("scales") or layer.p.pos("ratios") or layer.spec.pos
         return layer.num_anchors(), how, pos, layer.type
-    if layer.type == "Python" and KNOWN_PYTHON.get(layer.qualname()) in ("AnchorTarget", "Proposal"):
-        how = f"{len(layer.anchor_scales())} scales x {len(DEFAULT_RATIOS)} ratios"
-        return layer.num_anchors(), how, layer.p.pos("param_str") or layer.spec.pos, KNOWN_PYTHON[layer.qualname()]
     return None
 
 
 def _who(node, kind: str) -> str:
-    if node.layer.type == "Python":
+    if isinstance(node.layer, FromPython):
         return f"Python layer '{node.name}' (py-faster-rcnn's {kind}Layer)"
     return f"{kind} '{node.name}'"
 
