@@ -326,10 +326,10 @@ def cmd_test(args) -> int:
     if args.iterations < 1:
         raise NetdslError("E0000", f"--iterations must be at least 1, got {args.iterations}",
                           help="e.g. --iterations 50 (Caffe's default)")
+    if detect.has_detections(args.model):       # a detector (SSD, Faster R-CNN): mAP over held-out scenes
+        return evaluate.cmd_test_map(args)
     if evaluate.has_proposal(args.model):       # an RPN: proposal recall over held-out scenes
         return evaluate.cmd_test_recall(args)
-    if detect.has_detections(args.model):       # a detector: mAP over held-out scenes
-        return evaluate.cmd_test_map(args)
     means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
                          args.seed)
     if args.json:

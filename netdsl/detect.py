@@ -3,8 +3,9 @@ boxes with class and score, and write detections.json.
 
 Everything here works on detection rows [image_id, label, score, x1, y1, x2, y2] in pixels of
 the net's input image (inclusive corners, netdsl.boxes' +1 convention). `detection_rows` is the
-one place that knows where a net's rows come from (today: SSD's DetectionOutput top, whose
-corners are fractions of the image); a detector with another head plugs in there."""
+one place that knows where a net's rows come from: SSD's DetectionOutput top, whose corners are
+fractions of the image, or a py-faster-rcnn-style test net's rois, cls_prob and bbox_pred
+(netdsl.frcnn); a detector with another head plugs in there."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ import time
 
 import numpy as np
 
+from . import frcnn
 from .backend import to_host
 from .errors import NetdslError
 
@@ -19,6 +21,9 @@ from .errors import NetdslError
 #   E0641 the net has no detection output in its TEST phase
 #   E0642 mAP: the TEST net has no DigitScenes layer giving ground truth
 # Bad argument values and unwritable outputs are E0632 and E0633, as for `netdsl propose`.
+NO_DETECTIONS = ("detect and mAP need a net whose TEST phase ends in DetectionOutput (nets/ssd_digits.net) or a "
+                 "Faster R-CNN test net: a Proposal, then a Softmax over the proposals' head as a net output "
+                 "(nets/faster_rcnn_digits_test.net)")
 
 
 def add_parsers(sub) -> None:
@@ -26,8 +31,8 @@ def add_parsers(sub) -> None:
     from .propose import add_run_options
     p = sub.add_parser("detect", help="draw a trained detector's boxes (class, score) on scenes or PNGs; "
                                       "write them as JSON")
-    p.add_argument("model", help="the net file (its TEST phase must end in a DetectionOutput layer, as "
-                                 "nets/ssd_digits.net)")
+    p.add_argument("model", help="the net file: its TEST phase ends in a DetectionOutput layer (nets/ssd_digits.net) "
+                                 "or is a Faster R-CNN test net (nets/faster_rcnn_digits_test.net)")
     add_run_options(p, "detections.json")
     p.add_argument("--threshold", type=float, default=0.3,
                    help="draw detections scoring at least this (default 0.3; the JSON has all)")
@@ -37,17 +42,31 @@ def add_parsers(sub) -> None:
 # ------------------------------------------------------------------------------ detection rows
 
 def has_detections(model: str, phase: str = "TEST") -> bool:
-    """Whether `model` (a net file) has a layer making detection rows in `phase`."""
+    """Whether `model` (a net file) makes detection rows in `phase` (see `detection_rows`)."""
     from .check import check_file
-    return any(n.layer.makes_detections for n in check_file(model, phase=phase).graph.nodes)
+    g = check_file(model, phase=phase).graph
+    return any(n.layer.makes_detections for n in g.nodes) or frcnn.head(g.nodes, g.outputs) is not None
 
 
 def detection_rows(net) -> np.ndarray:
     """The (K, 7) rows [image_id, label, score, x1, y1, x2, y2] of the last forward, in pixels of
-    the input image: the DetectionOutput top, whose corners are fractions of the image, scaled
-    back as `ssd_label` scaled the ground truth ([x1, x2 + 1) of the width). Its 'no detection'
-    rows (label -1) are dropped."""
-    det = detection_layer(net)
+    the input image, from either family of detector: an SSD's DetectionOutput, or a Faster
+    R-CNN test net's Proposal rois, cls_prob and bbox_pred (`frcnn.head` finds them) through
+    py-faster-rcnn's im_detect and per-class NMS. Neither is E0641."""
+    det = net.plan.find("makes_detections")
+    if det is not None:
+        return ssd_rows(net, det)
+    blobs = frcnn.head([s.node for s in net.plan.steps], net.plan.outputs)
+    if blobs is not None:
+        return frcnn.net_detections(net, blobs, net.plan.find("makes_proposals").layer.spec.bottoms[2])
+    raise NetdslError("E0641", f"net '{net.plan.name}' has no detection output in its TEST phase",
+                      help=NO_DETECTIONS)
+
+
+def ssd_rows(net, det) -> np.ndarray:
+    """The DetectionOutput top's rows, whose corners are fractions of the image, scaled back as
+    `ssd_label` scaled the ground truth ([x1, x2 + 1) of the width); its 'no detection' rows
+    (label -1) dropped."""
     rows = to_host(net.blobs[det.layer.spec.tops[0]]).reshape(-1, 7).astype(np.float64)
     rows = rows[rows[:, 1] >= 0]
     h, w = image_size(net)
@@ -55,16 +74,6 @@ def detection_rows(net) -> np.ndarray:
     rows[:, [4, 6]] *= h
     rows[:, [5, 6]] -= 1
     return rows
-
-
-def detection_layer(net):
-    """The plan step of the layer making the detection rows (E0641 if there is none)."""
-    det = net.plan.find("makes_detections")
-    if det is None:
-        raise NetdslError("E0641", f"net '{net.plan.name}' has no detection output in its TEST phase",
-                          help="detect and mAP need a net whose TEST phase ends in DetectionOutput "
-                               "(see nets/ssd_digits.net)")
-    return det
 
 
 def image_size(net) -> tuple[int, int]:
@@ -112,8 +121,7 @@ def detect(model: str, weights: str, out: str, scenes: int | None = None, images
     if not 0 <= threshold <= 1:
         raise NetdslError("E0632", f"--threshold must lie in [0, 1], got {threshold}", help="e.g. --threshold 0.3")
     if not has_detections(model):
-        raise NetdslError("E0641", f"{model}: the TEST phase has no detection output",
-                          help="detect needs a net whose TEST phase ends in DetectionOutput (see nets/ssd_digits.net)")
+        raise NetdslError("E0641", f"{model}: the TEST phase has no detection output", help=NO_DETECTIONS)
     net = build_test_net(model, weights, backend, data_dir, seed)
     data = net.plan.find("feeds_scenes")
     if data is None:

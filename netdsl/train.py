@@ -18,6 +18,7 @@ import numpy as np
 from .errors import NetdslError
 from .executor import build_net, save_npz
 from .files import prepare_output
+from .frcnn import renormalise, unnormalised
 from .solver import Solver, learning_rate
 from .solverfile import SolverFile, load_solver
 
@@ -155,7 +156,8 @@ class Trainer:
 
     def _snapshot(self) -> str:
         base = f"{self.prefix}_iter_{self.iter}"
-        self.net.save(base + self.weights_suffix)
+        with unnormalised(self.net):      # py-faster-rcnn's snapshot: box deltas as a test net decodes them
+            self.net.save(base + self.weights_suffix)
         state = {f"solver/{k}": v for k, v in self.solver.state_dict().items()}
         state["iter"] = np.array(self.iter)
         state["weights"] = np.array(os.path.basename(base + self.weights_suffix))
@@ -191,6 +193,7 @@ class Trainer:
                                   help="the solver state is damaged: resume from another snapshot")
         weights = os.path.join(os.path.dirname(path), str(state["weights"]))
         self.net.load(weights)
+        renormalise(self.net)             # undo the snapshot's unnormalisation (netdsl.frcnn)
         try:
             self.solver.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("solver/")})
         except ValueError as e:
