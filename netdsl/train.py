@@ -48,6 +48,19 @@ class Logger:
         self.f.close()
 
 
+class Silent(Logger):
+    """The log of a rank other than 0 in data-parallel training: rank 0 alone speaks for the run."""
+
+    def __init__(self):
+        pass
+
+    def __call__(self, msg: str, echo: bool | None = None) -> None:
+        pass
+
+    def close(self):
+        pass
+
+
 class Progress:
     """One redrawn line on a terminal: iteration, running loss, lr, it/s."""
 
@@ -74,7 +87,7 @@ class Progress:
 class Trainer:
     def __init__(self, solver_path: str, backend, *, seed: int | None = None, max_iter: int | None = None,
                  data_dir: str | None = None, out: str | None = None, progress: bool | None = None,
-                 graph: str = "auto"):
+                 graph: str = "auto", parallel=None):
         self.sf: SolverFile = load_solver(solver_path)
         cfg = self.sf.cfg
         if max_iter is not None:
@@ -84,6 +97,10 @@ class Trainer:
         if seed is None or seed < 0:      # Caffe's random_seed -1: a seed from the system
             seed = cfg.random_seed if seed is None and cfg.random_seed >= 0 else None
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+        self.parallel = parallel            # distributed.DataParallel: one rank of several
+        self.root = parallel is None or parallel.rank == 0      # rank 0 alone logs, tests and snapshots
+        if parallel is not None:
+            self.seed = parallel.common_seed(self.seed)
         self.backend = backend
         prefix = cfg.snapshot_prefix or os.path.splitext(os.path.basename(solver_path))[0]
         if prefix.endswith(("/", os.sep)):        # Caffe's "dir/" prefix: files named like the solver inside it
@@ -96,15 +113,17 @@ class Trainer:
         self.weights_suffix = ".caffemodel" if explicit else ".npz"
         os.makedirs(self.out, exist_ok=True)
         self.progress_on = sys.stderr.isatty() if progress is None else progress
-        self.log = Logger(self.prefix + ".log", echo=not self.progress_on)
-        self.metrics = open(self.prefix + "_metrics.jsonl", "a", encoding="utf-8")
+        self.log = Logger(self.prefix + ".log", echo=not self.progress_on) if self.root else Silent()
+        self.metrics = open(self.prefix + "_metrics.jsonl" if self.root else os.devnull, "a", encoding="utf-8")
         stages = tuple(cfg.train_state.stage) if cfg.train_state is not None else ()
         self.net = build_net(self.sf.train_net, "TRAIN", backend, seed=self.seed, data_dir=data_dir, stages=stages)
         self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net)
-                      for src in self.sf.test_nets]
+                      for src in self.sf.test_nets] if self.root else []
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
         from .gpu.loop import compile_trainer  # graph mode (GPU): None means eager
         self.compiled = compile_trainer(self, graph)
+        if parallel is not None:
+            parallel.attach(self)
         self.iter = 0
         self.losses: deque = deque(maxlen=max(cfg.average_loss, 1))
         self.stop_requested = False
@@ -112,13 +131,16 @@ class Trainer:
         self.test_results: list[dict] = []
 
     # -- snapshots --------------------------------------------------------------------------
-    def snapshot(self) -> str:
+    def snapshot(self) -> str | None:
+        if not self.root:
+            return None
         base = f"{self.prefix}_iter_{self.iter}"
         self.net.save(base + self.weights_suffix)
         state = {f"solver/{k}": v for k, v in self.solver.state_dict().items()}
         state["iter"] = np.array(self.iter)
         state["weights"] = np.array(os.path.basename(base + self.weights_suffix))
         state["seed"] = np.array(self.seed)
+        state["procs"] = np.array(self.parallel.size if self.parallel else 1)
         state["losses"] = np.array(list(self.losses), dtype=np.float64)
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
             state[f"{name}/forward_count"] = np.array(net.forward_count)
@@ -158,6 +180,10 @@ class Trainer:
                                    "weights with --weights") from None
         self.iter = int(state["iter"])
         self.seed = int(state["seed"])
+        from .distributed import resume_note
+        note = resume_note(int(state.get("procs", 1)), self.parallel.size if self.parallel else 1)
+        if note:
+            self.log(note, echo=True)
         self.losses.extend(float(x) for x in state["losses"])
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
             net.seed = self.seed
@@ -271,6 +297,8 @@ class Trainer:
                 loss += net.loss()
                 net.backward()
             loss /= cfg.iter_size
+            if self.parallel is not None:
+                loss = self.parallel.reduce(self, loss)
             bad = self._non_finite(loss)
             if bad:
                 snap = self.snapshot()
@@ -306,9 +334,12 @@ class Trainer:
         self.log("Optimization Done.")
 
     def _on_sigint(self, signum, frame):
-        if self.stop_requested:          # a second Ctrl-C: stop now (the snapshot is being written)
-            raise KeyboardInterrupt
-        self.stop_requested = True
+        if self.stop_requested or self.parallel and self.parallel.stop_wanted:
+            raise KeyboardInterrupt      # a second Ctrl-C: stop now (the snapshot is being written)
+        if self.parallel is not None:
+            self.parallel.stop_wanted = True      # every rank stops at the next step's allreduce
+        else:
+            self.stop_requested = True
 
 
 def _main_thread() -> bool:
