@@ -12,7 +12,7 @@ A distributed engine is reached through a Communicator: OneRank (no engine: the 
 contract, and a one-process run), MPIComm (mpi4py, NumPy buffers passed without pickling) and
 NCCLComm (cupy.cuda.nccl, one rank per GPU, MPI only to start it). Every wait has a deadline: a
 rank that dies is cleaned up by the MPI launcher, one that hangs or fails makes the others abort
-with a message naming it, never a silent hang.
+with a message, never a silent hang.
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -81,9 +83,35 @@ def _poll(test, seconds: float) -> bool:
     return True
 
 
+class Watchdog:
+    """Calls expire(what) when a collective outlasts its deadline. The collective itself blocks:
+    MPI moves a large buffer only while a rank is inside an MPI call, so polling a nonblocking
+    one with naps in between would stall it; this thread watches the clock instead."""
+
+    def __init__(self, seconds: float, expire):
+        self.seconds, self.expire, self.what, self.deadline = seconds, expire, "", None
+        threading.Thread(target=self._watch, daemon=True, name="netdsl-watchdog").start()
+
+    @contextmanager
+    def __call__(self, what: str):
+        self.what, self.deadline = what, time.monotonic() + self.seconds
+        try:
+            yield
+        finally:
+            self.deadline = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(0.5, self.seconds / 4))
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self.expire(self.what)
+                return
+
+
 class MPIComm(OneRank):
-    """MPI_COMM_WORLD through mpi4py. Collectives are nonblocking and polled with a deadline, so a
-    rank that stops answering turns into an error (E0754) instead of a hang."""
+    """MPI_COMM_WORLD through mpi4py, NumPy buffers passed as they are (no pickling). A rank that
+    waits in a collective longer than `timeout` reports it (E0754) and aborts every rank."""
 
     def __init__(self, timeout: float = STEP_TIMEOUT):
         try:
@@ -95,13 +123,16 @@ class MPIComm(OneRank):
         self.failures = self.comm.Dup()     # agree() on its own communicator: it may meet a rank mid-collective
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.name = f"MPI ({' '.join(MPI.Get_library_version().split()[:3])})"
+        self.deadline = Watchdog(timeout, self._expired)
 
     def allreduce_mean(self, buf) -> None:
-        self._wait(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM), "the gradient allreduce")
+        with self.deadline("the gradient allreduce"):
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         buf *= buf.dtype.type(1.0 / self.size)
 
     def broadcast(self, buf) -> None:
-        self._wait(self.comm.Ibcast(buf, root=0), "the broadcast of rank 0's weights")
+        with self.deadline("the broadcast of rank 0's weights"):
+            self.comm.Bcast(buf, root=0)
 
     def agree(self, seconds: float) -> bool:
         return _poll(self.failures.Ibarrier().Test, seconds)
@@ -109,13 +140,16 @@ class MPIComm(OneRank):
     def abort(self, code: int):
         self.comm.Abort(code)
 
-    def _wait(self, request, what: str) -> None:
-        if not _poll(request.Test, self.timeout):
-            raise NetdslError("E0754", f"rank {self.rank} of {self.size}: no answer from the other ranks for "
-                              f"{self.timeout:g} s in {what}{self.what}",
-                              notes=["another rank is stuck, or died without the launcher noticing"],
-                              help="look for the error of another rank above; raise --step-timeout if rank 0's "
-                                   "tests or snapshots take longer than that")
+    def _expired(self, what: str) -> None:
+        error = NetdslError("E0754", f"rank {self.rank} of {self.size}: no answer from the other ranks for "
+                            f"{self.timeout:g} s in {what}{self.what}",
+                            notes=["another rank is stuck, or died without the launcher noticing; every rank is "
+                                   "being stopped"],
+                            help="look for the error of another rank above; raise --step-timeout if rank 0's "
+                                 "tests or snapshots take longer than that")
+        render_all(error.diagnostics)
+        sys.stderr.flush()
+        self.abort(EXIT_USER)
 
 
 class NCCLComm(OneRank):
