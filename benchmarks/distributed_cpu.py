@@ -6,8 +6,9 @@ one allreduce (MPIComm.allreduce_mean, what each training step calls) against th
     python benchmarks/distributed_cpu.py [--iters 40] [--repeats 3]
     mpiexec -n 2 python benchmarks/distributed_cpu.py --allreduce     # the allreduce table alone
 
-Reports ms per iteration (median of the repeats; each from `netdsl train`'s own loop time) and the
-speed-up of the two ranks. Needs mpi4py and mpiexec (pip install "netdsl[mpi]").
+Reports ms per iteration (median of the repeats; each from `netdsl train`'s own loop time; 1 process
+x 1 thread too, the compute per sample of the scaling model) and the speed-up of the two ranks.
+Needs mpi4py and mpiexec (pip install "netdsl[mpi]").
 """
 from __future__ import annotations
 
@@ -76,16 +77,19 @@ def seconds_per_iter(cmd: list[str], threads: int, iters: int) -> float:
 def scaling(args) -> None:
     tmp = Path(tempfile.mkdtemp())
     train = [sys.executable, "-m", "netdsl", "train"]
-    print("| net | effective batch | 1 process x 2 threads (ms/iter) | 2 ranks x 1 thread (ms/iter) | speed-up |")
-    print("|---|---|---|---|---|")
+    print("| net | effective batch | 1 process x 1 thread | 1 process x 2 threads | 2 ranks x 1 thread | "
+          "speed-up of 2 ranks over 2 threads |")
+    print("|---|---|---|---|---|---|")
     for name, batch in (("lenet", 64), ("cifar10_quick", 100)):
-        one, two = [], []
-        for _ in range(args.repeats):          # alternate, so both see the same background load
+        single, one, two = [], [], []
+        for _ in range(args.repeats):          # alternate, so all see the same background load
+            single.append(seconds_per_iter(train + [write_solver(tmp, name, batch)], 1, args.iters))
             one.append(seconds_per_iter(train + [write_solver(tmp, name, batch)], 2, args.iters))
             two.append(seconds_per_iter(["mpiexec", "-n", "2"] + train + [write_solver(tmp, name, batch // 2)], 1,
                                         args.iters))
-        a, b = statistics.median(one) * 1e3, statistics.median(two) * 1e3
-        print(f"| {name} | {batch} | {a:.1f} | {b:.1f} ({batch // 2} per rank) | {a / b:.2f}x |", flush=True)
+        s, a, b = (statistics.median(x) * 1e3 for x in (single, one, two))
+        print(f"| {name} | {batch} | {s:.1f} ms | {a:.1f} ms | {b:.1f} ms ({batch // 2} per rank) | {a / b:.2f}x |",
+              flush=True)
     subprocess.run(["mpiexec", "-n", "2", sys.executable, __file__, "--allreduce"], cwd=ROOT,
                    env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
 

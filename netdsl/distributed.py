@@ -137,6 +137,10 @@ class MPIComm(OneRank):
     def agree(self, seconds: float) -> bool:
         return _poll(self.failures.Ibarrier().Test, seconds)
 
+    def local_rank(self) -> int:
+        """This rank's place among the ranks on its machine (which GPU it drives)."""
+        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
+
     def abort(self, code: int):
         self.comm.Abort(code)
 
@@ -166,6 +170,7 @@ class NCCLComm(OneRank):
             from cupy.cuda import nccl
         self.mpi, self.nccl, self.cupy, self.timeout = mpi, nccl, cupy, mpi.timeout
         self.rank, self.size = mpi.rank, mpi.size
+        cupy.cuda.Device(mpi.local_rank() % cupy.cuda.runtime.getDeviceCount()).use()    # one GPU per rank
         uid = mpi.comm.bcast(nccl.get_unique_id() if self.rank == 0 else None, root=0)
         self.comm = nccl.NcclCommunicator(self.size, uid, self.rank)
         self.name = f"NCCL {nccl.get_version()}"
@@ -339,9 +344,10 @@ def train_rank(args, mpi: MPIComm) -> int:
         if args.graph == "on":
             raise NetdslError("E0752", "--graph on: graph mode cannot train on several ranks yet",
                               help="drop --graph on: each rank trains eagerly")
+        if args.device == "gpu":
+            get_backend("gpu")                         # CuPy and a device, or its clear error
+            parallel = DataParallel(NCCLComm(mpi))     # before the nets: it picks this rank's GPU
         backend = get_backend(args.device)
-        if backend.name == "gpu":
-            parallel = DataParallel(NCCLComm(mpi))
         trainer = Trainer(args.solver, backend, seed=args.seed, max_iter=args.max_iter, data_dir=args.data_dir,
                           out=args.out, graph="off", parallel=parallel, progress=None if mpi.rank == 0 else False)
         if args.weights:

@@ -172,11 +172,16 @@ class FakeNCCL:
 
 
 class FakeCupy:
-    """cupy.cuda's stream and event, with events that finish at once (or never)."""
+    """cupy.cuda's stream, events that finish at once (or never), and 2 devices."""
 
     def __init__(self, finishes=True):
         stream = type("Stream", (), {"ptr": 99, "record": lambda s: type("E", (), {"done": finishes})()})()
-        self.cuda = type("cuda", (), {"get_current_stream": staticmethod(lambda: stream)})
+        self.used = []
+        device = type("Device", (), {"__init__": lambda d, i: setattr(d, "id", i),
+                                     "use": lambda d: self.used.append(d.id)})
+        runtime = type("runtime", (), {"getDeviceCount": staticmethod(lambda: 2)})
+        self.cuda = type("cuda", (), {"get_current_stream": staticmethod(lambda: stream), "Device": device,
+                                      "runtime": runtime})
 
 
 class Device:
@@ -197,11 +202,11 @@ def test_nccl_communicator_wiring_without_a_gpu():
     """NCCLComm's calls as cupy.cuda.nccl receives them: the dtype code, the count, SUM then
     divide by the ranks, on the current stream; a collective that never finishes aborts NCCL.
     (The real NCCL path needs GPUs: see docs/distributed.md for what this does not cover.)"""
-    mpi = type("MPI", (), {"rank": 0, "size": 2, "timeout": 0.05, "comm": type("C", (), {
+    mpi = type("MPI", (), {"rank": 0, "size": 2, "timeout": 0.05, "local_rank": lambda self: 3, "comm": type("C", (), {
         "bcast": staticmethod(lambda obj, root: obj)})()})()
-    nccl = FakeNCCL([np.array([3.0, 5.0], np.float32)])
-    comm = NCCLComm(mpi, nccl=nccl, cupy=FakeCupy())
-    assert nccl.calls[0] == ("init", 2, (1, 2, 3), 0)
+    nccl, cupy = FakeNCCL([np.array([3.0, 5.0], np.float32)]), FakeCupy()
+    comm = NCCLComm(mpi, nccl=nccl, cupy=cupy)
+    assert nccl.calls[0] == ("init", 2, (1, 2, 3), 0) and cupy.used == [1]       # local rank 3 of 2 GPUs: GPU 1
     buf = Device(nccl, np.array([1.0, 1.0], np.float32))
     comm.allreduce_mean(buf)
     np.testing.assert_allclose(buf.a, [2.0, 3.0])
