@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from .backend import to_host
-from .errors import EXIT_USER, NetdslError, render_all
+from .errors import EXIT_BUG, EXIT_USER, NetdslError, render_all
 
 # The environment each MPI launcher gives its ranks: MPICH/Hydra and Slurm (PMI), Open MPI, MVAPICH.
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -244,8 +245,11 @@ class DataParallel:
         """Every rank starts from rank 0's weights and solver history (Caffe's NCCL::Broadcast)."""
         blobs = [p.data for p in trainer.net.slots.values()]
         blobs += [h for b in trainer.solver.buffers for h in b.history]
+        xp = trainer.backend.xp
         for a in blobs:
-            self.comm.broadcast(a.reshape(-1))
+            buf = xp.ascontiguousarray(a).reshape(-1)
+            self.comm.broadcast(buf)
+            a[...] = buf.reshape(a.shape)         # a no-op copy onto itself when `a` was contiguous
         trainer.log(f"Data-parallel training on {self.size} ranks over {self.comm.name}: each rank's batch is "
                     f"1/{self.size} of the effective batch", echo=True)
 
@@ -266,8 +270,9 @@ class DataParallel:
         is this rank's alone by definition: it aborts at once."""
         timed_out = isinstance(error, NetdslError) and error.diagnostic.code == "E0754"
         together = not timed_out and self.comm.agree(FAIL_GRACE)
+        code = EXIT_USER if isinstance(error, NetdslError) else 130 if isinstance(error, KeyboardInterrupt) else EXIT_BUG
         if together and self.rank != 0:
-            return EXIT_USER
+            return code
         where = f"rank {self.rank} of {self.size}"
         if isinstance(error, NetdslError):
             for d in error.diagnostics:
@@ -279,10 +284,9 @@ class DataParallel:
             print(f"netdsl: internal error on {where}: {type(error).__name__}: {error}\nthis is a bug in netdsl; "
                   "rerun with --debug for a traceback and report it", file=sys.stderr)
         sys.stderr.flush()
-        if together:
-            return EXIT_USER
-        self.comm.abort(EXIT_USER)
-        return EXIT_USER
+        if not together:
+            self.comm.abort(code)
+        return code
 
 
 def resume_note(saved: int, now: int) -> str | None:
@@ -328,7 +332,16 @@ def launch(args) -> int:
     threads = str(max(1, (os.cpu_count() or 1) // args.procs))
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, env.get("OMP_NUM_THREADS", threads))
-    code = subprocess.call([mpiexec, "-n", str(args.procs), sys.executable, "-m", "netdsl", *argv], env=env)
+    # mpiexec in a session of its own, so a terminal's Ctrl-C reaches it once, forwarded from here
+    # (mpiexec takes a second Ctrl-C as "abort now")
+    proc = subprocess.Popen([mpiexec, "-n", str(args.procs), sys.executable, "-m", "netdsl", *argv], env=env,
+                            start_new_session=True)
+    old = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
     if code not in (0, 130, EXIT_USER):
         print(f"netdsl: a rank ended abnormally (mpiexec exit status {code}); every rank has been stopped. "
               "Snapshots written before are intact (each is written atomically).", file=sys.stderr)

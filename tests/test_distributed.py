@@ -242,10 +242,13 @@ def test_two_ranks_of_batch_32_equal_one_process_of_batch_64(tmp_path, digits, r
         assert int(z["procs"]) == 2
 
 
-def start_two_ranks(tmp_path, digits, *extra, snapshot=5):
+def start_two_ranks(tmp_path, digits, *extra, snapshot=5, procs=False):
+    """2 ranks training until stopped, by `mpiexec -n 2` or `--procs 2`, in a process group of their own
+    (as a terminal's foreground job); returns once the first snapshot is written."""
     solver = lenet_solver(tmp_path, "run", 16, "SGD", max_iter=100000, snapshot=snapshot, display=1)
     cmd, env = netdsl("train", solver, *extra, data=digits)
-    proc = subprocess.Popen(["mpiexec", "-n", "2", *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    cmd = cmd + ["--procs", "2"] if procs else ["mpiexec", "-n", "2", *cmd]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 60
     while not (tmp_path / f"run_iter_{snapshot}.solverstate.npz").exists():
@@ -283,9 +286,10 @@ def resumable(tmp_path, digits, state: Path) -> None:
 
 
 @needs_mpi
-def test_ctrl_c_stops_every_rank_with_a_snapshot(tmp_path, digits):
-    proc = start_two_ranks(tmp_path, digits)
-    os.kill(proc.pid, signal.SIGINT)              # what a terminal's Ctrl-C sends mpiexec, which forwards it
+@pytest.mark.parametrize("procs", [False, True], ids=["mpiexec", "--procs"])
+def test_ctrl_c_stops_every_rank_with_a_snapshot(tmp_path, digits, procs):
+    proc = start_two_ranks(tmp_path, digits, procs=procs)
+    os.killpg(proc.pid, signal.SIGINT)            # a terminal's Ctrl-C: SIGINT to the foreground process group
     code, out = ended_within(proc, 30)
     assert code == 130, out
     assert "Interrupted at iteration" in out and "resume with --snapshot" in out
