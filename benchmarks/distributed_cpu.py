@@ -3,7 +3,7 @@ threads at the same effective batch, for LeNet (batch 64 = 2 x 32) and Caffe's c
 (batch 100 = 2 x 50, fed by DummyData: the timing does not depend on the pixels); and the cost of
 one allreduce (MPIComm.allreduce_mean, what each training step calls) against the gradient size.
 
-    python benchmarks/distributed_cpu.py [--iters 40] [--repeats 3]
+    python benchmarks/distributed_cpu.py [--iters 20] [--repeats 3] [--nets lenet,cifar10_quick]
     mpiexec -n 2 python benchmarks/distributed_cpu.py --allreduce     # the allreduce table alone
 
 Reports ms per iteration (median of the repeats; each from `netdsl train`'s own loop time; 1 process
@@ -49,6 +49,7 @@ layer { name: "ip2" type: "InnerProduct" bottom: "ip1" top: "ip2" param { lr_mul
   inner_product_param { num_output: 10 weight_filler { type: "gaussian" std: 0.1 } } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip2" bottom: "label" top: "loss" }
 """
+NETS = (("lenet", 64), ("cifar10_quick", 100))      # and their effective batch (Caffe's)
 SOLVER = 'net: "{net}"\nbase_lr: 0.001\nmomentum: 0.9\nweight_decay: 0.004\nlr_policy: "fixed"\nrandom_seed: 1\n' \
          'snapshot_after_train: false\nsnapshot_prefix: "{prefix}"\n'
 
@@ -80,13 +81,16 @@ def scaling(args) -> None:
     print("| net | effective batch | 1 process x 1 thread | 1 process x 2 threads | 2 ranks x 1 thread | "
           "speed-up of 2 ranks over 2 threads |")
     print("|---|---|---|---|---|---|")
-    for name, batch in (("lenet", 64), ("cifar10_quick", 100)):
+    for name, batch in NETS:
+        if name not in args.nets.split(","):
+            continue
+        iters = args.iters * 3 if name == "lenet" else args.iters      # `netdsl train` prints 0.1 s
         single, one, two = [], [], []
         for _ in range(args.repeats):          # alternate, so all see the same background load
-            single.append(seconds_per_iter(train + [write_solver(tmp, name, batch)], 1, args.iters))
-            one.append(seconds_per_iter(train + [write_solver(tmp, name, batch)], 2, args.iters))
+            single.append(seconds_per_iter(train + [write_solver(tmp, name, batch)], 1, iters))
+            one.append(seconds_per_iter(train + [write_solver(tmp, name, batch)], 2, iters))
             two.append(seconds_per_iter(["mpiexec", "-n", "2"] + train + [write_solver(tmp, name, batch // 2)], 1,
-                                        args.iters))
+                                        iters))
         s, a, b = (statistics.median(x) * 1e3 for x in (single, one, two))
         print(f"| {name} | {batch} | {s:.1f} ms | {a:.1f} ms | {b:.1f} ms ({batch // 2} per rank) | {a / b:.2f}x |",
               flush=True)
@@ -117,7 +121,8 @@ def allreduce_table() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--iters", type=int, default=20, help="iterations per timing (LeNet: 3x as many)")
+    ap.add_argument("--nets", default="lenet,cifar10_quick")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--allreduce", action="store_true", help="(under mpiexec) the allreduce table alone")
     args = ap.parse_args()

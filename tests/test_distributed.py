@@ -225,16 +225,22 @@ def test_nccl_communicator_wiring_without_a_gpu():
 @pytest.mark.parametrize("rule", ["SGD", "Adam"])
 def test_two_ranks_of_batch_32_equal_one_process_of_batch_64(tmp_path, digits, rule):
     """Caffe's multi-GPU semantics: after 50 iterations 2 ranks x 32 and 1 x 64 hold the same
-    weights to float32 rounding (the shards interleave the one order; the loss is a batch mean)."""
-    launcher = ["--procs", "2"] if rule == "SGD" else []          # both ways in: --procs and mpiexec
-    cmd, env = netdsl("train", lenet_solver(tmp_path, "two", 32, rule), *launcher, data=digits)
-    if not launcher:
-        cmd = ["mpiexec", "-n", "2", *cmd]
-    run = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    weights to float32 rounding (the shards interleave the one order; the loss is a batch mean).
+    SGD's 2-rank run goes through `--procs 2` to iteration 30, then resumes its snapshot under
+    `mpiexec -n 2` (the same N: the data cursor, history and iteration carry over exactly)."""
+    two = lenet_solver(tmp_path, "two", 32, rule, snapshot=30)
+    cmd, env = netdsl("train", two, data=digits)
+    first = cmd + ["--procs", "2", "--max-iter", "30"] if rule == "SGD" else ["mpiexec", "-n", "2", *cmd]
+    run = subprocess.Popen(first, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     Trainer(lenet_solver(tmp_path, "one", 64, rule), get_backend("cpu"), data_dir=digits, progress=False).run()
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
-    assert "Data-parallel training on 2 ranks" in err and out.count("trained 50 iterations") == 1
+    assert "Data-parallel training on 2 ranks" in err and out.count("trained") == 1
+    if rule == "SGD":
+        resume = ["mpiexec", "-n", "2", *cmd, "--snapshot", str(tmp_path / "two_iter_30.solverstate.npz")]
+        run = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "W0750" not in run.stderr, run.stderr
+    assert "trained 50 iterations on 2 ranks" in (out if rule == "Adam" else run.stdout)
     one, two = weights(str(tmp_path / "one_iter_50.npz")), weights(str(tmp_path / "two_iter_50.npz"))
     for k in one:
         np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=2e-5, err_msg=k)
