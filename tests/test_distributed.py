@@ -109,6 +109,24 @@ def test_one_rank_data_parallel_trains_exactly_as_one_process(tmp_path, digits):
         assert int(z["procs"]) == 1
 
 
+def test_start_gives_every_rank_rank_0s_weights_and_history(tmp_path, digits):
+    """start() broadcasts into the params and the solver history themselves (not into copies)."""
+    class Rank1(OneRank):
+        rank, size = 1, 2
+
+        def broadcast(self, buf):            # what arrives from rank 0
+            buf[...] = 7
+
+    dp = DataParallel(Rank1())
+    tr = Trainer(lenet_solver(tmp_path, "lenet", 8, "Adam"), get_backend("cpu"), data_dir=digits,
+                 out=str(tmp_path / "e"), progress=False, parallel=dp)
+    assert tr.seed == 7 and not tr.root and tr.tests == []
+    dp.start(tr)
+    assert all((p.data == 7).all() for p in tr.net.slots.values())
+    assert all((h == 7).all() for b in tr.solver.buffers for h in b.history)
+    assert not os.listdir(tmp_path / "e")                # a rank other than 0 writes nothing
+
+
 def test_a_stop_on_any_rank_is_agreed_at_the_next_step(tmp_path, digits):
     """A SIGINT sets only this rank's wish; the reduce turns it into every rank's stop."""
     dp = DataParallel(OneRank())
