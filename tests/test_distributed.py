@@ -266,7 +266,7 @@ def test_two_ranks_of_batch_32_equal_one_process_of_batch_64(tmp_path, digits, r
         assert int(z["procs"]) == 2
 
 
-def start_two_ranks(tmp_path, digits, *extra, snapshot=5, procs=False):
+def start_two_ranks(tmp_path, digits, *extra, snapshot=2, procs=False):
     """2 ranks training until stopped, by `mpiexec -n 2` or `--procs 2`, in a process group of their own
     (as a terminal's foreground job); returns once the first snapshot is written."""
     solver = lenet_solver(tmp_path, "run", 16, "SGD", max_iter=100000, snapshot=snapshot, display=1)
@@ -327,17 +327,17 @@ def test_a_killed_rank_stops_the_others_and_the_snapshot_survives(tmp_path, digi
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     code, out = ended_within(proc, 15)
     assert code != 0 and "BAD TERMINATION" in out and "signal 9" in out, out
-    resumable(tmp_path, digits, tmp_path / "run_iter_5.solverstate.npz")
+    resumable(tmp_path, digits, tmp_path / "run_iter_2.solverstate.npz")
 
 
 @needs_mpi
 def test_a_stuck_rank_is_named_and_every_rank_stops(tmp_path, digits):
-    proc = start_two_ranks(tmp_path, digits, "--step-timeout", "2")
+    proc = start_two_ranks(tmp_path, digits, "--step-timeout", "3")      # long enough for a loaded machine
     os.kill(rank_pid(proc.pid, 1), signal.SIGSTOP)     # alive but silent: only a deadline can notice
     code, out = ended_within(proc, 30)
     assert code != 0, out
-    assert "E0754" in out and "rank 0 of 2: no answer from the other ranks for 2 s" in out
-    resumable(tmp_path, digits, tmp_path / "run_iter_5.solverstate.npz")
+    assert "E0754" in out and "rank 0 of 2: no answer from the other ranks for 3 s" in out
+    resumable(tmp_path, digits, tmp_path / "run_iter_2.solverstate.npz")
 
 
 @needs_mpi
