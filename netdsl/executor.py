@@ -103,13 +103,13 @@ class Net:
                 if state is not None and hasattr(state.source, "state")}
 
     def set_shard(self, rank: int, ranks: int) -> None:
-        """Make this net rank `rank` of `ranks` data-parallel replicas: each data source with a
-        cursor reads its share of the shared order (see distributed.py); random layers
-        (DummyData, crops, mirrors) draw a stream of their own on every rank."""
+        """Make this net rank `rank` of `ranks` data-parallel replicas: each data layer's source
+        reads its share of the shared order (see distributed.py); random layers (DummyData,
+        crops, mirrors, Dropout) draw a stream of their own on every rank."""
         self.rank = rank
         for s, state in zip(self.plan.steps, self.states):
             source = state.source if state is not None else None
-            if hasattr(source, "state") and not hasattr(source, "shard"):
+            if s.layer.is_data and source is not None and not hasattr(source, "shard"):
                 raise NetdslError("E0753", f"{s.layer.type} '{s.node.name}' cannot be split between ranks",
                                   help="train it in one process, or feed it from a layer with a shard rule (MNIST, "
                                        "DigitScenes, DummyData)")
