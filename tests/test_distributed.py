@@ -310,6 +310,8 @@ def resumable(tmp_path, digits, state: Path) -> None:
                  out=str(tmp_path / "resumed"), progress=False)
     tr.restore(str(state))
     assert tr.iter == int(state.name.split("_iter_")[1].split(".")[0])
+    tr.log.close()             # one process resuming 2 ranks' snapshot: W0750 says what changes
+    assert "W0750: the snapshot was written by 2 rank(s), this run has 1" in (tmp_path / "resumed" / "run.log").read_text()
 
 
 @needs_mpi
