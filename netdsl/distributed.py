@@ -34,6 +34,7 @@ from .errors import EXIT_BUG, EXIT_USER, NetdslError, render_all
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 STEP_TIMEOUT = 600.0      # seconds a rank waits for the others in one collective (rank 0 may be testing)
 FAIL_GRACE = 5.0          # seconds a failing rank waits to learn whether every rank failed alike
+FORWARD_GRACE = 0.5       # seconds for the launcher to forward a rank's last message before MPI_Abort
 
 
 def launched_ranks() -> int:
@@ -143,6 +144,8 @@ class MPIComm(OneRank):
         return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
 
     def abort(self, code: int):
+        sys.stderr.flush()
+        time.sleep(FORWARD_GRACE)        # MPI_Abort tears down the launcher's output forwarding too
         self.comm.Abort(code)
 
     def _expired(self, what: str) -> None:

@@ -341,7 +341,7 @@ def test_a_stuck_rank_is_named_and_every_rank_stops(tmp_path, digits):
     os.kill(rank_pid(proc.pid, 1), signal.SIGSTOP)     # alive but silent: only a deadline can notice
     code, out = ended_within(proc, 30)
     assert code != 0, out
-    assert "E0754" in out and "rank 0 of 2: no answer from the other ranks for 3 s" in out
+    assert "E0754" in out and "rank 0 of 2: no answer from the other ranks for 3 s" in out, out
     resumable(tmp_path, digits, tmp_path / "run_iter_2.solverstate.npz")
 
 
