@@ -132,6 +132,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", help="directory for snapshots, log and metrics (default: snapshot_prefix's)")
     p.add_argument("--graph", choices=("on", "off", "auto"), default="auto",
                    help="GPU: capture the whole iteration as one CUDA graph (auto: when the net allows)")
+    p.add_argument("--procs", type=int, help="data-parallel training on N processes of this machine (runs mpiexec "
+                                             "-n N; see docs/distributed.md)")
+    p.add_argument("--step-timeout", type=float, default=600.0,
+                   help="several ranks: seconds a rank waits for the others before stopping them all (default 600)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), proposal "
@@ -288,8 +292,11 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .backend import get_backend
     from .train import Trainer
+    if args.procs not in (None, 1) or distributed.launched_ranks() > 1:
+        return distributed.cmd_train(args)
     trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
                       data_dir=args.data_dir, out=args.out, graph=args.graph)
     if args.weights:

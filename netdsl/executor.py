@@ -86,6 +86,7 @@ class Net:
         self.grads: dict = {}
         self._saved: list = [None] * len(plan.steps)
         self.forward_count = 0
+        self.rank = 0                  # data-parallel rank (set_shard): ranks > 0 draw their own random streams
         ctx = RunContext(data_dir, seed)
         self.states = [RunState([plan.blob_shapes[t] for t in s.node.tops], s.layer.open(ctx))
                        if s.layer.stateful else None for s in plan.steps]
@@ -101,6 +102,20 @@ class Net:
         """Each data source's cursor by layer name, for snapshots (a resumed run reads the same batches)."""
         return {s.node.name: state.source.state() for s, state in zip(self.plan.steps, self.states)
                 if state is not None and hasattr(state.source, "state")}
+
+    def set_shard(self, rank: int, ranks: int) -> None:
+        """Make this net rank `rank` of `ranks` data-parallel replicas: each data layer's source
+        reads its share of the shared order (see distributed.py); random layers (DummyData,
+        crops, mirrors, Dropout) draw a stream of their own on every rank."""
+        self.rank = rank
+        for s, state in zip(self.plan.steps, self.states):
+            source = state.source if state is not None else None
+            if s.layer.is_data and source is not None and not hasattr(source, "shard"):
+                raise NetdslError("E0753", f"{s.layer.type} '{s.node.name}' cannot be split between ranks",
+                                  help="train it in one process, or feed it from a layer with a shard rule (MNIST, "
+                                       "DigitScenes, DummyData)")
+            if source is not None and hasattr(source, "shard"):
+                source.shard = (rank, ranks)
 
     def load_data_state(self, states: dict[str, dict]) -> None:
         for s, state in zip(self.plan.steps, self.states):
@@ -158,7 +173,7 @@ class Net:
             if state is None:
                 tops, saved = layer.forward(xp, bottoms, params)
             else:
-                state.rng = np.random.default_rng([self.seed, i, rng_base])
+                state.rng = np.random.default_rng([self.seed, i, rng_base] + ([self.rank] if self.rank else []))
                 tops, saved = layer.forward(xp, bottoms, params, state)
             if _hooks:
                 _hooks.after(i, False)

@@ -65,6 +65,19 @@ class Logger:
                 self.f.close()
 
 
+class Silent(Logger):
+    """The log of a rank other than 0 in data-parallel training: rank 0 alone speaks for the run."""
+
+    def __init__(self):
+        pass
+
+    def __call__(self, msg: str, echo: bool | None = None) -> None:
+        pass
+
+    def close(self):
+        pass
+
+
 class Progress:
     """One redrawn line on a terminal: iteration, running loss, lr, it/s."""
 
@@ -91,7 +104,7 @@ class Progress:
 class Trainer:
     def __init__(self, solver_path: str, backend, *, seed: int | None = None, max_iter: int | None = None,
                  data_dir: str | None = None, out: str | None = None, progress: bool | None = None,
-                 graph: str = "auto"):
+                 graph: str = "auto", parallel=None):
         self.sf: SolverFile = load_solver(solver_path)
         cfg = self.sf.cfg
         if max_iter is not None:
@@ -101,6 +114,10 @@ class Trainer:
         if seed is None or seed < 0:      # Caffe's random_seed -1: a seed from the system
             seed = cfg.random_seed if seed is None and cfg.random_seed >= 0 else None
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+        self.parallel = parallel            # distributed.DataParallel: one rank of several
+        self.root = parallel is None or parallel.rank == 0      # rank 0 alone logs, tests and snapshots
+        if parallel is not None:
+            self.seed = parallel.common_seed(self.seed)
         self.backend = backend
         prefix = cfg.snapshot_prefix or os.path.splitext(os.path.basename(solver_path))[0]
         if prefix.endswith(("/", os.sep)):        # Caffe's "dir/" prefix: files named like the solver inside it
@@ -111,17 +128,20 @@ class Trainer:
         # else netdsl's .npz (its default: one numpy file, no protobuf needed to read it back)
         explicit = self.sf.record.has("snapshot_format") and cfg.snapshot_format == "BINARYPROTO"
         self.weights_suffix = ".caffemodel" if explicit else ".npz"
-        self._prepare_output(out)
+        if self.root:
+            self._prepare_output(out)
         self.progress_on = sys.stderr.isatty() if progress is None else progress
-        self.log = Logger(self.prefix + ".log", echo=not self.progress_on)
-        self.metrics = Logger(self.prefix + "_metrics.jsonl", echo=False, stamp=False)
+        self.log = Logger(self.prefix + ".log", echo=not self.progress_on) if self.root else Silent()
+        self.metrics = Logger(self.prefix + "_metrics.jsonl", echo=False, stamp=False) if self.root else Silent()
         stages = tuple(cfg.train_state.stage) if cfg.train_state is not None else ()
         self.net = build_net(self.sf.train_net, "TRAIN", backend, seed=self.seed, data_dir=data_dir, stages=stages)
         self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net)
-                      for src in self.sf.test_nets]
+                      for src in self.sf.test_nets] if self.root else []
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
         from .gpu.loop import compile_trainer  # graph mode (GPU): None means eager
         self.compiled = compile_trainer(self, graph)
+        if parallel is not None:
+            parallel.attach(self)
         self.iter = 0
         self.losses: deque = deque(maxlen=max(cfg.average_loss, 1))
         self.stop_requested = False
@@ -139,9 +159,12 @@ class Trainer:
                               else None, help=f"point {given} at a writable directory (e.g. `runs/mynet/`)")
 
     # -- snapshots --------------------------------------------------------------------------
-    def snapshot(self) -> str:
-        """Write the weights and the solver state at this iteration; a failed write (a full disk)
-        stops the run with the previous snapshot intact (writes are atomic)."""
+    def snapshot(self) -> str | None:
+        """Write the weights and the solver state at this iteration (rank 0 alone, in data-parallel
+        training; other ranks return None); a failed write (a full disk) stops the run with the
+        previous snapshot intact (writes are atomic)."""
+        if not self.root:
+            return None
         try:
             return self._snapshot()
         except (OSError, NetdslError) as e:
@@ -160,6 +183,7 @@ class Trainer:
         state["iter"] = np.array(self.iter)
         state["weights"] = np.array(os.path.basename(base + self.weights_suffix))
         state["seed"] = np.array(self.seed)
+        state["procs"] = np.array(self.parallel.size if self.parallel else 1)
         state["losses"] = np.array(list(self.losses), dtype=np.float64)
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
             state[f"{name}/forward_count"] = np.array(net.forward_count)
@@ -199,6 +223,10 @@ class Trainer:
                                    "weights with --weights") from None
         self.iter = int(state["iter"])
         self.seed = int(state["seed"])
+        from .distributed import resume_note
+        note = resume_note(int(state.get("procs", 1)), self.parallel.size if self.parallel else 1)
+        if note:
+            self.log(note, echo=True)
         self.losses.extend(float(x) for x in state["losses"])
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
             net.seed = self.seed
@@ -267,7 +295,7 @@ class Trainer:
         that diverged was not applied), snapshotted now; else the last snapshot of the run."""
         xp = self.backend.xp
         if all(bool(xp.isfinite(p.data).all()) for p in self.net.learnable):
-            snap = self.snapshot()
+            snap = self.snapshot() or f"{self.prefix}_iter_{self.iter}"          # rank 0 writes it
             good = f"the last good weights are in {snap}{self.weights_suffix} (resume with --snapshot {snap}.solverstate.npz)"
         elif self.last_snapshot:
             good = (f"the weights are already NaN or Inf, so none were saved now; the last snapshot is "
@@ -328,6 +356,8 @@ class Trainer:
                 loss += net.loss()
                 net.backward()
             loss /= cfg.iter_size
+            if self.parallel is not None:
+                loss = self.parallel.reduce(self, loss)
             bad = self._non_finite(loss)
             if bad:
                 raise self._diverged(bad)
@@ -359,9 +389,12 @@ class Trainer:
         self.log("Optimization Done.")
 
     def _on_sigint(self, signum, frame):
-        if self.stop_requested:          # a second Ctrl-C: stop now (the snapshot is being written)
-            raise KeyboardInterrupt
-        self.stop_requested = True
+        if self.stop_requested or self.parallel and self.parallel.stop_wanted:
+            raise KeyboardInterrupt      # a second Ctrl-C: stop now (the snapshot is being written)
+        if self.parallel is not None:
+            self.parallel.stop_wanted = True      # every rank stops at the next step's allreduce
+        else:
+            self.stop_requested = True
 
 
 def _main_thread() -> bool:

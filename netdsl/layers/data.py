@@ -418,7 +418,9 @@ def ssd_label(gt: np.ndarray, size) -> np.ndarray:
 
 class ScenesFeed:
     """The DigitScenes layer's run state: the scene generator and a cursor (snapshotted), and an
-    image fed from outside for one forward (`netdsl propose --image`)."""
+    image fed from outside for one forward (`netdsl propose --image`). shard (rank, ranks): rank
+    r of N takes scenes cursor + r, the cursor moving N scenes per forward."""
+    shard = (0, 1)
 
     def __init__(self, scenes):
         self.scenes, self.cursor, self._fed = scenes, 0, None
@@ -446,8 +448,9 @@ class ScenesFeed:
         if self._fed is not None:
             fed, self._fed = self._fed, None
             return fed
-        image, gt = self.scenes.scene(self.cursor)
-        self.cursor += 1
+        rank, ranks = self.shard
+        image, gt = self.scenes.scene(self.cursor + rank)
+        self.cursor += ranks
         return image, gt, image.shape[1:]
 
     def next_labelled(self):
