@@ -173,6 +173,7 @@ class Layer:
     silences: ClassVar[bool] = False      # takes blobs and makes nothing: marks tops unused on purpose (Silence)
     makes_proposals: ClassVar[bool] = False  # the RPN's region proposals (Proposal)
     feeds_scenes: ClassVar[bool] = False  # a data layer with ground-truth boxes an image can be fed to (DigitScenes)
+    decodes_tags: ClassVar[bool] = False  # turns class probabilities into a multi-label prediction (MultiLabelDecode)
     sets_size: ClassVar[bool] = False     # computes a spatial size (Convolution, Pooling): diagnostics trace to it
 
     def __init__(self, spec: LayerSpec, phase: str):
