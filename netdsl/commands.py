@@ -132,6 +132,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", help="directory for snapshots, log and metrics (default: snapshot_prefix's)")
     p.add_argument("--graph", choices=("on", "off", "auto"), default="auto",
                    help="GPU: capture the whole iteration as one CUDA graph (auto: when the net allows)")
+    p.add_argument("--debug-info", action="store_true",
+                   help="as the solver's debug_info: true: Caffe's per-layer data/diff lines on display iterations")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), or proposal "
@@ -289,7 +291,7 @@ def cmd_train(args) -> int:
     from .backend import get_backend
     from .train import Trainer
     trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
-                      data_dir=args.data_dir, out=args.out, graph=args.graph)
+                      data_dir=args.data_dir, out=args.out, graph=args.graph, debug_info=args.debug_info)
     if args.weights:
         trainer.log(str(trainer.net.load(args.weights)), echo=True)
     if args.snapshot:
