@@ -156,6 +156,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_time)
 
+    p = sub.add_parser("gradcheck", help="check every layer's backward against central differences, in float64")
+    p.add_argument("model")
+    p.add_argument("--shape", action="append", default=[], metavar="BLOB=D1,D2,...",
+                   help="the shape of a data blob that can't be known without its data (repeatable)")
+    p.add_argument("--layers", help="check only these layers (comma-separated names)")
+    p.add_argument("--eps", type=float, default=1e-5, help="the central-difference step (default 1e-5)")
+    p.add_argument("--tol", type=float, default=1e-5, help="the tolerance, relative to max(1, |gradient|) "
+                                                           "(default 1e-5)")
+    p.add_argument("--samples", type=int, default=40, help="coordinates checked per large blob (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase", choices=("train", "test"), default="train", type=str.lower)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_gradcheck)
+
     from . import propose
     propose.add_parsers(sub)            # `propose` and `scenes` (region proposals, netdsl/propose.py)
 
@@ -331,6 +345,17 @@ def cmd_test(args) -> int:
         for k, v in means.items():
             print(f"{k} = {v:.6g}")
     return 0
+
+
+def cmd_gradcheck(args) -> int:
+    from .gradient_check import gradcheck
+    layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers else None
+    report = gradcheck(args.model, shapes=dict(parse_shape(s) for s in args.shape), layers=layers, eps=args.eps,
+                       tol=args.tol, samples=args.samples, seed=args.seed, phase=args.phase.upper(),
+                       data_dir=args.data_dir)
+    print(report.render())
+    render_all(report.diagnostics())
+    return EXIT_OK if report.ok else EXIT_USER
 
 
 def cmd_time(args) -> int:
