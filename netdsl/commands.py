@@ -145,6 +145,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object {output: value}")
+    p.add_argument("--stage", action="append", default=[], help="a NetState stage of the TEST net (repeatable)")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("time", help="time forward and backward per layer, like `caffe time`")
@@ -317,10 +318,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> dict[str, float]:
+def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0, stages=()) -> dict[str, float]:
     """Average each scalar output of the TEST net over `iterations` batches."""
     from .executor import build_net
-    net = build_net(model, "TEST", backend, weights=weights, seed=seed, data_dir=data_dir)
+    net = build_net(model, "TEST", backend, weights=weights, seed=seed, data_dir=data_dir, stages=stages)
     sums: dict[str, float] = {}
     for _ in range(iterations):
         for k, v in net.forward().items():
@@ -337,8 +338,10 @@ def cmd_test(args) -> int:
                           help="e.g. --iterations 50 (Caffe's default)")
     if evaluate.has_proposal(args.model):       # an RPN: proposal recall over held-out scenes
         return evaluate.cmd_test_recall(args)
-    means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
-                         args.seed)
+    # a tagging net (MultiLabelDecode given the labels) adds multi-label metrics to its outputs
+    score = evaluate.evaluate_tags if evaluate.has_tag_decoder(args.model, args.stage) else test_outputs
+    means = score(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir, args.seed,
+                  args.stage)
     if args.json:
         print(json.dumps(means))
     else:

@@ -101,8 +101,9 @@ class Trainer:
         self.metrics = open(self.prefix + "_metrics.jsonl", "a", encoding="utf-8")
         stages = tuple(cfg.train_state.stage) if cfg.train_state is not None else ()
         self.net = build_net(self.sf.train_net, "TRAIN", backend, seed=self.seed, data_dir=data_dir, stages=stages)
-        self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net)
-                      for src in self.sf.test_nets]
+        self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net,
+                                stages=tuple(cfg.test_state[i].stage) if i < len(cfg.test_state) else ())
+                      for i, src in enumerate(self.sf.test_nets)]
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
         if debug_info:
             cfg.debug_info = True

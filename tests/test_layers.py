@@ -482,7 +482,7 @@ CASES += [   # SSD's layers (layers/ssd.py); PriorBox and DetectionOutput have n
       id="per-class-loc"),
 ]
 
-DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
+DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "DigitTags", "AnchorTarget", "Proposal"}
 CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
 
 

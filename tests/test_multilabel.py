@@ -3,6 +3,7 @@ multi-label metrics of `netdsl test`, and the MultiDigits data layer."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,91 @@ def test_decode_params_are_checked(params, code):
     with pytest.raises(NetdslError) as e:
         build_layer("MultiLabelDecode", params, [(2, 3)])
     assert e.value.diagnostics[0].code == code
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+def test_tag_metrics_by_hand():
+    from netdsl.evaluate import tag_metrics
+    truth = np.array([[1, 1, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    pred = np.array([[1, 0, 0], [0, 1, 1], [0, 0, 1], [0, 0, 0]])
+    scores = np.array([[0.9, 0.05, 0.05], [0.1, 0.5, 0.4], [0.2, 0.1, 0.7], [0.3, 0.4, 0.3]])
+    m = tag_metrics(pred, truth, scores)
+    assert m["precision"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+    assert m["recall"] == pytest.approx((0.5 + 1 + 1 + 0) / 4)
+    assert m["f1"] == pytest.approx((2 / 3 + 2 / 3 + 1 + 0) / 4)
+    assert m["exact"] == pytest.approx(0.25) and m["samples"] == 4
+    # class 0: scores 0.9 (T), 0.3 (T), 0.2, 0.1 -> ranks 1, 2: AP 1
+    # class 1: 0.5 (T), 0.4, 0.1, 0.05 (T) -> precision 1/1 at rank 1, 2/4 at rank 4: AP 0.75
+    # class 2: 0.7 (T), ... -> AP 1
+    assert m["mAP"] == pytest.approx((1 + 0.75 + 1) / 3)
+
+
+def test_tag_metrics_empty_sets_and_absent_classes():
+    from netdsl.evaluate import tag_metrics
+    m = tag_metrics(np.zeros((2, 3)), np.array([[0, 0, 0], [0, 1, 0]]), np.full((2, 3), 0.5))
+    assert m["f1"] == pytest.approx(0.5) and m["precision"] == pytest.approx(0.5) and m["recall"] == pytest.approx(0.5)
+    assert m["mAP"] == pytest.approx(0.5)      # class 1 only: on a tie its true sample (the 2nd) ranks 2nd
+
+
+# ---------------------------------------------------------------------------------- DigitTags and the sample
+
+NET = Path(__file__).resolve().parents[1] / "nets" / "multilabel_digits.net"
+
+
+def test_digit_tags_are_the_classes_present(mnist_dir):
+    from test_layers import make_net
+
+    from netdsl.data.scenes import DigitScenes
+    text = ('layer { name: "t" type: "DigitTags" top: "data" top: "label" '
+            'digit_tags_param { batch_size: 6 labels: %s seed: 3 } }')
+    soft = make_net(text % "SOFT", "TEST", data_dir=mnist_dir, seed=2)
+    hot = make_net(text % "MULTI_HOT", "TEST", data_dir=mnist_dir, seed=2)
+    soft.forward(), hot.forward()
+    scenes = DigitScenes("train", mnist_dir, seed=5, height=48, width=48, max_digits=4, min_size=14, max_size=24)
+    for k in range(6):
+        image, gt = scenes.scene(k)
+        present = sorted(set(int(c) - 1 for c in gt[:, 4]))
+        np.testing.assert_array_equal(soft.blobs["data"].data[k], image)
+        assert np.flatnonzero(hot.blobs["label"].data[k]).tolist() == present
+        np.testing.assert_allclose(soft.blobs["label"].data[k][present], 1 / len(present))
+        assert soft.blobs["label"].data[k].sum() == pytest.approx(1.0)
+    soft.forward()                                  # the next batch continues at scene 6
+    np.testing.assert_array_equal(soft.blobs["data"].data[0], scenes.scene(6)[0])
+    assert soft.source("t").state() == {"cursor": 12}
+
+
+def test_digit_tags_params_are_checked():
+    with pytest.raises(NetdslError) as e:
+        build_layer("DigitTags", "digit_tags_param { min_size: 30 max_size: 60 }", [], ntops=2)
+    assert e.value.diagnostics[0].code == "E0107" and "max_size" in e.value.diagnostics[0].message
+
+
+@pytest.mark.parametrize("stage", [[], ["--stage", "sigmoid"]])
+def test_netdsl_test_reports_multilabel_metrics(tmp_path, mnist_dir, stage):
+    import contextlib
+    import io
+    import json
+
+    import netdsl
+    from netdsl.cli import main
+    net = netdsl.load(str(NET), phase="test", stages=tuple(stage[1:]), data_dir=mnist_dir)
+    net.save(str(tmp_path / "w.npz"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["test", str(NET), "--weights", str(tmp_path / "w.npz"), "--iterations", "2", "--json",
+                     "--data-dir", mnist_dir, *stage]) == 0
+    r = json.loads(out.getvalue())
+    assert r["samples"] == 200 and {"f1", "precision", "recall", "mAP", "exact"} <= set(r)
+    assert 1 <= r["true_tags_per_sample"] <= 4 and all(0 <= r[k] <= 1 for k in ("f1", "precision", "recall", "mAP"))
+
+
+def test_trainer_builds_test_nets_in_their_test_state(tmp_path, mnist_dir):
+    from netdsl.backend import get_backend
+    from netdsl.train import Trainer
+    path = tmp_path / "solver.net"
+    path.write_text(f'net: "{NET}"\ntrain_state {{ stage: "sigmoid" }}\ntest_state {{ stage: "sigmoid" }}\n'
+                    f'test_iter: 1\ntest_interval: 100\nbase_lr: 0.01\nmax_iter: 0\nsnapshot_prefix: "{tmp_path}/r"\n')
+    tr = Trainer(str(path), get_backend("cpu"), data_dir=mnist_dir, progress=False)
+    assert [s.layer.type for s in tr.net.plan.steps][-1] == "SigmoidCrossEntropyLoss"
+    assert [s.layer.type for s in tr.tests[0].plan.steps][-2:] == ["Sigmoid", "MultiLabelDecode"]
