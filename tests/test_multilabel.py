@@ -182,7 +182,7 @@ def test_digit_tags_are_the_classes_present(mnist_dir):
     soft = make_net(text % "SOFT", "TEST", data_dir=mnist_dir, seed=2)
     hot = make_net(text % "MULTI_HOT", "TEST", data_dir=mnist_dir, seed=2)
     soft.forward(), hot.forward()
-    scenes = DigitScenes("train", mnist_dir, seed=5, height=48, width=48, max_digits=4, min_size=14, max_size=24)
+    scenes = DigitScenes("train", mnist_dir, seed=5, height=32, width=32, max_digits=4, min_size=12, max_size=20)
     for k in range(6):
         image, gt = scenes.scene(k)
         present = sorted(set(int(c) - 1 for c in gt[:, 4]))
@@ -197,7 +197,7 @@ def test_digit_tags_are_the_classes_present(mnist_dir):
 
 def test_digit_tags_params_are_checked():
     with pytest.raises(NetdslError) as e:
-        build_layer("DigitTags", "digit_tags_param { min_size: 30 max_size: 60 }", [], ntops=2)
+        build_layer("DigitTags", "digit_tags_param { min_size: 30 max_size: 40 }", [], ntops=2)
     assert e.value.diagnostics[0].code == "E0107" and "max_size" in e.value.diagnostics[0].message
 
 

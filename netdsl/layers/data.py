@@ -416,9 +416,9 @@ class DigitTags(_DataLayer):
     type = "DigitTags"
     stateful = True
     messages = {"digit_tags_param": Msg("DigitTagsParameter", {
-        "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "batch_size": F(int, 32), "height": F(int, 48),
-        "width": F(int, 48), "min_digits": F(int, 1), "max_digits": F(int, 4), "min_size": F(int, 14),
-        "max_size": F(int, 24), "seed": F(int, 0),
+        "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "batch_size": F(int, 32), "height": F(int, 32),
+        "width": F(int, 32), "min_digits": F(int, 1), "max_digits": F(int, 4), "min_size": F(int, 12),
+        "max_size": F(int, 20), "seed": F(int, 0),
         "labels": F("enum", "SOFT", choices=("SOFT", "MULTI_HOT"), doc="SOFT: 1/k per tag; MULTI_HOT: 1 per tag")})}
     n_tops = (2, 2)
 
@@ -428,7 +428,7 @@ class DigitTags(_DataLayer):
                 (p.batch_size > 0, "batch_size", f"batch_size must be positive, got {p.batch_size}", "32"),
                 (0 < p.min_size <= p.max_size <= min(p.height, p.width), "max_size",
                  f"need 0 < min_size <= max_size <= the image side, got {p.min_size}, {p.max_size} on "
-                 f"{p.height}x{p.width}", "24 (with min_size: 14 on 48x48)"),
+                 f"{p.height}x{p.width}", "20 (with min_size: 12 on 32x32)"),
                 (1 <= p.min_digits <= p.max_digits, "max_digits",
                  f"need 1 <= min_digits <= max_digits, got {p.min_digits} and {p.max_digits}", "4")):
             if not ok:
