@@ -182,6 +182,8 @@ def test_digit_tags_are_the_classes_present(mnist_dir):
     soft = make_net(text % "SOFT", "TEST", data_dir=mnist_dir, seed=2)
     hot = make_net(text % "MULTI_HOT", "TEST", data_dir=mnist_dir, seed=2)
     soft.forward(), hot.forward()
+    assert [soft.plan.blob_shapes[b] for b in ("data", "label")] == [(6, 1, 32, 32), (6, 10)]   # the shape rule
+    assert soft.blobs["data"].data.shape == (6, 1, 32, 32) and soft.blobs["label"].data.shape == (6, 10)
     scenes = DigitScenes("train", mnist_dir, seed=5, height=32, width=32, max_digits=4, min_size=12, max_size=20)
     for k in range(6):
         image, gt = scenes.scene(k)
