@@ -3,19 +3,23 @@ layer as Caffe's GradientChecker checks one layer in its tests.
 
 The net runs once in float64 (Input tops random, data layers reading their data) so that every
 layer sees the bottoms it meets in the net. Then each layer that backpropagates is checked on its
-own: with R_i a fixed random tensor for each top the net sends a gradient to, the objective
+own (in a net without a loss, a deploy net, every layer with a backward, every bottom Caffe's
+force_backward would reach, and every top): with R_i a fixed random tensor for each top the net
+sends a gradient to, the objective
 f = sum_i sum(top_i * R_i) has the analytic gradient layer.backward(R), which is compared with
 central differences (f(x + eps) - f(x - eps)) / 2 eps at every coordinate of small blobs and
 `samples` random coordinates of large ones, for each bottom that needs a gradient and each learned
 param. A coordinate passes when |analytic - numeric| <= tol * max(1, |analytic|, |numeric|)
-(Caffe's test: threshold * max(|a|, |n|, 1)).
+(Caffe's test: threshold * max(|a|, |n|, 1)); a miss is retried at eps / 10, where a smooth
+function's truncation error is 100 times smaller.
 
 Kinks: Caffe's checker skips coordinates within kink_range of a kink the test names (ReLU's 0).
-A layer here does not name its kinks, so they are found numerically: a failing coordinate whose
-one-sided slopes (f(x) - f(x - eps)) / eps and (f(x + eps) - f(x)) / eps differ by more than the
-tolerance, with the analytic gradient between them, has a kink (ReLU at 0, a max-pooling tie)
-within eps of it and is counted as skipped, not failed. A smooth function's one-sided slopes
-agree to O(eps f''), so a wrong gradient is never excused that way."""
+A layer here does not name its kinks, so they are found numerically: a coordinate that misses at
+both steps, whose one-sided slopes (f(x) - f(x - h)) / h and (f(x + h) - f(x)) / h at h = eps / 10
+still differ by more than the tolerance and by at least half their gap at eps, with the analytic
+gradient between them, has a kink (ReLU at 0, a max-pooling tie) within eps / 10 and is counted
+as skipped, not failed. A smooth function's one-sided slopes differ by O(h f''), closing 10-fold
+from eps to eps / 10, so a wrong gradient is not excused that way."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -133,13 +137,16 @@ def gradcheck(source, *, shapes: dict | None = None, layers=None, eps: float = D
     rng = np.random.default_rng(seed)
     net.forward(**_random_inputs(net, rng))
     net.backward()
+    lossless = not net.grads           # a deploy net: every layer and top, as Caffe's force_backward
     report = GradCheck(net.plan.name or str(source), eps, tol,
                        positions={s.node.name: s.layer.spec.pos for s in steps})
     ctx = RunContext(data_dir, seed)
     for i, s in enumerate(steps):
         layer = s.layer
-        if not s.need_backward or layer.no_backward or (layers and s.node.name not in layers):
+        if not (s.need_backward or lossless) or layer.no_backward or (layers and s.node.name not in layers):
             continue
+        propagate = [layer.allow_force_backward(k) for k in range(len(s.node.bottoms))] if lossless \
+            else list(s.propagate)
         bottoms = [np.array(net.values[b]) for b in s.node.bottoms]
         params = [np.array(p.data) for p in net.step_params[i]]
         learn = [not p.frozen and not layer.frozen_params for p in net.step_params[i]]
@@ -153,16 +160,16 @@ def gradcheck(source, *, shapes: dict | None = None, layers=None, eps: float = D
             return layer.forward(np, bottoms, params, state)
 
         tops, saved = run()
-        R = [rng.standard_normal(np.shape(t)) if t_name in net.grads else np.zeros(np.shape(t))
+        R = [rng.standard_normal(np.shape(t)) if lossless or t_name in net.grads else np.zeros(np.shape(t))
              for t, t_name in zip(tops, s.node.tops)]
 
         def f(run=run, R=R):
             return sum(float((np.asarray(t) * r).sum()) for t, r in zip(run()[0], R))
 
         f0 = f()
-        dbottoms, dparams = layer.backward(np, saved, R, params, list(s.propagate))
+        dbottoms, dparams = layer.backward(np, saved, R, params, propagate)
         blobs = [(f"bottom '{u}'", bottoms[k], dbottoms[k]) for k, u in enumerate(layer.spec.bottoms)
-                 if s.propagate[k] and dbottoms[k] is not None]
+                 if propagate[k] and dbottoms[k] is not None]
         blobs += [(f"param {j}", params[j], dparams[j]) for j in range(len(params))
                   if learn[j] and j < len(dparams) and dparams[j] is not None]
         for what, arr, grad in blobs:
@@ -171,8 +178,8 @@ def gradcheck(source, *, shapes: dict | None = None, layers=None, eps: float = D
     if not report.rows:
         raise NetdslError("E0742", f"gradcheck: nothing to check in the {phase} net" +
                           (f" among {', '.join(layers)}" if layers else ""),
-                          help="the layers checked are those that backpropagate in TRAIN (with learned params or "
-                               "a bottom that needs a gradient)")
+                          help="the layers checked are those that backpropagate (with learned params or a bottom "
+                               "that needs a gradient; in a net without a loss, every layer that has a backward)")
     return report
 
 

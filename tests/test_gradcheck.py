@@ -90,3 +90,13 @@ def test_cli_passes_and_checks_its_arguments():
         with pytest.raises(NetdslError) as e:
             gc.gradcheck(str(NETS / "lstm_sequence.net"), **bad)
         assert e.value.diagnostic.code == code
+
+
+def test_a_deploy_net_is_checked_as_with_force_backward():
+    """No loss: every layer with a backward, every top, and every bottom force_backward reaches."""
+    path = NETS.parents[1] / "shared" / "reference" / "caffe" / "examples_mnist_lenet.prototxt"
+    if not path.exists():
+        pytest.skip("shared/reference is not available")
+    r = netdsl.gradcheck(str(path), phase="TEST", samples=3)
+    assert r.ok and ("conv1", "bottom 'data'") in {(row.layer, row.what) for row in r.rows}
+    assert r.rows[-1].type == "Softmax"
