@@ -136,6 +136,8 @@ def add_parsers(sub) -> None:
                                              "-n N; see docs/distributed.md)")
     p.add_argument("--step-timeout", type=float, default=600.0,
                    help="several ranks: seconds a rank waits for the others before stopping them all (default 600)")
+    p.add_argument("--debug-info", action="store_true",
+                   help="as the solver's debug_info: true: Caffe's per-layer data/diff lines on display iterations")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), proposal "
@@ -147,6 +149,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object {output: value}")
+    p.add_argument("--stage", action="append", default=[], help="a NetState stage of the TEST net (repeatable)")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("time", help="time forward and backward per layer, like `caffe time`")
@@ -157,6 +160,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_time)
+
+    p = sub.add_parser("gradcheck", help="check every layer's backward against central differences, in float64")
+    p.add_argument("model")
+    p.add_argument("--shape", action="append", default=[], metavar="BLOB=D1,D2,...",
+                   help="the shape of a data blob that can't be known without its data (repeatable)")
+    p.add_argument("--layers", help="check only these layers (comma-separated names)")
+    p.add_argument("--eps", type=float, default=1e-5, help="the central-difference step (default 1e-5)")
+    p.add_argument("--tol", type=float, default=1e-5, help="the tolerance, relative to max(1, |gradient|) "
+                                                           "(default 1e-5)")
+    p.add_argument("--samples", type=int, default=40, help="coordinates checked per large blob (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase", choices=("train", "test"), default="train", type=str.lower)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_gradcheck)
 
     from . import propose
     propose.add_parsers(sub)            # `propose` and `scenes` (region proposals, netdsl/propose.py)
@@ -298,7 +315,7 @@ def cmd_train(args) -> int:
     if args.procs not in (None, 1) or distributed.launched_ranks() > 1:
         return distributed.cmd_train(args)
     trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
-                      data_dir=args.data_dir, out=args.out, graph=args.graph)
+                      data_dir=args.data_dir, out=args.out, graph=args.graph, debug_info=args.debug_info)
     if args.weights:
         trainer.log(str(trainer.net.load(args.weights)), echo=True)
     if args.snapshot:
@@ -310,12 +327,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> dict[str, float]:
+def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0, stages=()) -> dict[str, float]:
     """Average each scalar output of the TEST net over `iterations` batches; for a net whose loss
     classifies every pixel, also the IoU figures pooled over them (evaluate.PixelConfusion)."""
     from .evaluate import PixelConfusion
     from .executor import build_net
-    net = build_net(model, "TEST", backend, weights=weights, seed=seed, data_dir=data_dir)
+    net = build_net(model, "TEST", backend, weights=weights, seed=seed, data_dir=data_dir, stages=stages)
     pixels = PixelConfusion.for_net(net)
     sums: dict[str, float] = {}
     for _ in range(iterations):
@@ -337,14 +354,27 @@ def cmd_test(args) -> int:
         return evaluate.cmd_test_recall(args)
     if detect.has_detections(args.model):       # a detector: mAP over held-out scenes
         return evaluate.cmd_test_map(args)
-    means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
-                         args.seed)
+    # a tagging net (MultiLabelDecode given the labels) adds multi-label metrics to its outputs
+    score = evaluate.evaluate_tags if evaluate.has_tag_decoder(args.model, args.stage) else test_outputs
+    means = score(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir, args.seed,
+                  args.stage)
     if args.json:
         print(json.dumps(means))
     else:
         for k, v in means.items():
             print(f"{k} = {v:.6g}")
     return 0
+
+
+def cmd_gradcheck(args) -> int:
+    from .gradient_check import gradcheck
+    layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers else None
+    report = gradcheck(args.model, shapes=dict(parse_shape(s) for s in args.shape), layers=layers, eps=args.eps,
+                       tol=args.tol, samples=args.samples, seed=args.seed, phase=args.phase.upper(),
+                       data_dir=args.data_dir)
+    print(report.render())
+    render_all(report.diagnostics())
+    return EXIT_OK if report.ok else EXIT_USER
 
 
 def cmd_time(args) -> int:

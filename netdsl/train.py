@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .debuginfo import DebugInfo
 from .errors import NetdslError
 from .executor import build_net, save_npz
 from .files import prepare_output
@@ -104,7 +105,7 @@ class Progress:
 class Trainer:
     def __init__(self, solver_path: str, backend, *, seed: int | None = None, max_iter: int | None = None,
                  data_dir: str | None = None, out: str | None = None, progress: bool | None = None,
-                 graph: str = "auto", parallel=None):
+                 graph: str = "auto", parallel=None, debug_info: bool = False):
         self.sf: SolverFile = load_solver(solver_path)
         cfg = self.sf.cfg
         if max_iter is not None:
@@ -135,9 +136,15 @@ class Trainer:
         self.metrics = Logger(self.prefix + "_metrics.jsonl", echo=False, stamp=False) if self.root else Silent()
         stages = tuple(cfg.train_state.stage) if cfg.train_state is not None else ()
         self.net = build_net(self.sf.train_net, "TRAIN", backend, seed=self.seed, data_dir=data_dir, stages=stages)
-        self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net)
-                      for src in self.sf.test_nets] if self.root else []
+        self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net,
+                                stages=tuple(cfg.test_state[i].stage) if i < len(cfg.test_state) else ())
+                      for i, src in enumerate(self.sf.test_nets)] if self.root else []
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
+        if debug_info:
+            cfg.debug_info = True
+        self.debug = DebugInfo(self.net, self.log, self.metrics) if cfg.debug_info else None
+        if self.debug and not cfg.display:
+            self.log("debug_info prints on display iterations, as Caffe's; with display: 0 none shows", echo=True)
         from .gpu.loop import compile_trainer  # graph mode (GPU): None means eager
         self.compiled = compile_trainer(self, graph)
         if parallel is not None:
@@ -191,8 +198,10 @@ class Trainer:
                 for k, v in cursor.items():
                     state[f"{name}/data/{layer}/{k}"] = np.array(v)
         save_npz(base + ".solverstate.npz", state)
-        self.log(f"Snapshotting to binary proto file {base}{self.weights_suffix}")
-        self.log(f"Snapshotting solver state to binary proto file {base}.solverstate.npz")
+        # Caffe's words where the file is Caffe's (a binary proto .caffemodel); else what it is
+        what = "binary proto file" if self.weights_suffix == ".caffemodel" else "NumPy archive (weights by layer/index)"
+        self.log(f"Snapshotting to {what} {base}{self.weights_suffix}")
+        self.log(f"Snapshotting solver state to NumPy archive {base}.solverstate.npz")
         self.last_snapshot = base
         return base
 
@@ -351,10 +360,15 @@ class Trainer:
             self.maybe_test()
             net.zero_grad()
             loss = 0.0
+            debug = self.debug if cfg.display and self.iter % cfg.display == 0 else None  # as Caffe: display iterations
             for _ in range(cfg.iter_size):
                 net.forward()
+                if debug:
+                    debug.forward()
                 loss += net.loss()
                 net.backward()
+                if debug:
+                    debug.backward()
             loss /= cfg.iter_size
             if self.parallel is not None:
                 loss = self.parallel.reduce(self, loss)
@@ -367,7 +381,11 @@ class Trainer:
             if cfg.display and self.iter % cfg.display == 0:
                 rate = (self.iter - start) / max(time.time() - t0, 1e-9)
                 self.display(self.iter, smoothed, lr, rate, self._train_outputs())
+            if debug:
+                debug.before_update()
             self.solver.step(self.iter)
+            if debug:
+                debug.after_update(self.iter)
             self.iter += 1
             progress.update(self.iter, smoothed, lr, start)
             if cfg.snapshot and self.iter % cfg.snapshot == 0:

@@ -1,4 +1,4 @@
-"""Data layers: Input, DummyData, Caffe's Data (shape from --shape), MNIST and DigitScenes."""
+"""Data layers: Input, DummyData, Caffe's Data (shape from --shape), MNIST, DigitScenes and DigitTags."""
 from __future__ import annotations
 
 import numpy as np
@@ -458,3 +458,75 @@ class ScenesFeed:
         image, _, labels = self.scenes.labelled_scene(self.cursor)
         self.cursor += 1
         return image, labels
+
+@register
+class DigitTags(_DataLayer):
+    """netdsl: multi-label images for tagging: each of a batch's images holds min_digits..max_digits
+    real MNIST digits (netdsl.data.scenes.DigitScenes' scenes, drawn small), and its tags are the set
+    of digit classes present. Tops: data N x 1 x H x W and label N x 10, either soft labels (1/k for
+    each of the k classes present: SoftmaxWithLoss's distributions, Mahajan et al. 2018) or a multi-hot
+    0/1 row (SigmoidCrossEntropyLoss's targets). Batch k holds scenes k*N .. k*N + N - 1 of (seed + run
+    seed, split), so runs repeat and a resumed run continues from its cursor; TEST draws the MNIST
+    test digits."""
+    type = "DigitTags"
+    stateful = True
+    messages = {"digit_tags_param": Msg("DigitTagsParameter", {
+        "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "batch_size": F(int, 32), "height": F(int, 32),
+        "width": F(int, 32), "min_digits": F(int, 1), "max_digits": F(int, 4), "min_size": F(int, 12),
+        "max_size": F(int, 20), "seed": F(int, 0),
+        "labels": F("enum", "SOFT", choices=("SOFT", "MULTI_HOT"), doc="SOFT: 1/k per tag; MULTI_HOT: 1 per tag")})}
+    n_tops = (2, 2)
+
+    def validate(self):
+        p = self.p
+        for ok, field, what, example in (
+                (p.batch_size > 0, "batch_size", f"batch_size must be positive, got {p.batch_size}", "32"),
+                (0 < p.min_size <= p.max_size <= min(p.height, p.width), "max_size",
+                 f"need 0 < min_size <= max_size <= the image side, got {p.min_size}, {p.max_size} on "
+                 f"{p.height}x{p.width}", "20 (with min_size: 12 on 32x32)"),
+                (1 <= p.min_digits <= p.max_digits, "max_digits",
+                 f"need 1 <= min_digits <= max_digits, got {p.min_digits} and {p.max_digits}", "4")):
+            if not ok:
+                return [ShapeError("E0107", f"DigitTags '{self.name}': {what}", field=field,
+                                   help=f"e.g. `{field}: {example}`")]
+        return []
+
+    def shape(self, bottoms):
+        p = self.p
+        return [(p.batch_size, 1, p.height, p.width), (p.batch_size, 10)]
+
+    def open(self, ctx):
+        from ..data.scenes import DigitScenes as Scenes
+        p = self.p
+        return TagsFeed(Scenes(split=p.split.lower(), data_dir=ctx.data_dir, seed=p.seed + ctx.seed, height=p.height,
+                               width=p.width, min_digits=p.min_digits, max_digits=p.max_digits, min_size=p.min_size,
+                               max_size=p.max_size))
+
+    def forward(self, xp, bottoms, params, state):
+        images, tags = state.source.next(self.p.batch_size)
+        if self.p.labels == "SOFT":
+            tags = tags / tags.sum(axis=1, keepdims=True)
+        return [xp.asarray(images), xp.asarray(tags)], None
+
+
+class TagsFeed:
+    """DigitTags' run state: the scene generator and the next scene's index (snapshotted)."""
+
+    def __init__(self, scenes):
+        self.scenes, self.cursor = scenes, 0
+
+    def state(self):
+        return {"cursor": self.cursor}
+
+    def load_state(self, state):
+        self.cursor = int(state["cursor"])
+
+    def next(self, n: int):
+        """n images (n, 1, H, W) and their multi-hot tags (n, 10), float32."""
+        images, tags = [], np.zeros((n, 10), np.float32)
+        for k in range(n):
+            image, gt = self.scenes.scene(self.cursor + k)
+            images.append(image)
+            tags[k, gt[:, 4].astype(int) - 1] = 1       # gt class = digit + 1
+        self.cursor += n
+        return np.stack(images).astype(np.float32), tags
