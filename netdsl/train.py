@@ -267,7 +267,11 @@ class Trainer:
             net.zero_grad()
             loss = 0.0
             for _ in range(cfg.iter_size):
-                net.forward()
+                try:
+                    net.forward()
+                except NetdslError as e:           # a bad record met mid-training: keep what was learnt
+                    progress.clear()
+                    raise self._stopped(e) from None
                 loss += net.loss()
                 net.backward()
             loss /= cfg.iter_size
@@ -290,6 +294,13 @@ class Trainer:
             if cfg.snapshot and self.iter % cfg.snapshot == 0:
                 progress.clear()
                 self.snapshot()
+
+    def _stopped(self, error: NetdslError) -> NetdslError:
+        """`error`, after a snapshot of the last good state (weights and cursors before this batch)."""
+        snap = self.snapshot()
+        error.diagnostic.notes.append(f"training stopped at iteration {self.iter}; the last good state is in "
+                                      f"{snap}{self.weights_suffix} (resume with --snapshot {snap}.solverstate.npz)")
+        return error
 
     def _finish(self) -> None:
         cfg = self.sf.cfg

@@ -473,8 +473,9 @@ CASES += [   # SSD's layers (layers/ssd.py); PriorBox and DetectionOutput have n
       id="per-class-loc"),
 ]
 
-DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
-CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
+DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal",
+              "Data", "ImageData", "HDF5Data", "HDF5Output"}   # tests/test_data_layers.py
+CHECK_ONLY = {"WindowData", "Python", "DenseImageData"}   # runnable = False: shape rule only
 
 
 def ids(cases):
