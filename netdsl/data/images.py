@@ -8,7 +8,9 @@ import importlib
 import io
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from ..caffe_pb import messages
 from ..errors import NetdslError
 
 _FORMATS = ("PNG", "JPEG", "BMP", "PPM", "TIFF", "WEBP", "GIF")     # what cv::imdecode reads, tried in this order
@@ -75,7 +77,6 @@ def resize(chw: np.ndarray, height: int, width: int) -> np.ndarray:
 def to_datum(chw: np.ndarray | None, label: int, encoded: bytes | None = None) -> bytes:
     """A serialized Datum: raw C x H x W uint8 pixels, or encoded image bytes (shape fields 0, as
     convert_imageset --encoded writes them)."""
-    from ..caffe_pb import messages
     d = messages()["Datum"](label=int(label))
     if encoded is not None:
         d.data, d.encoded = encoded, True
@@ -89,9 +90,6 @@ def from_datum(raw: bytes, where: str, color: bool | None = None) -> tuple[np.nd
     """A Datum's image (C x H x W: uint8 from data, float32 from float_data) and label. color:
     force_color / force_gray for an encoded Datum (None: its own channels), as Caffe's
     DataTransformer decodes it; raw Datums ignore it, as Caffe does."""
-    from google.protobuf.message import DecodeError
-
-    from ..caffe_pb import messages
     d = messages()["Datum"]()
     try:
         d.ParseFromString(raw)
@@ -101,7 +99,7 @@ def from_datum(raw: bytes, where: str, color: bool | None = None) -> tuple[np.nd
     if d.encoded:
         return decode_image(d.data, color, where), d.label
     shape = (d.channels, d.height, d.width)
-    n = int(np.prod(shape))
+    n = d.channels * d.height * d.width
     if d.data:
         if n == 0 or len(d.data) != n:
             raise _corrupt(where, f"{len(d.data)} bytes of pixels for a {shape[0]}x{shape[1]}x{shape[2]} image")

@@ -105,8 +105,7 @@ class LmdbRecords:
         lmdb = need("lmdb", "the Data layer")
         self.source, self.color = source, color
         try:
-            self.env = lmdb.open(source, readonly=True, lock=False, readahead=False, subdir=os.path.isdir(source),
-                                 max_readers=64)
+            self.env = _open_lmdb(lmdb, source)
             with self.env.begin() as txn:
                 self.keys = list(txn.cursor().iternext(keys=True, values=False))
         except lmdb.Error as e:
@@ -131,6 +130,25 @@ class LmdbRecords:
             raise _size_mismatch(self.where(i), chw.shape, self.fixed,
                                  "build the LMDB with `netdsl data convert-imageset --resize H,W`")
         return chw, label
+
+
+_ENVS: dict = {}
+
+
+def _open_lmdb(lmdb, source: str):
+    """One read-only environment per LMDB and process (LMDB refuses a second one: the train and
+    test nets, or the checker and the net, may read the same database)."""
+    key = os.path.realpath(source)
+    data = os.path.join(source, "data.mdb") if os.path.isdir(source) else source
+    stamp = (os.stat(data).st_ino, os.stat(data).st_dev)
+    stamped, env = _ENVS.get(key, (None, None))
+    if stamped != stamp:                     # new, or rebuilt in place: the old environment is stale
+        if env is not None:
+            env.close()
+        env = lmdb.open(source, readonly=True, lock=False, readahead=False, subdir=os.path.isdir(source),
+                        max_readers=64)
+        _ENVS[key] = (stamp, env)
+    return env
 
 
 class Hdf5Rows:

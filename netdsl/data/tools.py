@@ -98,8 +98,8 @@ def convert_imageset(root: str, list_file: str, out: str, resize_to: tuple[int, 
                      seed: int = 0, progress: bool | None = None) -> int:
     """Caffe's convert_imageset: each `path label` line's image (root + path) as a Datum, keys
     `%08d_path` in list order (shuffled by `seed` with `shuffle`); raw BGR/gray pixels, or
-    encoded (encode_type png/jpg: the file's own bytes when its format already matches and there
-    is no resize, as Caffe). Returns the number of records."""
+    encoded (encode_type png/jpg: the file's own bytes when its format and channels already match
+    and there is no resize, as Caffe's ReadImageToDatum). Returns the number of records."""
     images = ImageList(list_file, root, not gray, *(resize_to or (0, 0)))
     order = np.random.default_rng(seed).permutation(len(images)) if shuffle else np.arange(len(images))
     bar = Progress("convert-imageset", len(images), progress)
@@ -109,10 +109,9 @@ def convert_imageset(root: str, list_file: str, out: str, resize_to: tuple[int, 
             path = images.paths[i]
             if encode_type:
                 ext = os.path.splitext(path)[1].lower().lstrip(".").replace("jpeg", "jpg")
-                if resize_to is None and ext == encode_type and not gray:
-                    data = images.read(i)
-                    decode_image(data, None, images.where(i))          # a corrupt file fails here, not in training
-                else:
+                data = images.read(i)
+                native = decode_image(data, None, images.where(i))      # a corrupt file fails here, not in training
+                if resize_to is not None or ext != encode_type or (native.shape[0] == 3) == gray:
                     data = encode_image(images.item(i)[0], encode_type)
                 value = to_datum(None, images.labels[i], data)
             else:
