@@ -323,6 +323,27 @@ def test_prefetch_thread_error_is_raised_not_hung():
     assert f.state() == {"batch": 1}
 
 
+def test_prefetch_thread_ends_with_its_net(tmp_path):
+    import gc
+    import threading
+    import time
+    listing, _, _ = image_folder(tmp_path / "img", n=8)
+    net = data_net(tmp_path, image_data(listing, tmp_path / "img"))
+    net.forward()
+
+    def prefetching():
+        return [t for t in threading.enumerate() if t.name == "netdsl-prefetch"]
+
+    threads = prefetching()
+    assert threads
+    del net
+    gc.collect()
+    deadline = time.time() + 10
+    while any(t.is_alive() for t in threads) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(t.is_alive() for t in threads)
+
+
 SOLVER = """net: "{net}"
 base_lr: 0.01
 momentum: 0.9

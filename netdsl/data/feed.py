@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
-
-_STOP = object()
 
 
 class BatchFeed:
@@ -74,25 +73,9 @@ class BatchFeed:
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        self._thread = threading.Thread(target=self._run, args=(self.cursor, self._queue, self._stop),
+        self._thread = threading.Thread(target=_prefetch, args=(weakref.ref(self), self.cursor, self._queue, self._stop),
                                         name="netdsl-prefetch", daemon=True)
         self._thread.start()
-
-    def _run(self, k: int, q: queue.Queue, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                item = self.batch(k)
-            except BaseException as e:      # handed to the consumer, which raises it: never a silent hang
-                item = e
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, BaseException):
-                return
-            k += 1
 
     def close(self) -> None:
         """Stop the prefetch thread (what it made ahead is dropped; the cursor is kept)."""
@@ -100,3 +83,28 @@ class BatchFeed:
             self._stop.set()
             self._thread.join()
             self._thread = None
+
+
+def _prefetch(feed_ref, k: int, q: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: batches k, k+1, ... into q until stopped, an error (handed over, never
+    kept: the consumer raises it), or the feed's owner is gone (the thread holds the feed only
+    while it makes a batch, so a dropped Net frees its feed and this thread ends)."""
+    while not stop.is_set():
+        feed = feed_ref()
+        if feed is None:
+            return
+        try:
+            item = feed.batch(k)
+        except BaseException as e:
+            item = e
+        del feed
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                break
+            except queue.Full:
+                if feed_ref() is None:
+                    return
+        if isinstance(item, BaseException):
+            return
+        k += 1
