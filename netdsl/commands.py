@@ -140,6 +140,7 @@ def add_parsers(sub) -> None:
     p.add_argument("out", help="the directory to write into")
     p.add_argument("--format", choices=("png", "lmdb", "hdf5"), required=True)
     p.add_argument("--limit", type=int, help="only the first N images of each split")
+    p.add_argument("--color", action="store_true", help="digits tinted at random on 32x32 colour canvases (3 channels)")
     p.add_argument("--data-dir", help="where MNIST is (default: $NETDSL_DATA or the user cache dir)")
     p.set_defaults(func=cmd_data_tool)
 
@@ -326,7 +327,7 @@ def cmd_data_tool(args) -> int:
         mean = tools.compute_mean(args.db, args.output)
         print(f"wrote the {'x'.join(map(str, mean.shape[1:]))} mean to {args.output}")
     else:
-        for path in tools.export_mnist(args.out, args.format, args.data_dir, args.limit):
+        for path in tools.export_mnist(args.out, args.format, args.data_dir, args.limit, color=args.color):
             print(f"wrote {path}")
     return 0
 

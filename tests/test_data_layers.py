@@ -495,3 +495,33 @@ def test_samples_train_a_short_run(tmp_path, monkeypatch, capsys, mnist_dir, sam
     code, out = run_cli(capsys, "train", str(REPO / "nets" / f"{sample}_solver.net"), "--max-iter", "30")
     assert code == 0, out
     assert (tmp_path / "runs" / sample / "lenet_iter_30.npz").exists()
+
+
+def test_export_mnist_color_png_and_lmdb_agree(tmp_path, capsys):
+    write_all(tmp_path / "mnist" / "mnist", synthetic_files(seed=8))
+    out = tmp_path / "ex"
+    for fmt in ("png", "lmdb"):
+        code, text = run_cli(capsys, "data", "export-mnist", str(out), "--format", fmt, "--color",
+                             "--data-dir", str(tmp_path / "mnist"))
+        assert code == 0, text
+    got = []
+    for layer in (image_data(out / "train.txt", out), lmdb_data(out / "mnist_train_lmdb")):
+        net = data_net(tmp_path, layer)
+        net.forward()
+        got.append(net.blobs["data"].data)
+    assert got[0].shape == (4, 3, 32, 32) and np.array_equal(got[0], got[1])
+    want = tools.tinted(synthetic(5, 8)[0], seed=0)[:4]          # the train split's 5 digits, tinted
+    assert np.array_equal(got[0], want) and not np.array_equal(want[:, 0], want[:, 1])
+
+
+def test_cifar10_quick_digits_sample_trains(tmp_path, monkeypatch, capsys, mnist_dir):
+    monkeypatch.chdir(tmp_path)
+    tools.export_mnist("data/digits_color", "lmdb", mnist_dir, limit=300, progress=False, color=True)
+    tools.compute_mean("data/digits_color/mnist_train_lmdb", "data/digits_color/mean.binaryproto", progress=False)
+    # the sample's solver, with one test batch (its own tests 10,000 images before the first step)
+    solver = (REPO / "nets" / "cifar10_quick_digits_solver.net").read_text()
+    solver = solver.replace('net: "cifar10_quick_digits.net"', f'net: "{REPO / "nets" / "cifar10_quick_digits.net"}"')
+    solver = solver.replace("test_iter: 100", "test_iter: 1")
+    code, out = run_cli(capsys, "train", write(tmp_path, solver, "solver.net"), "--max-iter", "2")
+    assert code == 0, out
+    assert (tmp_path / "runs" / "cifar10_quick_digits" / "cifar10_quick_iter_2.npz").exists()

@@ -147,14 +147,31 @@ def compute_mean(db: str, out: str, progress: bool | None = None) -> np.ndarray:
     return mean
 
 
+def tinted(images: np.ndarray, seed: int) -> np.ndarray:
+    """MNIST digits as a CIFAR-10-sized colour set: N x 3 x 32 x 32 uint8 (BGR), each 28 x 28 digit
+    centred on a 32 x 32 canvas, its ink and background two random colours (drawn from `seed`)
+    at least 96 apart on average, so the colour says nothing about the class."""
+    rng = np.random.default_rng(seed)
+    n = len(images)
+    bg = rng.integers(0, 256, (n, 3)).astype(np.float32)
+    fg = rng.integers(0, 256, (n, 3)).astype(np.float32)
+    close = np.abs(fg - bg).mean(1) < 96
+    fg[close] = 255 - bg[close]
+    ink = np.zeros((n, 32, 32), np.float32)
+    ink[:, 2:30, 2:30] = images / np.float32(255)
+    out = bg[:, :, None, None] * (1 - ink[:, None]) + fg[:, :, None, None] * ink[:, None]
+    return np.rint(out).astype(np.uint8)
+
+
 def export_mnist(out: str, fmt: str, data_dir: str | None = None, limit: int | None = None,
-                 progress: bool | None = None) -> list[str]:
+                 progress: bool | None = None, color: bool = False) -> list[str]:
     """MNIST's train and test splits under `out`, as
     png:  train/NNNNN.png, test/..., and list files train.txt / test.txt (`train/00000.png 5`);
     lmdb: mnist_train_lmdb / mnist_test_lmdb of raw 1x28x28 Datums (Caffe's convert_mnist_data);
     hdf5: train.h5 / test.h5 (datasets data N x 1 x 28 x 28 float32 scaled to [0, 1) by 1/256, as
           LeNet's scale, and label N) and the list files train_h5.txt / test_h5.txt.
-    `limit`: the first N images of each split. Returns what was written."""
+    `limit`: the first N images of each split. `color`: the digits `tinted` (3 x 32 x 32) instead of
+    1 x 28 x 28 gray. Returns what was written."""
     from .mnist import load_mnist
     if fmt not in ("png", "lmdb", "hdf5"):
         raise NetdslError("E0951", f"unknown export format '{fmt}'", help="use --format png, lmdb or hdf5")
@@ -163,18 +180,19 @@ def export_mnist(out: str, fmt: str, data_dir: str | None = None, limit: int | N
     for split in ("train", "test"):
         images, labels = load_mnist(split, data_dir)
         images, labels = images[:limit], labels[:limit]
+        chw = tinted(images, seed=0 if split == "train" else 1) if color else images[:, None]
         bar = Progress(f"export {split} ({fmt})", len(images), progress)
         if fmt == "png":
-            written += _export_png(out, split, images, labels, bar)
+            written += _export_png(out, split, chw, labels, bar)
         elif fmt == "lmdb":
             target = os.path.join(out, f"mnist_{split}_lmdb")
             with LmdbWriter(target) as db:
-                for i, (image, label) in enumerate(zip(images, labels)):
-                    db.put(f"{i:08d}".encode(), to_datum(image[None], int(label)))
+                for i, (image, label) in enumerate(zip(chw, labels)):
+                    db.put(f"{i:08d}".encode(), to_datum(image, int(label)))
                     bar.step()
             written.append(target)
         else:
-            written += _export_hdf5(out, split, images, labels, bar)
+            written += _export_hdf5(out, split, chw, labels, bar)
         bar.close()
     return written
 
@@ -188,7 +206,7 @@ def _export_png(out, split, images, labels, bar) -> list[str]:
     lines = []
     try:
         for i, (image, label) in enumerate(zip(images, labels)):
-            write_png(os.path.join(tmp, f"{i:05d}.png"), image)
+            write_png(os.path.join(tmp, f"{i:05d}.png"), image[0] if len(image) == 1 else image[::-1].transpose(1, 2, 0))
             lines.append(f"{split}/{i:05d}.png {int(label)}\n")
             bar.step()
     except BaseException:
@@ -206,7 +224,7 @@ def _export_hdf5(out, split, images, labels, bar) -> list[str]:
     tmp = _fresh(target)
     _fresh(listing)
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("data", data=images[:, None].astype(np.float32) * np.float32(0.00390625))
+        f.create_dataset("data", data=images.astype(np.float32) * np.float32(0.00390625))
         f.create_dataset("label", data=labels.astype(np.float32))
     _finish(tmp, target)
     bar.step(len(images))
