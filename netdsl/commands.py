@@ -114,11 +114,35 @@ def add_parsers(sub) -> None:
                    help="run the model with onnxruntime on random input and compare with netdsl's forward")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("data", help="download a dataset into the data directory (checksum-verified)")
-    p.add_argument("dataset", choices=("mnist",))
+    p = sub.add_parser("data", help="download MNIST; make LMDBs, mean files and exports for the data layers")
+    tools = p.add_subparsers(dest="dataset", required=True, metavar="{mnist,convert-imageset,compute-mean,export-mnist}")
+    p = tools.add_parser("mnist", help="download MNIST into the data directory (checksum-verified)")
     p.add_argument("--data-dir", help="where to put it (default: $NETDSL_DATA or the user cache dir)")
     p.add_argument("--force", action="store_true", help="download again even if the files are valid")
     p.set_defaults(func=cmd_data)
+    p = tools.add_parser("convert-imageset", help="images + a `path label` list file -> an LMDB of Datums (Caffe's "
+                         "convert_imageset)")
+    p.add_argument("root", help="prepended to each path of the list (as written: end it with /)")
+    p.add_argument("list", help="the list file: `path label` per line")
+    p.add_argument("out_db", help="the LMDB directory to create")
+    p.add_argument("--resize", metavar="H,W", help="resize every image to H x W")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the lines (by --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gray", action="store_true", help="store gray images (1 channel)")
+    p.add_argument("--encoded", action="store_true", help="store encoded images instead of raw pixels")
+    p.add_argument("--encode-type", choices=("png", "jpg"), default="png", help="with --encoded (default png)")
+    p.set_defaults(func=cmd_data_tool)
+    p = tools.add_parser("compute-mean", help="the mean image of an LMDB -> mean.binaryproto (compute_image_mean)")
+    p.add_argument("db")
+    p.add_argument("-o", "--output", required=True, help="the .binaryproto to write")
+    p.set_defaults(func=cmd_data_tool)
+    p = tools.add_parser("export-mnist", help="MNIST as a PNG folder + list files, an LMDB, or HDF5 files")
+    p.add_argument("out", help="the directory to write into")
+    p.add_argument("--format", choices=("png", "lmdb", "hdf5"), required=True)
+    p.add_argument("--limit", type=int, help="only the first N images of each split")
+    p.add_argument("--color", action="store_true", help="digits tinted at random on 32x32 colour canvases (3 channels)")
+    p.add_argument("--data-dir", help="where MNIST is (default: $NETDSL_DATA or the user cache dir)")
+    p.set_defaults(func=cmd_data_tool)
 
     p = sub.add_parser("train", help="train a net with a Caffe solver file")
     p.add_argument("solver")
@@ -305,6 +329,29 @@ def cmd_data(args) -> int:
     from .data.download import download_mnist
     path = download_mnist(args.data_dir, force=args.force)
     print(f"MNIST is ready in {path}")
+    return 0
+
+
+def cmd_data_tool(args) -> int:
+    from .data import tools
+    if args.dataset == "convert-imageset":
+        size = None
+        if args.resize:
+            try:
+                size = tuple(int(v) for v in args.resize.split(","))
+            except ValueError:
+                size = ()
+            if len(size) != 2 or min(size) <= 0:
+                raise NetdslError("E0951", f"--resize {args.resize!r} is not H,W", help="e.g. --resize 256,256")
+        n = tools.convert_imageset(args.root, args.list, args.out_db, size, args.shuffle, args.gray,
+                                   args.encode_type if args.encoded else None, args.seed)
+        print(f"wrote {n} records to {args.out_db}")
+    elif args.dataset == "compute-mean":
+        mean = tools.compute_mean(args.db, args.output)
+        print(f"wrote the {'x'.join(map(str, mean.shape[1:]))} mean to {args.output}")
+    else:
+        for path in tools.export_mnist(args.out, args.format, args.data_dir, args.limit, color=args.color):
+            print(f"wrote {path}")
     return 0
 
 

@@ -362,7 +362,11 @@ class Trainer:
             loss = 0.0
             debug = self.debug if cfg.display and self.iter % cfg.display == 0 else None  # as Caffe: display iterations
             for _ in range(cfg.iter_size):
-                net.forward()
+                try:
+                    net.forward()
+                except NetdslError as e:           # a bad record met mid-training: keep what was learnt
+                    progress.clear()
+                    raise self._stopped(e) from None
                 if debug:
                     debug.forward()
                 loss += net.loss()
@@ -391,6 +395,13 @@ class Trainer:
             if cfg.snapshot and self.iter % cfg.snapshot == 0:
                 progress.clear()
                 self.snapshot()
+
+    def _stopped(self, error: NetdslError) -> NetdslError:
+        """`error`, after a snapshot of the last good state (weights and cursors before this batch)."""
+        snap = self.snapshot() or f"{self.prefix}_iter_{self.iter}"          # rank 0 writes it
+        error.diagnostics[0].notes.append(f"training stopped at iteration {self.iter}; the last good state is in "
+                                      f"{snap}{self.weights_suffix} (resume with --snapshot {snap}.solverstate.npz)")
+        return error
 
     def _finish(self) -> None:
         cfg = self.sf.cfg

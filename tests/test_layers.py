@@ -506,8 +506,9 @@ CASES += [   # py-faster-rcnn's ProposalTarget (layers/rpn.py): sampling and tar
       "normalize_targets: false }", ((20, 5), (2, 5)), tops=5, inputs=("roi1x30x30", "gt3x30x30"), id="end2end-lo0"),
 ]
 
-DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "DigitTags", "AnchorTarget", "Proposal"}
-CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
+DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "DigitTags", "AnchorTarget", "Proposal",
+              "Data", "ImageData", "HDF5Data", "HDF5Output"}   # tests/test_data_layers.py
+CHECK_ONLY = {"WindowData", "Python", "DenseImageData"}   # runnable = False: shape rule only
 
 
 def ids(cases):
