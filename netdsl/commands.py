@@ -132,6 +132,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", help="directory for snapshots, log and metrics (default: snapshot_prefix's)")
     p.add_argument("--graph", choices=("on", "off", "auto"), default="auto",
                    help="GPU: capture the whole iteration as one CUDA graph (auto: when the net allows)")
+    p.add_argument("--cpu-kernels", choices=("compiled", "numpy"), default="compiled",
+                   help="CPU: compiled (Numba) kernels over preallocated buffers, or the NumPy layers")
+    p.add_argument("--threads", type=int, help="CPU: threads for the kernels and BLAS (default: the available cores)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), or proposal "
@@ -289,7 +292,8 @@ def cmd_train(args) -> int:
     from .backend import get_backend
     from .train import Trainer
     trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
-                      data_dir=args.data_dir, out=args.out, graph=args.graph)
+                      data_dir=args.data_dir, out=args.out, graph=args.graph, cpu_kernels=args.cpu_kernels,
+                      threads=args.threads)
     if args.weights:
         trainer.log(str(trainer.net.load(args.weights)), echo=True)
     if args.snapshot:

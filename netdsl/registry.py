@@ -174,6 +174,7 @@ class Layer:
     makes_proposals: ClassVar[bool] = False  # the RPN's region proposals (Proposal)
     feeds_scenes: ClassVar[bool] = False  # a data layer with ground-truth boxes an image can be fed to (DigitScenes)
     sets_size: ClassVar[bool] = False     # computes a spatial size (Convolution, Pooling): diagnostics trace to it
+    cpu_op: ClassVar[str | None] = None   # its compiled CPU op (cpu/ops.py OPS), if it has one
 
     def __init__(self, spec: LayerSpec, phase: str):
         self.spec = spec

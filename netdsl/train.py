@@ -74,7 +74,7 @@ class Progress:
 class Trainer:
     def __init__(self, solver_path: str, backend, *, seed: int | None = None, max_iter: int | None = None,
                  data_dir: str | None = None, out: str | None = None, progress: bool | None = None,
-                 graph: str = "auto"):
+                 graph: str = "auto", cpu_kernels: str = "compiled", threads: int | None = None):
         self.sf: SolverFile = load_solver(solver_path)
         cfg = self.sf.cfg
         if max_iter is not None:
@@ -103,6 +103,8 @@ class Trainer:
         self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net)
                       for src in self.sf.test_nets]
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
+        from .cpu import compile_training  # the CPU: thread counts, compiled kernels and flat solver
+        self.cpu = compile_training(self, cpu_kernels, threads)
         from .gpu.loop import compile_trainer  # graph mode (GPU): None means eager
         self.compiled = compile_trainer(self, graph)
         self.iter = 0
