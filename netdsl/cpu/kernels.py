@@ -137,21 +137,17 @@ def im2col_batched(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
 
 @njit(cache=True, parallel=True)
 def col2im_batched(dcols, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
-    """The adjoint of im2col_batched."""
-    N, C, H, W = dx.shape
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        for iy in range(H):
-            for ix in range(W):
-                dx[n, c, iy, ix] = 0
-        for i in range(kh):
-            for j in range(kw):
-                r = (c * kh + i) * kw + j
-                off, lo, hi = _valid_x(j, kw, sw, pw, dw, ow, W)
-                for y in range(oh):
-                    iy = y * sh - ph + i * dh
-                    if iy < 0 or iy >= H:
-                        continue
+    """The adjoint of im2col_batched: each (image, channel) plane sums its kh*kw rows."""
+    C, H, W = dx.shape[1:]
+    for plane in prange(dx.shape[0] * C):
+        n, c = plane // C, plane % C
+        dx[n, c] = 0
+        for r in range(c * kh * kw, (c + 1) * kh * kw):
+            i, j = r // kw % kh, r % kw
+            off, lo, hi = _valid_x(j, kw, sw, pw, dw, ow, W)
+            for y in range(oh):
+                iy = y * sh - ph + i * dh
+                if 0 <= iy < H:
                     for xo in range(lo, hi):
                         dx[n, c, iy, xo * sw + off] += dcols[n, r, y * ow + xo]
 
@@ -215,120 +211,91 @@ def relu_backward(dy, y, dx, slope):
 
 
 # -------------------------------------------------------------------------------------------
-# Pooling, Caffe's geometry: a window starts at o*s - pad and is clipped to the input (MAX) or to
-# the input plus its pad (AVE's divisor); MAX keeps the first maximum in row-major order.
+# Pooling on planes (N*C, H, W), Caffe's geometry: a window starts at o*s - pad and is clipped
+# to the input (MAX) or to the input plus its pad (AVE's divisor); MAX keeps the first maximum in
+# row-major order and its flat index h*W + w for backward.
 
 
 @njit(cache=True, parallel=True)
 def max_pool_forward(x, y, arg, kh, kw, sh, sw, ph, pw):
-    """y = each window's max; arg = the flat index h*W + w of the first max in its plane (the
-    window's top-left cell if nothing beats -inf, -1 when that cell is padding)."""
-    N, C, H, W = x.shape
-    OH, OW = y.shape[2], y.shape[3]
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        for oy in range(OH):
+    """y = each window's max; arg = where (the window's top-left cell if nothing beats -inf, -1
+    when that cell is padding)."""
+    H, W = x.shape[1], x.shape[2]
+    for q in prange(x.shape[0]):
+        for oy in range(y.shape[1]):
             hs = oy * sh - ph
-            he = min(hs + kh, H)
-            for ox in range(OW):
+            for ox in range(y.shape[2]):
                 ws = ox * sw - pw
-                we = min(ws + kw, W)
                 best = -np.inf
                 at = hs * W + ws if hs >= 0 and ws >= 0 else -1
-                for iy in range(max(hs, 0), he):
-                    for ix in range(max(ws, 0), we):
-                        v = x[n, c, iy, ix]
-                        if v > best:
-                            best = v
-                            at = iy * W + ix
-                y[n, c, oy, ox] = best
-                arg[n, c, oy, ox] = at
+                for iy in range(max(hs, 0), min(hs + kh, H)):
+                    for ix in range(max(ws, 0), min(ws + kw, W)):
+                        if x[q, iy, ix] > best:
+                            best, at = x[q, iy, ix], iy * W + ix
+                y[q, oy, ox] = best
+                arg[q, oy, ox] = at
 
 
 @njit(cache=True, parallel=True)
 def max_pool_2x2(x, y, arg):
     """max_pool_forward for 2x2 windows, stride 2, no pad, even H and W (every window inside)."""
-    N, C, H, W = x.shape
-    OH, OW = y.shape[2], y.shape[3]
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        for oy in range(OH):
-            for ox in range(OW):
-                iy, ix = 2 * oy, 2 * ox
-                best = x[n, c, iy, ix]
-                at = iy * W + ix
-                if not best > -np.inf:             # NaN or -inf: the first cell above -inf wins
-                    best = -np.inf
-                v = x[n, c, iy, ix + 1]
+    W, OH = x.shape[2], y.shape[1]
+    for row in prange(y.shape[0] * OH):
+        q, iy = row // OH, 2 * (row % OH)
+        for ox in range(y.shape[2]):
+            ix = 2 * ox
+            best, at = x[q, iy, ix], iy * W + ix
+            if not best > -np.inf:                 # NaN or -inf: the first cell above -inf wins
+                best = -np.inf
+            for k, v in enumerate((x[q, iy, ix + 1], x[q, iy + 1, ix], x[q, iy + 1, ix + 1])):
                 if v > best:
-                    best, at = v, at + 1
-                v = x[n, c, iy + 1, ix]
-                if v > best:
-                    best, at = v, (iy + 1) * W + ix
-                v = x[n, c, iy + 1, ix + 1]
-                if v > best:
-                    best, at = v, (iy + 1) * W + ix + 1
-                y[n, c, oy, ox] = best
-                arg[n, c, oy, ox] = at
+                    best, at = v, (iy + (k > 0)) * W + ix + (k != 1)
+            y[q, iy // 2, ox] = best
+            arg[q, iy // 2, ox] = at
 
 
 @njit(cache=True, parallel=True)
 def max_pool_backward(dy, arg, dx):
-    N, C, OH, OW = dy.shape
-    H, W = dx.shape[2], dx.shape[3]
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        for iy in range(H):
-            for ix in range(W):
-                dx[n, c, iy, ix] = 0
-        for oy in range(OH):
-            for ox in range(OW):
-                at = arg[n, c, oy, ox]
-                if at >= 0:
-                    dx[n, c, at // W, at % W] += dy[n, c, oy, ox]
+    """Flat planes: dy and arg (planes, OH*OW), dx (planes, H*W)."""
+    for q in prange(dx.shape[0]):
+        dx[q] = 0
+        for k in range(dy.shape[1]):
+            if arg[q, k] >= 0:
+                dx[q, arg[q, k]] += dy[q, k]
+
+
+@njit(inline="always")
+def _ave_window(oy, ox, kh, kw, sh, sw, ph, pw, H, W):
+    """Caffe's AVE window of output (oy, ox): its rows and columns inside the input, and its
+    divisor, the window's size clipped to the input plus its pad (pad cells count, cells past
+    it do not)."""
+    hs, ws = oy * sh - ph, ox * sw - pw
+    he, we = min(hs + kh, H + ph), min(ws + kw, W + pw)
+    return max(hs, 0), min(he, H), max(ws, 0), min(we, W), (he - hs) * (we - ws)
 
 
 @njit(cache=True, parallel=True)
-def ave_pool_forward(x, y, kh, kw, sh, sw, ph, pw):
-    """Caffe's AVE: the sum over the window inside the input, divided by the window's size
-    clipped to the input plus its pad (pad cells count, cells past it do not)."""
-    N, C, H, W = x.shape
-    OH, OW = y.shape[2], y.shape[3]
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        for oy in range(OH):
-            hs = oy * sh - ph
-            he = min(hs + kh, H + ph)
-            for ox in range(OW):
-                ws = ox * sw - pw
-                we = min(ws + kw, W + pw)
-                size = (he - hs) * (we - ws)
-                acc = 0.0
-                for iy in range(max(hs, 0), min(he, H)):
-                    for ix in range(max(ws, 0), min(we, W)):
-                        acc += x[n, c, iy, ix]
-                y[n, c, oy, ox] = acc / size
-
-
-@njit(cache=True, parallel=True)
-def ave_pool_backward(dy, dx, kh, kw, sh, sw, ph, pw):
-    N, C, OH, OW = dy.shape
-    H, W = dx.shape[2], dx.shape[3]
-    for nc in prange(N * C):
-        n, c = nc // C, nc % C
-        for iy in range(H):
-            for ix in range(W):
-                dx[n, c, iy, ix] = 0
-        for oy in range(OH):
-            hs = oy * sh - ph
-            he = min(hs + kh, H + ph)
-            for ox in range(OW):
-                ws = ox * sw - pw
-                we = min(ws + kw, W + pw)
-                share = dy[n, c, oy, ox] / ((he - hs) * (we - ws))
-                for iy in range(max(hs, 0), min(he, H)):
-                    for ix in range(max(ws, 0), min(we, W)):
-                        dx[n, c, iy, ix] += share
+def ave_pool(x, y, kh, kw, sh, sw, ph, pw, backward):
+    """Forward: y = each window's mean (x the input). Backward: x += each window's share of y
+    (x the input's gradient, y the output's), x zeroed first."""
+    H, W = x.shape[1], x.shape[2]
+    for q in prange(x.shape[0]):
+        if backward:
+            x[q] = 0
+        for oy in range(y.shape[1]):
+            for ox in range(y.shape[2]):
+                h0, h1, w0, w1, size = _ave_window(oy, ox, kh, kw, sh, sw, ph, pw, H, W)
+                if backward:
+                    share = y[q, oy, ox] / size
+                    for iy in range(h0, h1):
+                        for ix in range(w0, w1):
+                            x[q, iy, ix] += share
+                else:
+                    acc = 0.0
+                    for iy in range(h0, h1):
+                        for ix in range(w0, w1):
+                            acc += x[q, iy, ix]
+                    y[q, oy, ox] = acc / size
 
 
 # -------------------------------------------------------------------------------------------
@@ -395,20 +362,9 @@ def _grad(w, g, k, gscale, decay, l1):
 
 
 @njit(cache=True, parallel=True)
-def sgd(w, g, h, seg, rates, decays, shrinks, gscale, l1, momentum):
-    for s in range(seg.shape[0] - 1):
-        rate, decay = rates[s], decays[s]
-        for k in prange(seg[s], seg[s + 1]):
-            d, _ = _grad(w, g, k, gscale, decay, l1)
-            v = momentum * h[k] + rate * d
-            h[k] = v
-            g[k] = v
-            w[k] -= v
-
-
-@njit(cache=True, parallel=True)
-def nesterov(w, g, h, seg, rates, decays, shrinks, gscale, l1, momentum, more):
-    """more = 1 + momentum."""
+def sgd(w, g, h, seg, rates, decays, shrinks, gscale, l1, momentum, more, back):
+    """SGD (more 1, back 0) and Nesterov (more 1 + momentum, back momentum):
+    v = momentum*v + rate*d; update = more*v_new - back*v_old."""
     for s in range(seg.shape[0] - 1):
         rate, decay = rates[s], decays[s]
         for k in prange(seg[s], seg[s + 1]):
@@ -416,32 +372,19 @@ def nesterov(w, g, h, seg, rates, decays, shrinks, gscale, l1, momentum, more):
             old = h[k]
             v = momentum * old + rate * d
             h[k] = v
-            u = more * v - momentum * old
+            u = more * v - back * old
             g[k] = u
             w[k] -= u
 
 
 @njit(cache=True, parallel=True)
-def adagrad(w, g, h, seg, rates, decays, shrinks, gscale, l1, delta):
-    for s in range(seg.shape[0] - 1):
-        rate, decay = rates[s], decays[s]
+def rms(w, g, h, seg, rates, decays, shrinks, gscale, l1, hold, keep, delta):
+    """AdaGrad (hold 1, keep 1) and RMSProp (hold rms_decay, keep 1 - rms_decay):
+    h = hold*h + keep*d^2; update = rate*d / (sqrt(h) + delta)."""
+    for s, rate in enumerate(rates):
         for k in prange(seg[s], seg[s + 1]):
-            d, _ = _grad(w, g, k, gscale, decay, l1)
-            v = h[k] + d * d
-            h[k] = v
-            u = rate * d / (np.sqrt(v) + delta)
-            g[k] = u
-            w[k] -= u
-
-
-@njit(cache=True, parallel=True)
-def rmsprop(w, g, h, seg, rates, decays, shrinks, gscale, l1, rms_decay, keep, delta):
-    """keep = 1 - rms_decay."""
-    for s in range(seg.shape[0] - 1):
-        rate, decay = rates[s], decays[s]
-        for k in prange(seg[s], seg[s + 1]):
-            d, _ = _grad(w, g, k, gscale, decay, l1)
-            v = rms_decay * h[k] + keep * (d * d)
+            d, _ = _grad(w, g, k, gscale, decays[s], l1)
+            v = hold * h[k] + keep * (d * d)
             h[k] = v
             u = rate * d / (np.sqrt(v) + delta)
             g[k] = u

@@ -195,13 +195,13 @@ class PoolingOp(Op):
         return None if layer.p.pool in ("MAX", "AVE") else f"{layer.p.pool} pooling"
 
     def forward(self, xp, bottoms, params):
-        x = np.ascontiguousarray(bottoms[0])
+        x, y = _planes(np.ascontiguousarray(bottoms[0])), _planes(self.y)
         if self.pairs:
-            K.max_pool_2x2(x, self.y, self.arg)
+            K.max_pool_2x2(x, y, _planes(self.arg))
         elif self.max:
-            K.max_pool_forward(x, self.y, self.arg, *self.geom)
+            K.max_pool_forward(x, y, _planes(self.arg), *self.geom)
         else:
-            K.ave_pool_forward(x, self.y, *self.geom)
+            K.ave_pool(x, y, *self.geom, False)
         return [self.y], None
 
     def backward(self, xp, saved, dtops, params, need):
@@ -209,10 +209,15 @@ class PoolingOp(Op):
             return [None], []
         dy = np.ascontiguousarray(dtops[0])
         if self.max:
-            K.max_pool_backward(dy, self.arg, self.dx)
+            K.max_pool_backward(_planes(dy, flat=True), _planes(self.arg, flat=True), _planes(self.dx, flat=True))
         else:
-            K.ave_pool_backward(dy, self.dx, *self.geom)
+            K.ave_pool(_planes(self.dx), _planes(dy), *self.geom, True)
         return [self.dx], []
+
+
+def _planes(a, flat=False):
+    """NCHW as (N*C, H, W) planes, or (N*C, H*W)."""
+    return a.reshape((a.shape[0] * a.shape[1],) + ((-1,) if flat else a.shape[2:]))
 
 
 class SoftmaxLossOp(Op):

@@ -59,13 +59,13 @@ class FlatSolver(Solver):
              f(1.0 / cfg.iter_size), cfg.regularization_type == "L1")
         m, m2, delta = f(cfg.momentum), f(cfg.momentum2), f(cfg.delta)
         if kind == "SGD":
-            K.sgd(*args, m)
+            K.sgd(*args, m, f(1), f(0))
         elif kind == "Nesterov":
-            K.nesterov(*args, m, f(1.0 + cfg.momentum))
+            K.sgd(*args, m, f(1.0 + cfg.momentum), m)
         elif kind == "AdaGrad":
-            K.adagrad(*args, delta)
+            K.rms(*args, f(1), f(1), delta)
         elif kind == "RMSProp":
-            K.rmsprop(*args, f(cfg.rms_decay), f(1.0 - cfg.rms_decay), delta)
+            K.rms(*args, f(cfg.rms_decay), f(1.0 - cfg.rms_decay), delta)
         elif kind == "AdaDelta":
             K.adadelta(*args, m, f(1.0 - cfg.momentum), delta)
         else:
