@@ -34,44 +34,51 @@ def _valid_x(j, kw, sw, pw, dw, ow, W):
 
 @njit(cache=True, parallel=True)
 def im2col_gemm(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
-    """x (N, C, H, W) -> cols (C*kh*kw, oh*ow*N); zero where a window reads the padding."""
+    """x (N, C, H, W) -> cols (C*kh*kw, oh*ow*N); zero where a window reads the padding. Each
+    channel's plane is first turned batch-last (H, W, N), so every window position copies one
+    contiguous run of N values."""
     N, C, H, W = x.shape
-    for r in prange(C * kh * kw):
-        c, i, j = r // (kh * kw), r // kw % kh, r % kw
-        for y in range(oh):
-            iy = y * sh - ph + i * dh
-            for xo in range(ow):
-                ix = xo * sw - pw + j * dw
-                base = (y * ow + xo) * N
-                if 0 <= iy < H and 0 <= ix < W:
+    for c in prange(C):
+        plane = np.empty((H, W, N), x.dtype)
+        for n in range(N):
+            for iy in range(H):
+                for ix in range(W):
+                    plane[iy, ix, n] = x[n, c, iy, ix]
+        for r in range(c * kh * kw, (c + 1) * kh * kw):
+            i, j = r // kw % kh, r % kw
+            for y in range(oh):
+                iy = y * sh - ph + i * dh
+                for xo in range(ow):
+                    ix = xo * sw - pw + j * dw
+                    base = (y * ow + xo) * N
+                    inside = 0 <= iy < H and 0 <= ix < W
                     for n in range(N):
-                        cols[r, base + n] = x[n, c, iy, ix]
-                else:
-                    cols[r, base:base + N] = 0
+                        cols[r, base + n] = plane[iy, ix, n] if inside else 0
 
 
 @njit(cache=True, parallel=True)
 def col2im_gemm(dcols, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
-    """The adjoint of im2col_gemm: dx (N, C, H, W) = every column entry summed into its pixel."""
+    """The adjoint of im2col_gemm: dx (N, C, H, W) = every column entry summed into its pixel,
+    accumulated per channel in a batch-last plane (contiguous runs of N), then written NCHW."""
     N, C, H, W = dx.shape
     for c in prange(C):
+        plane = np.zeros((H, W, N), dx.dtype)
+        for r in range(c * kh * kw, (c + 1) * kh * kw):
+            i, j = r // kw % kh, r % kw
+            for y in range(oh):
+                iy = y * sh - ph + i * dh
+                if iy < 0 or iy >= H:
+                    continue
+                for xo in range(ow):
+                    ix = xo * sw - pw + j * dw
+                    if 0 <= ix < W:
+                        base = (y * ow + xo) * N
+                        for n in range(N):
+                            plane[iy, ix, n] += dcols[r, base + n]
         for n in range(N):
             for iy in range(H):
                 for ix in range(W):
-                    dx[n, c, iy, ix] = 0
-        for i in range(kh):
-            for j in range(kw):
-                r = (c * kh + i) * kw + j
-                for y in range(oh):
-                    iy = y * sh - ph + i * dh
-                    if iy < 0 or iy >= H:
-                        continue
-                    for xo in range(ow):
-                        ix = xo * sw - pw + j * dw
-                        if 0 <= ix < W:
-                            base = (y * ow + xo) * N
-                            for n in range(N):
-                                dx[n, c, iy, ix] += dcols[r, base + n]
+                    dx[n, c, iy, ix] = plane[iy, ix, n]
 
 
 @njit(cache=True, parallel=True)
