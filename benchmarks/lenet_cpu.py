@@ -126,16 +126,19 @@ def jit_cost(threads) -> None:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         for what in ("cold", "warm"):
-            r = subprocess.run([sys.executable, __file__, "--first", "--threads", str(threads)], env=env, cwd=ROOT,
+            r = subprocess.run([sys.executable, __file__, "--first"] + (["--threads", str(threads)] if threads else []),
+                               env=env, cwd=ROOT,
                                capture_output=True, text=True, check=True)
             print(f"  {what} cache: {r.stdout.strip()}")
 
 
 def main():
+    from netdsl.cpu.threads import available_cores
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--blocks", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, help="netdsl's kernel and BLAS threads and PyTorch's (default: netdsl's "
+                    "policy, cpu/threads.py, and every core for PyTorch)")
     ap.add_argument("--cpu-kernels", choices=("both", "compiled", "numpy"), default="both")
     ap.add_argument("--full", action="store_true", help="also train 10,000 iterations with `netdsl train`")
     ap.add_argument("--jit", action="store_true", help="only the compiled path's JIT cost, cold and warm cache")
@@ -155,7 +158,7 @@ def main():
             step()
     rss_netdsl = max(rss_netdsl, peak_rss_mib())
     try:
-        steppers["pytorch"] = torch_stepper(args.threads)
+        steppers["pytorch"] = torch_stepper(args.threads or available_cores())
         for _ in range(20):
             steppers["pytorch"]()
     except ImportError:
@@ -164,7 +167,8 @@ def main():
     for _ in range(args.blocks):
         for name, step in steppers.items():       # alternate, so drift hits both equally
             times[name].append(time_block(step, args.iters))
-    print(f"LeNet, batch 64, SGD, {args.threads} threads, {args.blocks} blocks x {args.iters} iterations "
+    threads = f"{args.threads} threads" if args.threads else "threads by netdsl's policy and all cores for PyTorch"
+    print(f"LeNet, batch 64, SGD, {threads}, {args.blocks} blocks x {args.iters} iterations "
           f"(median ms/iteration):")
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():

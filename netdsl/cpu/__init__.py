@@ -23,15 +23,15 @@ def compile_training(trainer, kernels: str = "compiled", threads: int | None = N
     compiled = kernels == "compiled"
     if compiled:
         _need_numba()
-    n = set_threads(threads, compiled)
+    blas, kernel = set_threads(threads, compiled)
     if not compiled:
-        trainer.log(f"CPU: NumPy kernels, {n} BLAS thread{'s' if n != 1 else ''}")
+        trainer.log(f"CPU: NumPy kernels, {blas} BLAS thread{'s' if blas != 1 else ''}")
         return None
     lw = compile_nets(trainer.net, trainer.tests)
     trainer.solver = flat_solver(trainer.sf.cfg, trainer.net)
     from .program import coverage
     done, numpy = coverage(trainer.net.plan)
-    trainer.log(f"CPU: compiled kernels ({', '.join(done) or 'none'}), {n} thread{'s' if n != 1 else ''}"
+    trainer.log(f"CPU: compiled kernels ({', '.join(done) or 'none'}), {kernel} kernel and {blas} BLAS threads"
                 + (f"; NumPy for {', '.join(f'{t} ({why})' for t, why in numpy.items())}" if numpy else ""))
     return lw
 
