@@ -162,6 +162,9 @@ def add_parsers(sub) -> None:
                    help="several ranks: seconds a rank waits for the others before stopping them all (default 600)")
     p.add_argument("--debug-info", action="store_true",
                    help="as the solver's debug_info: true: Caffe's per-layer data/diff lines on display iterations")
+    p.add_argument("--cpu-kernels", choices=("compiled", "numpy"), default="compiled",
+                   help="CPU: compiled (Numba) kernels over preallocated buffers, or the NumPy layers")
+    p.add_argument("--threads", type=int, help="CPU: threads for the kernels and BLAS (default: the available cores)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), proposal "
@@ -362,7 +365,8 @@ def cmd_train(args) -> int:
     if args.procs not in (None, 1) or distributed.launched_ranks() > 1:
         return distributed.cmd_train(args)
     trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
-                      data_dir=args.data_dir, out=args.out, graph=args.graph, debug_info=args.debug_info)
+                      data_dir=args.data_dir, out=args.out, graph=args.graph, debug_info=args.debug_info,
+                      cpu_kernels=args.cpu_kernels, threads=args.threads)
     if args.weights:
         trainer.log(str(trainer.net.load(args.weights)), echo=True)
     if args.snapshot:

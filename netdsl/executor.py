@@ -90,6 +90,8 @@ class Net:
         ctx = RunContext(data_dir, seed)
         self.states = [RunState([plan.blob_shapes[t] for t in s.node.tops], s.layer.open(ctx))
                        if s.layer.stateful else None for s in plan.steps]
+        # what runs each step's forward/backward: the layer (NumPy), or a compiled op (cpu/program.py)
+        self.runners = [s.layer for s in plan.steps]
 
     def source(self, layer_name: str):
         """The data source (and cursor) of a stateful layer, by layer name."""
@@ -171,7 +173,7 @@ class Net:
             if _hooks:
                 _hooks.before(i)
             if state is None:
-                tops, saved = layer.forward(xp, bottoms, params)
+                tops, saved = self.runners[i].forward(xp, bottoms, params)
             else:
                 state.rng = np.random.default_rng([self.seed, i, rng_base] + ([self.rank] if self.rank else []))
                 tops, saved = layer.forward(xp, bottoms, params, state)
@@ -229,8 +231,8 @@ class Net:
             params = self.step_params[i]
             if _hooks:
                 _hooks.before(i)
-            dbottoms, dparams = step.layer.backward(xp, self._saved[i], dtops, [p.data for p in params],
-                                                    step.propagate)
+            dbottoms, dparams = self.runners[i].backward(xp, self._saved[i], dtops, [p.data for p in params],
+                                                         step.propagate)
             if _hooks:
                 _hooks.after(i, True)
             for p, g in zip(params, dparams):

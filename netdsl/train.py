@@ -105,7 +105,8 @@ class Progress:
 class Trainer:
     def __init__(self, solver_path: str, backend, *, seed: int | None = None, max_iter: int | None = None,
                  data_dir: str | None = None, out: str | None = None, progress: bool | None = None,
-                 graph: str = "auto", parallel=None, debug_info: bool = False):
+                 graph: str = "auto", parallel=None, debug_info: bool = False, cpu_kernels: str = "compiled",
+                 threads: int | None = None):
         self.sf: SolverFile = load_solver(solver_path)
         cfg = self.sf.cfg
         if max_iter is not None:
@@ -145,6 +146,12 @@ class Trainer:
         self.debug = DebugInfo(self.net, self.log, self.metrics) if cfg.debug_info else None
         if self.debug and not cfg.display:
             self.log("debug_info prints on display iterations, as Caffe's; with display: 0 none shows", echo=True)
+        if (self.debug or parallel is not None) and cpu_kernels == "compiled":
+            # the compiled kernels reuse buffers within a step (debug_info reads every blob after it) and
+            # keep gradients in their own flat buffer (the allreduce has its own): these runs use NumPy's
+            cpu_kernels = "numpy"
+        from .cpu import compile_training  # the CPU: thread counts, compiled kernels and flat solver
+        self.cpu = compile_training(self, cpu_kernels, threads)
         from .gpu.loop import compile_trainer  # graph mode (GPU): None means eager
         self.compiled = compile_trainer(self, graph)
         if parallel is not None:
@@ -311,8 +318,12 @@ class Trainer:
                     f"{self.last_snapshot}{self.weights_suffix}")
         else:
             good = "the weights are already NaN or Inf and no snapshot was written before: none were saved"
+        notes = [good]
+        if self.cpu is not None:        # compiled kernels: blobs share buffers, a later layer may show first
+            notes.append("the compiled CPU kernels reuse buffers within a step, so the layer named may come after "
+                         "the first one to overflow; rerun with --cpu-kernels numpy to find that one")
         return NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced NaN or Inf",
-                           notes=[good], help="lower base_lr, add clip_gradients, or check the input scaling")
+                           notes=notes, help="lower base_lr, add clip_gradients, or check the input scaling")
 
     def _train_outputs(self):
         """The train net's scalar outputs of the last forward, with their loss weights."""

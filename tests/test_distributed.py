@@ -94,7 +94,8 @@ def test_one_rank_data_parallel_trains_exactly_as_one_process(tmp_path, digits):
     """The whole DataParallel path (flat gradient buffer, reduce, start) on the one-rank
     communicator changes nothing: the same weights bit for bit, and a resumable snapshot."""
     solver = lenet_solver(tmp_path, "lenet", 16, "SGD", max_iter=6)
-    plain = Trainer(solver, get_backend("cpu"), data_dir=digits, out=str(tmp_path / "a"), progress=False)
+    plain = Trainer(solver, get_backend("cpu"), data_dir=digits, out=str(tmp_path / "a"), progress=False,
+                    cpu_kernels="numpy")   # data-parallel runs use the NumPy kernels
     plain.run()
     dp = DataParallel(OneRank())
     tr = Trainer(solver, get_backend("cpu"), data_dir=digits, out=str(tmp_path / "b"), progress=False, parallel=dp)
@@ -253,7 +254,7 @@ def test_two_ranks_of_batch_32_equal_one_process_of_batch_64(tmp_path, digits, r
     cmd, env = netdsl("train", two, data=digits)
     first = cmd + ["--procs", "2", "--max-iter", "30"] if rule == "SGD" else ["mpiexec", "-n", "2", *cmd]
     run = subprocess.Popen(first, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    Trainer(lenet_solver(tmp_path, "one", 64, rule), get_backend("cpu"), data_dir=digits, progress=False).run()
+    Trainer(lenet_solver(tmp_path, "one", 64, rule), get_backend("cpu"), data_dir=digits, progress=False, cpu_kernels="numpy").run()
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
     assert "Data-parallel training on 2 ranks" in err and out.count("trained") == 1

@@ -155,6 +155,7 @@ class SoftmaxWithLoss(_Loss):
     bottom_roles = ("the scores", "the labels")
     messages = {"softmax_param": SOFTMAX, "loss_param": LOSS}
     n_tops = (1, 2)
+    cpu_op = "softmax_loss"
 
     def shape(self, bottoms):
         x, labels = bottoms
