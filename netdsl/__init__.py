@@ -29,3 +29,10 @@ def export_onnx(path, output=None, **kw):
     options as netdsl.onnx_export.export_onnx. Needs `pip install "netdsl[onnx]"`."""
     from .onnx_export import export_onnx
     return export_onnx(path, output, **kw)
+
+
+def gradcheck(path, **kw):
+    """Check each layer's backward in a net against central differences in float64; the report
+    (`.ok`, `.rows`, `.render()`). Keyword options as netdsl.gradient_check.gradcheck."""
+    from .gradient_check import gradcheck
+    return gradcheck(path, **kw)

@@ -1,5 +1,5 @@
 """Caffe's binary formats through the protobuf runtime: the subset of caffe.proto that weights
-files and mean files use, declared here with caffe.proto's field numbers (netdsl owns the schema;
+files, mean files and LMDB records (Datum) use, declared here with caffe.proto's field numbers (netdsl owns the schema;
 no protoc step). Blob values are declared as `bytes`, which is how a packed repeated float is laid
 out on the wire, so decoding hands NumPy the raw little-endian buffer: no Python loop over floats.
 Blobs written unpacked (allowed by protobuf, rare in practice) are decoded by a second declaration
@@ -32,6 +32,12 @@ _MESSAGES = {
                          ("blobs_lr", 7, _REP, _F.TYPE_FLOAT, None), ("weight_decay", 8, _REP, _F.TYPE_FLOAT, None)],
     "NetParameter": [("name", 1, _OPT, _F.TYPE_STRING, None), ("layers", 2, _REP, _F.TYPE_MESSAGE, "V1LayerParameter"),
                      ("layer", 100, _REP, _F.TYPE_MESSAGE, "LayerParameter")],
+    # an LMDB record of Caffe's Data layer: raw uint8 pixels (C x H x W, BGR), float_data, or an
+    # encoded image file (encoded: true); float_data is unpacked in caffe.proto
+    "Datum": [("channels", 1, _OPT, _F.TYPE_INT32, None), ("height", 2, _OPT, _F.TYPE_INT32, None),
+              ("width", 3, _OPT, _F.TYPE_INT32, None), ("data", 4, _OPT, _F.TYPE_BYTES, None),
+              ("label", 5, _OPT, _F.TYPE_INT32, None), ("float_data", 6, _REP, _F.TYPE_FLOAT, None),
+              ("encoded", 7, _OPT, _F.TYPE_BOOL, None)],
 }
 
 @lru_cache(maxsize=1)

@@ -114,11 +114,35 @@ def add_parsers(sub) -> None:
                    help="run the model with onnxruntime on random input and compare with netdsl's forward")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("data", help="download a dataset into the data directory (checksum-verified)")
-    p.add_argument("dataset", choices=("mnist",))
+    p = sub.add_parser("data", help="download MNIST; make LMDBs, mean files and exports for the data layers")
+    tools = p.add_subparsers(dest="dataset", required=True, metavar="{mnist,convert-imageset,compute-mean,export-mnist}")
+    p = tools.add_parser("mnist", help="download MNIST into the data directory (checksum-verified)")
     p.add_argument("--data-dir", help="where to put it (default: $NETDSL_DATA or the user cache dir)")
     p.add_argument("--force", action="store_true", help="download again even if the files are valid")
     p.set_defaults(func=cmd_data)
+    p = tools.add_parser("convert-imageset", help="images + a `path label` list file -> an LMDB of Datums (Caffe's "
+                         "convert_imageset)")
+    p.add_argument("root", help="prepended to each path of the list (as written: end it with /)")
+    p.add_argument("list", help="the list file: `path label` per line")
+    p.add_argument("out_db", help="the LMDB directory to create")
+    p.add_argument("--resize", metavar="H,W", help="resize every image to H x W")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the lines (by --seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gray", action="store_true", help="store gray images (1 channel)")
+    p.add_argument("--encoded", action="store_true", help="store encoded images instead of raw pixels")
+    p.add_argument("--encode-type", choices=("png", "jpg"), default="png", help="with --encoded (default png)")
+    p.set_defaults(func=cmd_data_tool)
+    p = tools.add_parser("compute-mean", help="the mean image of an LMDB -> mean.binaryproto (compute_image_mean)")
+    p.add_argument("db")
+    p.add_argument("-o", "--output", required=True, help="the .binaryproto to write")
+    p.set_defaults(func=cmd_data_tool)
+    p = tools.add_parser("export-mnist", help="MNIST as a PNG folder + list files, an LMDB, or HDF5 files")
+    p.add_argument("out", help="the directory to write into")
+    p.add_argument("--format", choices=("png", "lmdb", "hdf5"), required=True)
+    p.add_argument("--limit", type=int, help="only the first N images of each split")
+    p.add_argument("--color", action="store_true", help="digits tinted at random on 32x32 colour canvases (3 channels)")
+    p.add_argument("--data-dir", help="where MNIST is (default: $NETDSL_DATA or the user cache dir)")
+    p.set_defaults(func=cmd_data_tool)
 
     p = sub.add_parser("train", help="train a net with a Caffe solver file")
     p.add_argument("solver")
@@ -132,6 +156,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", help="directory for snapshots, log and metrics (default: snapshot_prefix's)")
     p.add_argument("--graph", choices=("on", "off", "auto"), default="auto",
                    help="GPU: capture the whole iteration as one CUDA graph (auto: when the net allows)")
+    p.add_argument("--procs", type=int, help="data-parallel training on N processes of this machine (runs mpiexec "
+                                             "-n N; see docs/distributed.md)")
+    p.add_argument("--step-timeout", type=float, default=600.0,
+                   help="several ranks: seconds a rank waits for the others before stopping them all (default 600)")
+    p.add_argument("--debug-info", action="store_true",
+                   help="as the solver's debug_info: true: Caffe's per-layer data/diff lines on display iterations")
+    p.add_argument("--cpu-kernels", choices=("compiled", "numpy"), default="compiled",
+                   help="CPU: compiled (Numba) kernels over preallocated buffers, or the NumPy layers")
+    p.add_argument("--threads", type=int, help="CPU: threads for the kernels and BLAS (default: the available cores)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), proposal "
@@ -143,6 +176,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object {output: value}")
+    p.add_argument("--stage", action="append", default=[], help="a NetState stage of the TEST net (repeatable)")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("time", help="time forward and backward per layer, like `caffe time`")
@@ -153,6 +187,20 @@ def add_parsers(sub) -> None:
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_time)
+
+    p = sub.add_parser("gradcheck", help="check every layer's backward against central differences, in float64")
+    p.add_argument("model")
+    p.add_argument("--shape", action="append", default=[], metavar="BLOB=D1,D2,...",
+                   help="the shape of a data blob that can't be known without its data (repeatable)")
+    p.add_argument("--layers", help="check only these layers (comma-separated names)")
+    p.add_argument("--eps", type=float, default=1e-5, help="the central-difference step (default 1e-5)")
+    p.add_argument("--tol", type=float, default=1e-5, help="the tolerance, relative to max(1, |gradient|) "
+                                                           "(default 1e-5)")
+    p.add_argument("--samples", type=int, default=40, help="coordinates checked per large blob (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase", choices=("train", "test"), default="train", type=str.lower)
+    p.add_argument("--data-dir")
+    p.set_defaults(func=cmd_gradcheck)
 
     from . import propose
     propose.add_parsers(sub)            # `propose` and `scenes` (region proposals, netdsl/propose.py)
@@ -287,11 +335,38 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_data_tool(args) -> int:
+    from .data import tools
+    if args.dataset == "convert-imageset":
+        size = None
+        if args.resize:
+            try:
+                size = tuple(int(v) for v in args.resize.split(","))
+            except ValueError:
+                size = ()
+            if len(size) != 2 or min(size) <= 0:
+                raise NetdslError("E0951", f"--resize {args.resize!r} is not H,W", help="e.g. --resize 256,256")
+        n = tools.convert_imageset(args.root, args.list, args.out_db, size, args.shuffle, args.gray,
+                                   args.encode_type if args.encoded else None, args.seed)
+        print(f"wrote {n} records to {args.out_db}")
+    elif args.dataset == "compute-mean":
+        mean = tools.compute_mean(args.db, args.output)
+        print(f"wrote the {'x'.join(map(str, mean.shape[1:]))} mean to {args.output}")
+    else:
+        for path in tools.export_mnist(args.out, args.format, args.data_dir, args.limit, color=args.color):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_train(args) -> int:
+    from . import distributed
     from .backend import get_backend
     from .train import Trainer
+    if args.procs not in (None, 1) or distributed.launched_ranks() > 1:
+        return distributed.cmd_train(args)
     trainer = Trainer(args.solver, get_backend(args.device), seed=args.seed, max_iter=args.max_iter,
-                      data_dir=args.data_dir, out=args.out, graph=args.graph)
+                      data_dir=args.data_dir, out=args.out, graph=args.graph, debug_info=args.debug_info,
+                      cpu_kernels=args.cpu_kernels, threads=args.threads)
     if args.weights:
         trainer.log(str(trainer.net.load(args.weights)), echo=True)
     if args.snapshot:
@@ -303,12 +378,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0) -> dict[str, float]:
+def test_outputs(model, weights, iterations, backend, data_dir=None, seed=0, stages=()) -> dict[str, float]:
     """Average each scalar output of the TEST net over `iterations` batches; for a net whose loss
     classifies every pixel, also the IoU figures pooled over them (evaluate.PixelConfusion)."""
     from .evaluate import PixelConfusion
     from .executor import build_net
-    net = build_net(model, "TEST", backend, weights=weights, seed=seed, data_dir=data_dir)
+    net = build_net(model, "TEST", backend, weights=weights, seed=seed, data_dir=data_dir, stages=stages)
     pixels = PixelConfusion.for_net(net)
     sums: dict[str, float] = {}
     for _ in range(iterations):
@@ -330,14 +405,27 @@ def cmd_test(args) -> int:
         return evaluate.cmd_test_map(args)
     if evaluate.has_proposal(args.model):       # an RPN: proposal recall over held-out scenes
         return evaluate.cmd_test_recall(args)
-    means = test_outputs(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir,
-                         args.seed)
+    # a tagging net (MultiLabelDecode given the labels) adds multi-label metrics to its outputs
+    score = evaluate.evaluate_tags if evaluate.has_tag_decoder(args.model, args.stage) else test_outputs
+    means = score(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir, args.seed,
+                  args.stage)
     if args.json:
         print(json.dumps(means))
     else:
         for k, v in means.items():
             print(f"{k} = {v:.6g}")
     return 0
+
+
+def cmd_gradcheck(args) -> int:
+    from .gradient_check import gradcheck
+    layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers else None
+    report = gradcheck(args.model, shapes=dict(parse_shape(s) for s in args.shape), layers=layers, eps=args.eps,
+                       tol=args.tol, samples=args.samples, seed=args.seed, phase=args.phase.upper(),
+                       data_dir=args.data_dir)
+    print(report.render())
+    render_all(report.diagnostics())
+    return EXIT_OK if report.ok else EXIT_USER
 
 
 def cmd_time(args) -> int:

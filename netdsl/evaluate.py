@@ -1,6 +1,7 @@
-"""Proposal recall of a region-proposal net over held-out scenes (what `netdsl test` reports for a
-net with a Proposal layer), a detector's mAP (for a net with a detection output), and the mean IoU
-of a segmentation net (what it adds for a net whose SoftmaxWithLoss classifies every pixel).
+"""What `netdsl test` reports beyond averaged outputs: proposal recall of a region-proposal net over
+held-out scenes (a net with a Proposal layer), a detector's mAP (a net with a detection output), the
+mean IoU of a segmentation net (its SoftmaxWithLoss classifies every pixel), and multi-label metrics
+of a tagging net (one with a MultiLabelDecode layer given the labels; see the end of this file).
 
 Recall@K/IoU t is pooled over ground-truth boxes: the fraction of all gt boxes, over all scenes,
 that have IoU >= t with at least one of the first K proposals of their scene (proposals come
@@ -293,3 +294,68 @@ def cmd_test_map(args) -> int:
     r = evaluate_map(args.model, args.weights, args.iterations, get_backend(args.device), args.data_dir, args.seed)
     print(json.dumps(r) if args.json else format_map(r))
     return 0
+# ------------------------------------------------------------------------ multi-label tagging
+
+def tag_metrics(predicted, truth, scores) -> dict[str, float]:
+    """Multi-label metrics of (M, C) arrays: predicted and truth multi-hot (a tag wherever > 0), scores
+    the class probabilities the prediction was decoded from.
+
+    Per sample, averaged over samples: precision |P & T| / |P|, recall |P & T| / |T|, F1 2|P & T| /
+    (|P| + |T|) (an empty set against an empty set counts 1, against a non-empty one 0); exact: the
+    fraction predicted exactly. mAP: the mean over classes with at least one true sample of the
+    average precision of that class's ranking of the samples by score (the precision at each true
+    sample's rank, averaged; ties keep sample order), independent of any decoding threshold."""
+    p, t = np.asarray(predicted) > 0, np.asarray(truth) > 0
+    s = np.asarray(scores, np.float64)
+    hit, n_p, n_t = (p & t).sum(1), p.sum(1), t.sum(1)
+    both_empty = (n_p == 0) & (n_t == 0)
+
+    def ratio(num, den):
+        return np.where(den > 0, num / np.maximum(den, 1), both_empty.astype(float))
+    aps = []
+    for c in range(t.shape[1]):
+        if not t[:, c].any():
+            continue
+        order = np.argsort(-s[:, c], kind="stable")
+        rel = t[order, c]
+        ranks = np.flatnonzero(rel) + 1
+        aps.append(float(np.mean(np.cumsum(rel)[ranks - 1] / ranks)))
+    return {"f1": float(ratio(2 * hit, n_p + n_t).mean()), "precision": float(ratio(hit, n_p).mean()),
+            "recall": float(ratio(hit, n_t).mean()), "exact": float((p == t).all(1).mean()),
+            "mAP": float(np.mean(aps)) if aps else float("nan"), "samples": int(len(t)),
+            "tags_per_sample": float(n_p.mean()), "true_tags_per_sample": float(n_t.mean())}
+
+
+def has_tag_decoder(model: str, stages=()) -> bool:
+    """Whether the TEST net of `model` has a MultiLabelDecode layer given the labels to score against."""
+    from .check import check_file
+    return any(n.layer.decodes_tags and len(n.bottoms) == 2
+               for n in check_file(model, phase="TEST", stages=stages).graph.nodes)
+
+
+def collect_tags(net, iterations: int) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """Run the TEST net `iterations` times: the mean of each scalar output, and the decode layer's
+    predictions, labels and probabilities as (M, C) host arrays."""
+    step = net.plan.find("decodes_tags")
+    ax = step.layer.p.axis
+    sums: dict[str, float] = {}
+    rows: list[list] = [[], [], []]
+    for _ in range(iterations):
+        for k, v in net.forward().items():
+            if v.size == 1:
+                sums[k] = sums.get(k, 0.0) + float(v.reshape(-1)[0])
+        for out, name in zip(rows, (step.node.tops[0], step.node.bottoms[1], step.node.bottoms[0])):
+            a = to_host(net.values[name])
+            a = np.moveaxis(a, ax % a.ndim, -1)
+            out.append(a.reshape(-1, a.shape[-1]))
+    predicted, truth, scores = (np.concatenate(r) for r in rows)
+    return {k: v / iterations for k, v in sums.items()}, predicted, truth, scores
+
+
+def evaluate_tags(model: str, weights, iterations: int, backend=None, data_dir=None, seed: int = 0,
+                  stages=()) -> dict[str, float]:
+    """`netdsl test` for a tagging net: its averaged outputs and tag_metrics over every test sample."""
+    from .executor import build_net
+    net = build_net(model, "TEST", backend or "cpu", weights=weights, seed=seed, data_dir=data_dir, stages=stages)
+    means, predicted, truth, scores = collect_tags(net, iterations)
+    return {**means, **tag_metrics(predicted, truth, scores)}

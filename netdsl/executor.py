@@ -86,9 +86,12 @@ class Net:
         self.grads: dict = {}
         self._saved: list = [None] * len(plan.steps)
         self.forward_count = 0
+        self.rank = 0                  # data-parallel rank (set_shard): ranks > 0 draw their own random streams
         ctx = RunContext(data_dir, seed)
         self.states = [RunState([plan.blob_shapes[t] for t in s.node.tops], s.layer.open(ctx))
                        if s.layer.stateful else None for s in plan.steps]
+        # what runs each step's forward/backward: the layer (NumPy), or a compiled op (cpu/program.py)
+        self.runners = [s.layer for s in plan.steps]
 
     def source(self, layer_name: str):
         """The data source (and cursor) of a stateful layer, by layer name."""
@@ -101,6 +104,20 @@ class Net:
         """Each data source's cursor by layer name, for snapshots (a resumed run reads the same batches)."""
         return {s.node.name: state.source.state() for s, state in zip(self.plan.steps, self.states)
                 if state is not None and hasattr(state.source, "state")}
+
+    def set_shard(self, rank: int, ranks: int) -> None:
+        """Make this net rank `rank` of `ranks` data-parallel replicas: each data layer's source
+        reads its share of the shared order (see distributed.py); random layers (DummyData,
+        crops, mirrors, Dropout) draw a stream of their own on every rank."""
+        self.rank = rank
+        for s, state in zip(self.plan.steps, self.states):
+            source = state.source if state is not None else None
+            if s.layer.is_data and source is not None and not hasattr(source, "shard"):
+                raise NetdslError("E0753", f"{s.layer.type} '{s.node.name}' cannot be split between ranks",
+                                  help="train it in one process, or feed it from a layer with a shard rule (MNIST, "
+                                       "DigitScenes, DummyData)")
+            if source is not None and hasattr(source, "shard"):
+                source.shard = (rank, ranks)
 
     def load_data_state(self, states: dict[str, dict]) -> None:
         for s, state in zip(self.plan.steps, self.states):
@@ -156,9 +173,9 @@ class Net:
             if _hooks:
                 _hooks.before(i)
             if state is None:
-                tops, saved = layer.forward(xp, bottoms, params)
+                tops, saved = self.runners[i].forward(xp, bottoms, params)
             else:
-                state.rng = np.random.default_rng([self.seed, i, rng_base])
+                state.rng = np.random.default_rng([self.seed, i, rng_base] + ([self.rank] if self.rank else []))
                 tops, saved = layer.forward(xp, bottoms, params, state)
             if _hooks:
                 _hooks.after(i, False)
@@ -214,8 +231,8 @@ class Net:
             params = self.step_params[i]
             if _hooks:
                 _hooks.before(i)
-            dbottoms, dparams = step.layer.backward(xp, self._saved[i], dtops, [p.data for p in params],
-                                                    step.propagate)
+            dbottoms, dparams = self.runners[i].backward(xp, self._saved[i], dtops, [p.data for p in params],
+                                                         step.propagate)
             if _hooks:
                 _hooks.after(i, True)
             for p, g in zip(params, dparams):

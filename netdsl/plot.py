@@ -1,4 +1,5 @@
-"""Plot: loss, lr and test-output curves of a training run from its metrics file."""
+"""Plot: loss, lr and test-output curves of a training run from its metrics file, and with
+debug_info each layer's param gradient (mean |diff|) over the iterations."""
 from __future__ import annotations
 
 import glob
@@ -38,7 +39,9 @@ def plot_run(run: str, output: str) -> str:
     train = [r for r in rows if r.get("kind") == "train"]
     test = [r for r in rows if r.get("kind") == "test"]
     keys = sorted({k for r in test for k in r if k not in ("kind", "net", "iter")})
-    n = 2 + bool(keys)
+    debug = [r for r in rows if r.get("kind") == "debug"]      # debug_info: per-layer gradients
+    grads = sorted({k for r in debug for k in r.get("param_diff", {})})
+    n = 2 + bool(keys) + bool(grads)
     fig, axes = plt.subplots(n, 1, figsize=(8, 3 * n), sharex=True)
     axes[0].plot([r["iter"] for r in train], [r["loss"] for r in train], label="train loss (smoothed)")
     for k in keys:
@@ -54,6 +57,14 @@ def plot_run(run: str, output: str) -> str:
                 axes[2].plot([r["iter"] for r in test if k in r], [r[k] for r in test if k in r], "o-", label=k)
         axes[2].legend()
         axes[2].set_ylabel("test outputs")
+    if grads:
+        ax = axes[2 + bool(keys)]
+        for k in grads:
+            ax.plot([r["iter"] for r in debug if k in r.get("param_diff", {})],
+                    [r["param_diff"][k] for r in debug if k in r.get("param_diff", {})], label=k)
+        ax.set_yscale("log")
+        ax.set_ylabel("mean |param diff|")
+        ax.legend(fontsize="small", ncol=2)
     axes[-1].set_xlabel("iteration")
     fig.suptitle(os.path.basename(path))
     fig.tight_layout()

@@ -173,7 +173,9 @@ class Layer:
     makes_proposals: ClassVar[bool] = False  # the RPN's region proposals (Proposal)
     feeds_scenes: ClassVar[bool] = False  # a data layer with ground-truth boxes an image can be fed to (DigitScenes)
     makes_detections: ClassVar[bool] = False  # detection rows [image, label, score, corners] (DetectionOutput)
+    decodes_tags: ClassVar[bool] = False  # turns class probabilities into a multi-label prediction (MultiLabelDecode)
     sets_size: ClassVar[bool] = False     # computes a spatial size (Convolution, Pooling): diagnostics trace to it
+    cpu_op: ClassVar[str | None] = None   # its compiled CPU op (cpu/ops.py OPS), if it has one
 
     def __init__(self, spec: LayerSpec, phase: str):
         self.spec = spec

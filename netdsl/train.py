@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .debuginfo import DebugInfo
 from .errors import NetdslError
 from .executor import build_net, save_npz
 from .files import prepare_output
@@ -66,6 +67,19 @@ class Logger:
                 self.f.close()
 
 
+class Silent(Logger):
+    """The log of a rank other than 0 in data-parallel training: rank 0 alone speaks for the run."""
+
+    def __init__(self):
+        pass
+
+    def __call__(self, msg: str, echo: bool | None = None) -> None:
+        pass
+
+    def close(self):
+        pass
+
+
 class Progress:
     """One redrawn line on a terminal: iteration, running loss, lr, it/s."""
 
@@ -92,7 +106,8 @@ class Progress:
 class Trainer:
     def __init__(self, solver_path: str, backend, *, seed: int | None = None, max_iter: int | None = None,
                  data_dir: str | None = None, out: str | None = None, progress: bool | None = None,
-                 graph: str = "auto"):
+                 graph: str = "auto", parallel=None, debug_info: bool = False, cpu_kernels: str = "compiled",
+                 threads: int | None = None):
         self.sf: SolverFile = load_solver(solver_path)
         cfg = self.sf.cfg
         if max_iter is not None:
@@ -102,6 +117,10 @@ class Trainer:
         if seed is None or seed < 0:      # Caffe's random_seed -1: a seed from the system
             seed = cfg.random_seed if seed is None and cfg.random_seed >= 0 else None
         self.seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+        self.parallel = parallel            # distributed.DataParallel: one rank of several
+        self.root = parallel is None or parallel.rank == 0      # rank 0 alone logs, tests and snapshots
+        if parallel is not None:
+            self.seed = parallel.common_seed(self.seed)
         self.backend = backend
         prefix = cfg.snapshot_prefix or os.path.splitext(os.path.basename(solver_path))[0]
         if prefix.endswith(("/", os.sep)):        # Caffe's "dir/" prefix: files named like the solver inside it
@@ -112,17 +131,32 @@ class Trainer:
         # else netdsl's .npz (its default: one numpy file, no protobuf needed to read it back)
         explicit = self.sf.record.has("snapshot_format") and cfg.snapshot_format == "BINARYPROTO"
         self.weights_suffix = ".caffemodel" if explicit else ".npz"
-        self._prepare_output(out)
+        if self.root:
+            self._prepare_output(out)
         self.progress_on = sys.stderr.isatty() if progress is None else progress
-        self.log = Logger(self.prefix + ".log", echo=not self.progress_on)
-        self.metrics = Logger(self.prefix + "_metrics.jsonl", echo=False, stamp=False)
+        self.log = Logger(self.prefix + ".log", echo=not self.progress_on) if self.root else Silent()
+        self.metrics = Logger(self.prefix + "_metrics.jsonl", echo=False, stamp=False) if self.root else Silent()
         stages = tuple(cfg.train_state.stage) if cfg.train_state is not None else ()
         self.net = build_net(self.sf.train_net, "TRAIN", backend, seed=self.seed, data_dir=data_dir, stages=stages)
-        self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net)
-                      for src in self.sf.test_nets]
+        self.tests = [build_net(src, "TEST", backend, seed=self.seed, data_dir=data_dir, share_from=self.net,
+                                stages=tuple(cfg.test_state[i].stage) if i < len(cfg.test_state) else ())
+                      for i, src in enumerate(self.sf.test_nets)] if self.root else []
         self.solver = Solver(cfg, self.net.learnable, xp=backend.xp)
+        if debug_info:
+            cfg.debug_info = True
+        self.debug = DebugInfo(self.net, self.log, self.metrics) if cfg.debug_info else None
+        if self.debug and not cfg.display:
+            self.log("debug_info prints on display iterations, as Caffe's; with display: 0 none shows", echo=True)
+        if (self.debug or parallel is not None) and cpu_kernels == "compiled":
+            # the compiled kernels reuse buffers within a step (debug_info reads every blob after it) and
+            # keep gradients in their own flat buffer (the allreduce has its own): these runs use NumPy's
+            cpu_kernels = "numpy"
+        from .cpu import compile_training  # the CPU: thread counts, compiled kernels and flat solver
+        self.cpu = compile_training(self, cpu_kernels, threads)
         from .gpu.loop import compile_trainer  # graph mode (GPU): None means eager
         self.compiled = compile_trainer(self, graph)
+        if parallel is not None:
+            parallel.attach(self)
         self.iter = 0
         self.losses: deque = deque(maxlen=max(cfg.average_loss, 1))
         self.stop_requested = False
@@ -140,9 +174,12 @@ class Trainer:
                               else None, help=f"point {given} at a writable directory (e.g. `runs/mynet/`)")
 
     # -- snapshots --------------------------------------------------------------------------
-    def snapshot(self) -> str:
-        """Write the weights and the solver state at this iteration; a failed write (a full disk)
-        stops the run with the previous snapshot intact (writes are atomic)."""
+    def snapshot(self) -> str | None:
+        """Write the weights and the solver state at this iteration (rank 0 alone, in data-parallel
+        training; other ranks return None); a failed write (a full disk) stops the run with the
+        previous snapshot intact (writes are atomic)."""
+        if not self.root:
+            return None
         try:
             return self._snapshot()
         except (OSError, NetdslError) as e:
@@ -162,6 +199,7 @@ class Trainer:
         state["iter"] = np.array(self.iter)
         state["weights"] = np.array(os.path.basename(base + self.weights_suffix))
         state["seed"] = np.array(self.seed)
+        state["procs"] = np.array(self.parallel.size if self.parallel else 1)
         state["losses"] = np.array(list(self.losses), dtype=np.float64)
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
             state[f"{name}/forward_count"] = np.array(net.forward_count)
@@ -169,8 +207,10 @@ class Trainer:
                 for k, v in cursor.items():
                     state[f"{name}/data/{layer}/{k}"] = np.array(v)
         save_npz(base + ".solverstate.npz", state)
-        self.log(f"Snapshotting to binary proto file {base}{self.weights_suffix}")
-        self.log(f"Snapshotting solver state to binary proto file {base}.solverstate.npz")
+        # Caffe's words where the file is Caffe's (a binary proto .caffemodel); else what it is
+        what = "binary proto file" if self.weights_suffix == ".caffemodel" else "NumPy archive (weights by layer/index)"
+        self.log(f"Snapshotting to {what} {base}{self.weights_suffix}")
+        self.log(f"Snapshotting solver state to NumPy archive {base}.solverstate.npz")
         self.last_snapshot = base
         return base
 
@@ -202,6 +242,10 @@ class Trainer:
                                    "weights with --weights") from None
         self.iter = int(state["iter"])
         self.seed = int(state["seed"])
+        from .distributed import resume_note
+        note = resume_note(int(state.get("procs", 1)), self.parallel.size if self.parallel else 1)
+        if note:
+            self.log(note, echo=True)
         self.losses.extend(float(x) for x in state["losses"])
         for name, net in [("train", self.net)] + [(f"test{i}", t) for i, t in enumerate(self.tests)]:
             net.seed = self.seed
@@ -270,15 +314,19 @@ class Trainer:
         that diverged was not applied), snapshotted now; else the last snapshot of the run."""
         xp = self.backend.xp
         if all(bool(xp.isfinite(p.data).all()) for p in self.net.learnable):
-            snap = self.snapshot()
+            snap = self.snapshot() or f"{self.prefix}_iter_{self.iter}"          # rank 0 writes it
             good = f"the last good weights are in {snap}{self.weights_suffix} (resume with --snapshot {snap}.solverstate.npz)"
         elif self.last_snapshot:
             good = (f"the weights are already NaN or Inf, so none were saved now; the last snapshot is "
                     f"{self.last_snapshot}{self.weights_suffix}")
         else:
             good = "the weights are already NaN or Inf and no snapshot was written before: none were saved"
+        notes = [good]
+        if self.cpu is not None:        # compiled kernels: blobs share buffers, a later layer may show first
+            notes.append("the compiled CPU kernels reuse buffers within a step, so the layer named may come after "
+                         "the first one to overflow; rerun with --cpu-kernels numpy to find that one")
         return NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced NaN or Inf",
-                           notes=[good], help="lower base_lr, add clip_gradients, or check the input scaling")
+                           notes=notes, help="lower base_lr, add clip_gradients, or check the input scaling")
 
     def _train_outputs(self):
         """The train net's scalar outputs of the last forward, with their loss weights."""
@@ -326,11 +374,22 @@ class Trainer:
             self.maybe_test()
             net.zero_grad()
             loss = 0.0
+            debug = self.debug if cfg.display and self.iter % cfg.display == 0 else None  # as Caffe: display iterations
             for _ in range(cfg.iter_size):
-                net.forward()
+                try:
+                    net.forward()
+                except NetdslError as e:           # a bad record met mid-training: keep what was learnt
+                    progress.clear()
+                    raise self._stopped(e) from None
+                if debug:
+                    debug.forward()
                 loss += net.loss()
                 net.backward()
+                if debug:
+                    debug.backward()
             loss /= cfg.iter_size
+            if self.parallel is not None:
+                loss = self.parallel.reduce(self, loss)
             bad = self._non_finite(loss)
             if bad:
                 raise self._diverged(bad)
@@ -340,12 +399,23 @@ class Trainer:
             if cfg.display and self.iter % cfg.display == 0:
                 rate = (self.iter - start) / max(time.time() - t0, 1e-9)
                 self.display(self.iter, smoothed, lr, rate, self._train_outputs())
+            if debug:
+                debug.before_update()
             self.solver.step(self.iter)
+            if debug:
+                debug.after_update(self.iter)
             self.iter += 1
             progress.update(self.iter, smoothed, lr, start)
             if cfg.snapshot and self.iter % cfg.snapshot == 0:
                 progress.clear()
                 self.snapshot()
+
+    def _stopped(self, error: NetdslError) -> NetdslError:
+        """`error`, after a snapshot of the last good state (weights and cursors before this batch)."""
+        snap = self.snapshot() or f"{self.prefix}_iter_{self.iter}"          # rank 0 writes it
+        error.diagnostics[0].notes.append(f"training stopped at iteration {self.iter}; the last good state is in "
+                                      f"{snap}{self.weights_suffix} (resume with --snapshot {snap}.solverstate.npz)")
+        return error
 
     def _finish(self) -> None:
         cfg = self.sf.cfg
@@ -362,9 +432,12 @@ class Trainer:
         self.log("Optimization Done.")
 
     def _on_sigint(self, signum, frame):
-        if self.stop_requested:          # a second Ctrl-C: stop now (the snapshot is being written)
-            raise KeyboardInterrupt
-        self.stop_requested = True
+        if self.stop_requested or self.parallel and self.parallel.stop_wanted:
+            raise KeyboardInterrupt      # a second Ctrl-C: stop now (the snapshot is being written)
+        if self.parallel is not None:
+            self.parallel.stop_wanted = True      # every rank stops at the next step's allreduce
+        else:
+            self.stop_requested = True
 
 
 def _main_thread() -> bool:

@@ -114,7 +114,8 @@ class Case:
     inputs: per-bottom generator (see `gen`), default "n" (standard normal):
       "d" distinct values at least 0.05 apart and 0.025 away from 0 (shared pool across every "d"
           bottom of the case, so Eltwise MAX has no ties either), "lab<C>" integer labels in [0,C),
-      "lab<C>i" the same with some -1 (ignored) labels, "u" uniform (0,1) targets, "ui" the same with
+      "lab<C>i" the same with some -1 (ignored) labels, "dist" soft labels (rows on axis 1 sum to 1),
+      "u" uniform (0,1) targets, "ui" the same with
       some -1 (ignored), "w" positive weights, "ref" a reference blob (shape only, no gradient),
       "roi<N>x<H>x<W>" R x 5 integer rois of an N-image batch of H x W pixels, "cont" recurrent
       T x N continuation flags (0/1, 0 at t = 0), "poolmask<H>x<W>" the mask top of a 2x2 stride-2 MAX
@@ -286,6 +287,14 @@ CASES += [
       inputs=("n", "lab2i"), id="rpn-spatial"),
     C("SoftmaxWithLoss", "softmax_param { axis: 2 }", ((2, 3, 4), (2, 3)), inputs=("n", "lab4"), id="axis2"),
     C("SoftmaxWithLoss", "", ((3, 4), (3,)), tops=2, inputs=("n", "lab4"), grad_tops=(0,), id="prob-top"),
+    C("SoftmaxWithLoss", "", ((4, 3), (4, 3)), inputs=("n", "dist"), id="soft"),
+    *[C("SoftmaxWithLoss", f"loss_param {{ normalization: {m} }}", ((2, 3, 2, 2), (2, 3, 2, 2)),
+        inputs=("n", "dist"), id=f"soft-{m}") for m in ("FULL", "VALID", "BATCH_SIZE", "NONE")],
+    C("MultiLabelDecode", "", ((4, 5),), inputs=("u",), id="cumulative"),
+    C("MultiLabelDecode", "multilabel_decode_param { mode: TOP_K top_k: 2 axis: 2 }", ((2, 3, 4), (2, 3, 4)),
+      inputs=("u", "dist"), id="topk-axis2-labels"),
+    C("MultiLabelDecode", "multilabel_decode_param { mode: THRESHOLD threshold: 0.5 }", ((3, 4),), inputs=("u",),
+      id="threshold"),
     C("SigmoidCrossEntropyLoss", "", ((3, 4), (3, 4)), inputs=("n", "u"), id="default"),
     C("SigmoidCrossEntropyLoss", "loss_param { ignore_label: -1 }", ((3, 2, 2), (3, 2, 2)), inputs=("n", "ui"),
       id="ignore"),
@@ -497,8 +506,9 @@ CASES += [   # py-faster-rcnn's ProposalTarget (layers/rpn.py): sampling and tar
       "normalize_targets: false }", ((20, 5), (2, 5)), tops=5, inputs=("roi1x30x30", "gt3x30x30"), id="end2end-lo0"),
 ]
 
-DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "AnchorTarget", "Proposal"}
-CHECK_ONLY = {"Data", "ImageData", "WindowData", "HDF5Data", "Python", "DenseImageData"}   # runnable = False: shape rule only
+DATA_TYPES = {"Input", "MemoryData", "DummyData", "MNIST", "DigitScenes", "DigitTags", "AnchorTarget", "Proposal",
+              "Data", "ImageData", "HDF5Data", "HDF5Output"}   # tests/test_data_layers.py
+CHECK_ONLY = {"WindowData", "Python", "DenseImageData"}   # runnable = False: shape rule only
 
 
 def ids(cases):
@@ -527,6 +537,10 @@ def gen(kind: str, shape, rng, pool=None) -> np.ndarray:
         if ignore:
             lab[rng.permutation(n)[: max(1, n // 4)]] = -1
         return lab.reshape(shape)
+    if kind == "dist":      # soft labels: a distribution over axis 1 per prediction, some entries 0
+        t = rng.uniform(0, 1, shape) * (rng.uniform(size=shape) > 0.3)
+        t[:, :1] += 0.1
+        return t / t.sum(axis=1, keepdims=True)
     if kind in ("u", "ui"):
         t = rng.uniform(0.05, 0.95, n)
         if kind == "ui":

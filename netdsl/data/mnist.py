@@ -203,7 +203,11 @@ def batch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
 class MnistFeed:
     """One split of MNIST and a cursor over it, as Caffe's data cursor: batches are taken in
     `batch_order` and wrap into the next epoch's order. Owned by the Net (the MNIST layer's run
-    state); `state()` goes into snapshots so a resumed run reads the same batches."""
+    state); `state()` goes into snapshots so a resumed run reads the same batches.
+
+    shard (rank, ranks): in data-parallel training rank r of N takes items r, r+N, ... of each
+    N x count run of the order (Caffe's DataLayer::Skip); the cursor counts the shared order."""
+    shard = (0, 1)
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, seed: int, shuffle: bool):
         self.images, self.labels, self.seed, self.shuffle = images, labels, seed, shuffle
@@ -218,6 +222,8 @@ class MnistFeed:
 
     def next_indices(self, count: int) -> np.ndarray:
         """The next `count` image indices (vectorised over whole runs of an epoch)."""
+        rank, ranks = self.shard
+        count *= ranks
         out = np.empty(count, np.int64)
         filled = 0
         while filled < count:
@@ -227,4 +233,4 @@ class MnistFeed:
             out[filled:filled + take] = self.order[self.cursor:self.cursor + take]
             self.cursor += take
             filled += take
-        return out
+        return out[rank::ranks]

@@ -54,6 +54,8 @@ def solver_problem(cfg) -> str | None:
         return f"the compiled step implements the SGD solver; this solver is {kind}"
     if cfg.iter_size != 1:
         return f"iter_size {cfg.iter_size} (the compiled step runs one forward/backward per update)"
+    if cfg.debug_info:
+        return "debug_info (its per-layer statistics are printed by the eager loop)"
     if cfg.clip_gradients >= 0:
         return "clip_gradients (the global norm needs a host round trip)"
     if cfg.lr_policy not in LR_POLICY_IDS:

@@ -24,6 +24,7 @@ class ReLU(_Elementwise):
     v1 = (18, "RELU")
     messages = {"relu_param": Msg("ReLUParameter", {
         "negative_slope": F(float, 0.0), "engine": F("enum", "DEFAULT", choices=("DEFAULT", "CAFFE", "CUDNN"))})}
+    cpu_op = "relu"
 
     def forward(self, xp, bottoms, params):
         x = bottoms[0]

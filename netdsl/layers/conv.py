@@ -127,6 +127,7 @@ class Convolution(_ConvBase):
     type = "Convolution"
     v1 = (4, "CONVOLUTION")
     gemm_epilogue = True
+    cpu_op = "conv"
 
     def shape(self, bottoms):
         x = bottoms[0]
@@ -295,6 +296,7 @@ class Pooling(Layer):
     v1 = (17, "POOLING")
     messages = {"pooling_param": POOL}
     sets_size = True
+    cpu_op = "pooling"
     n_tops = (1, 2)
 
     def ceil(self) -> bool:

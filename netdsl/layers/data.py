@@ -1,4 +1,5 @@
-"""Data layers: Input, DummyData, Caffe's Data (shape from --shape), MNIST and DigitScenes."""
+"""Data layers: Input, DummyData, MNIST, DigitScenes, DigitTags, Caffe's DataTransformer, and the
+readers of files netdsl does not open (WindowData). Data, ImageData and HDF5Data are in readers.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -94,41 +95,6 @@ class DummyData(_DataLayer):
         return [xp.asarray(fill(f, s, state.rng)) for f, s in zip(fillers, state.tops)], None
 
 
-@register
-class Data(_DataLayer):
-    """Caffe's LMDB/LevelDB reader: checked from --shape; netdsl does not read LMDB."""
-    type = "Data"
-    v1 = (5, "DATA")
-    v1_transform_param = "data_param"
-    messages = {"data_param": Msg("DataParameter", {
-        "source": F(str, ""), "batch_size": F(int, 0), "rand_skip": F(int, 0),
-        "backend": F("enum", "LEVELDB", choices=("LEVELDB", "LMDB")), "scale": F(float, 1.0),
-        "mean_file": F(str, ""), "crop_size": F(int, 0), "mirror": F(bool, False),
-        "force_encoded_color": F(bool, False), "prefetch": F(int, 4)}), "transform_param": TRANSFORM}
-    n_tops = (1, 2)
-    runnable = False
-    run_help = "netdsl does not read LMDB/LevelDB: use the MNIST layer or an Input layer fed from Python"
-
-    def shape(self, bottoms):
-        return [None] * len(self.spec.tops)
-
-    def unknown_shape_note(self):
-        return f"Caffe's Data layer reads {self.p.backend} '{self.p.source or 'its database'}', which netdsl does not open"
-
-    def hint_example(self, i):
-        top, n = self.spec.tops[i], self.p.batch_size or "N"
-        crop = self.spec.record.transform_param.crop_size or self.p.crop_size or None
-        if i == 1:
-            return f"--shape {top}={n}"
-        side = f"{crop},{crop}" if crop else "H,W"
-        return f"--shape {top}={n},C,{side} (e.g. {n},3,{crop or 224},{crop or 224})"
-
-    def complete(self, tops):
-        if len(tops) == 2 and tops[0] is not None and tops[1] is None:
-            tops[1] = (tops[0][0],)            # one label per image
-        return tops
-
-
 class _FileData(_DataLayer):
     """Caffe's data layers that read files netdsl does not open yet: checked, with the shapes their
     params fix (batch size, crop, resize) and --shape for the rest; never run."""
@@ -164,22 +130,6 @@ class _FileData(_DataLayer):
 
 
 @register
-class ImageData(_FileData):
-    """Caffe's ImageData: `path label` lines of a list file, images resized to new_height x new_width."""
-    type = "ImageData"
-    v1 = (12, "IMAGE_DATA")
-    v1_transform_param = "image_data_param"
-    messages = {"image_data_param": Msg("ImageDataParameter", {
-        "source": F(str, ""), "batch_size": F(int, 1), "rand_skip": F(int, 0), "shuffle": F(bool, False),
-        "new_height": F(int, 0), "new_width": F(int, 0), "is_color": F(bool, True), "scale": F(float, 1.0),
-        "mean_file": F(str, ""), "crop_size": F(int, 0), "mirror": F(bool, False), "root_folder": F(str, "")}),
-        "transform_param": TRANSFORM}
-
-    def shape(self, bottoms):
-        return self._image_tops(3 if self.p.is_color else 1, self.p.new_height, self.p.new_width)
-
-
-@register
 class WindowData(_FileData):
     """Caffe's WindowData (R-CNN fine-tuning): windows of images, warped to crop_size squares."""
     type = "WindowData"
@@ -194,25 +144,6 @@ class WindowData(_FileData):
 
     def shape(self, bottoms):
         return self._image_tops(3, 0, 0)
-
-
-@register
-class HDF5Data(_FileData):
-    """Caffe's HDF5Data: datasets named by the tops, from the .h5 files a list file names."""
-    type = "HDF5Data"
-    v1 = (9, "HDF5_DATA")
-    messages = {"hdf5_data_param": Msg("HDF5DataParameter", {
-        "source": F(str, ""), "batch_size": F(int, 0), "shuffle": F(bool, False)})}
-    n_tops = (1, None)
-
-    def shape(self, bottoms):
-        return [None] * len(self.spec.tops)
-
-    def complete(self, tops):
-        return tops
-
-    def hint_example(self, i):
-        return f"--shape {self.spec.tops[i]}={self.p.batch_size or 'N'},D (the dataset's shape, batch first)"
 
 
 MNIST_PARAM = Msg("MNISTParameter", {
@@ -268,7 +199,7 @@ class MNIST(_DataLayer):
     # -- graph mode (gpu/lower.py) ---------------------------------------------------------
     def lower_check(self, lw, step):
         p = self.p
-        if p.crop_size or (p.mirror and self.phase == "TRAIN") or len(p.mean_value) > 1 or p.mean_file:
+        if p.crop_size or p.mirror or len(p.mean_value) > 1 or p.mean_file:
             raise Unsupported(f"MNIST '{self.name}': crop_size / mirror / several mean_values / mean_file")
 
     def lower_forward(self, lw, i, s):
@@ -297,26 +228,38 @@ def _mean_file(path: str, shape: tuple) -> np.ndarray:
     return mean.reshape(shape).astype(np.float32)
 
 
-def transform(x: np.ndarray, p, phase: str, rng, mean: np.ndarray | None = None) -> np.ndarray:
-    """Caffe's DataTransformer: subtract the mean (a mean_file covers the whole image, so it is
-    cropped with it), crop (random in TRAIN, centre in TEST), mirror, then scale."""
-    if mean is not None:
-        x = x - mean[None]
-    if p.crop_size:
-        c, h, w = p.crop_size, x.shape[2], x.shape[3]
-        if phase == "TRAIN":
-            oy, ox = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
-        else:
-            oy, ox = (h - c) // 2, (w - c) // 2
-        x = x[:, :, oy:oy + c, ox:ox + c]
-    if p.mirror and phase == "TRAIN":
-        flip = rng.random(x.shape[0]) < 0.5
-        x = np.where(flip[:, None, None, None], x[..., ::-1], x)
-    if p.mean_value:
-        x = x - np.asarray(p.mean_value, np.float32).reshape(1, -1, 1, 1)
-    if p.scale != 1.0:
-        x = x * np.float32(p.scale)
-    return np.ascontiguousarray(x, dtype=np.float32)
+def transform(images, t, phase: str, rng, mean: np.ndarray | None = None) -> np.ndarray:
+    """Caffe's DataTransformer on a batch (an N x C x H x W array, or a list of C x H x W images):
+    each image is cropped to crop_size (at a random offset in TRAIN, the centre in TEST), mirrored
+    at random when `mirror` (in every phase, as Caffe), and each value becomes (x - mean) * scale in
+    float32, the mean being mean_file's pixel at the uncropped position or mean_value's channel.
+    Per image, the random draws come in Caffe's order: the mirror coin, then the row and column
+    offsets; `rng` is the batch's stream."""
+    crop, mirror = t.crop_size, t.mirror
+    mean_value = np.asarray(t.mean_value, np.float32).reshape(-1, 1, 1) if t.mean_value else None
+    scale = np.float32(t.scale)
+    if not crop and not mirror:                     # nothing random: the whole batch at once
+        x = np.asarray(images, np.float32)
+        x = x - mean[None] if mean is not None else x - mean_value[None] if mean_value is not None else x
+        return np.ascontiguousarray(x * scale if t.scale != 1.0 else x, dtype=np.float32)
+    out = []
+    for image in images:
+        flip = bool(rng.integers(2)) if mirror else False
+        h, w = image.shape[1:]
+        oy = ox = 0
+        if crop:
+            oy, ox = ((int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))) if phase == "TRAIN"
+                      else ((h - crop) // 2, (w - crop) // 2))
+        ch, cw = (crop, crop) if crop else (h, w)
+        x = image[:, oy:oy + ch, ox:ox + cw].astype(np.float32)
+        if mean is not None:
+            x -= mean[:, oy:oy + ch, ox:ox + cw]
+        elif mean_value is not None:
+            x -= mean_value
+        if flip:
+            x = x[:, :, ::-1]
+        out.append(x * scale if t.scale != 1.0 else x)
+    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
 
 
 @register
@@ -418,7 +361,9 @@ def ssd_label(gt: np.ndarray, size) -> np.ndarray:
 
 class ScenesFeed:
     """The DigitScenes layer's run state: the scene generator and a cursor (snapshotted), and an
-    image fed from outside for one forward (`netdsl propose --image`)."""
+    image fed from outside for one forward (`netdsl propose --image`). shard (rank, ranks): rank
+    r of N takes scenes cursor + r, the cursor moving N scenes per forward."""
+    shard = (0, 1)
 
     def __init__(self, scenes):
         self.scenes, self.cursor, self._fed = scenes, 0, None
@@ -446,8 +391,9 @@ class ScenesFeed:
         if self._fed is not None:
             fed, self._fed = self._fed, None
             return fed
-        image, gt = self.scenes.scene(self.cursor)
-        self.cursor += 1
+        rank, ranks = self.shard
+        image, gt = self.scenes.scene(self.cursor + rank)
+        self.cursor += ranks
         return image, gt, image.shape[1:]
 
     def next_labelled(self):
@@ -455,3 +401,75 @@ class ScenesFeed:
         image, _, labels = self.scenes.labelled_scene(self.cursor)
         self.cursor += 1
         return image, labels
+
+@register
+class DigitTags(_DataLayer):
+    """netdsl: multi-label images for tagging: each of a batch's images holds min_digits..max_digits
+    real MNIST digits (netdsl.data.scenes.DigitScenes' scenes, drawn small), and its tags are the set
+    of digit classes present. Tops: data N x 1 x H x W and label N x 10, either soft labels (1/k for
+    each of the k classes present: SoftmaxWithLoss's distributions, Mahajan et al. 2018) or a multi-hot
+    0/1 row (SigmoidCrossEntropyLoss's targets). Batch k holds scenes k*N .. k*N + N - 1 of (seed + run
+    seed, split), so runs repeat and a resumed run continues from its cursor; TEST draws the MNIST
+    test digits."""
+    type = "DigitTags"
+    stateful = True
+    messages = {"digit_tags_param": Msg("DigitTagsParameter", {
+        "split": F("enum", "TRAIN", choices=("TRAIN", "TEST")), "batch_size": F(int, 32), "height": F(int, 32),
+        "width": F(int, 32), "min_digits": F(int, 1), "max_digits": F(int, 4), "min_size": F(int, 12),
+        "max_size": F(int, 20), "seed": F(int, 0),
+        "labels": F("enum", "SOFT", choices=("SOFT", "MULTI_HOT"), doc="SOFT: 1/k per tag; MULTI_HOT: 1 per tag")})}
+    n_tops = (2, 2)
+
+    def validate(self):
+        p = self.p
+        for ok, field, what, example in (
+                (p.batch_size > 0, "batch_size", f"batch_size must be positive, got {p.batch_size}", "32"),
+                (0 < p.min_size <= p.max_size <= min(p.height, p.width), "max_size",
+                 f"need 0 < min_size <= max_size <= the image side, got {p.min_size}, {p.max_size} on "
+                 f"{p.height}x{p.width}", "20 (with min_size: 12 on 32x32)"),
+                (1 <= p.min_digits <= p.max_digits, "max_digits",
+                 f"need 1 <= min_digits <= max_digits, got {p.min_digits} and {p.max_digits}", "4")):
+            if not ok:
+                return [ShapeError("E0107", f"DigitTags '{self.name}': {what}", field=field,
+                                   help=f"e.g. `{field}: {example}`")]
+        return []
+
+    def shape(self, bottoms):
+        p = self.p
+        return [(p.batch_size, 1, p.height, p.width), (p.batch_size, 10)]
+
+    def open(self, ctx):
+        from ..data.scenes import DigitScenes as Scenes
+        p = self.p
+        return TagsFeed(Scenes(split=p.split.lower(), data_dir=ctx.data_dir, seed=p.seed + ctx.seed, height=p.height,
+                               width=p.width, min_digits=p.min_digits, max_digits=p.max_digits, min_size=p.min_size,
+                               max_size=p.max_size))
+
+    def forward(self, xp, bottoms, params, state):
+        images, tags = state.source.next(self.p.batch_size)
+        if self.p.labels == "SOFT":
+            tags = tags / tags.sum(axis=1, keepdims=True)
+        return [xp.asarray(images), xp.asarray(tags)], None
+
+
+class TagsFeed:
+    """DigitTags' run state: the scene generator and the next scene's index (snapshotted)."""
+
+    def __init__(self, scenes):
+        self.scenes, self.cursor = scenes, 0
+
+    def state(self):
+        return {"cursor": self.cursor}
+
+    def load_state(self, state):
+        self.cursor = int(state["cursor"])
+
+    def next(self, n: int):
+        """n images (n, 1, H, W) and their multi-hot tags (n, 10), float32."""
+        images, tags = [], np.zeros((n, 10), np.float32)
+        for k in range(n):
+            image, gt = self.scenes.scene(self.cursor + k)
+            images.append(image)
+            tags[k, gt[:, 4].astype(int) - 1] = 1       # gt class = digit + 1
+        self.cursor += n
+        return np.stack(images).astype(np.float32), tags

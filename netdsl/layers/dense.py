@@ -21,6 +21,7 @@ class InnerProduct(Layer):
     v1 = (14, "INNER_PRODUCT")
     messages = {"inner_product_param": IP}
     gemm_epilogue = gemm_dx_mask = True
+    cpu_op = "inner_product"
 
     def validate(self):
         if self.p.num_output is not None and self.p.num_output <= 0:

@@ -1,5 +1,6 @@
 """Layers: Softmax, the losses (SoftmaxWithLoss, SigmoidCrossEntropyLoss, EuclideanLoss,
-SmoothL1Loss, InfogainLoss, HingeLoss, MultinomialLogisticLoss, ContrastiveLoss) and Accuracy."""
+SmoothL1Loss, InfogainLoss, HingeLoss, MultinomialLogisticLoss, ContrastiveLoss), Accuracy, and
+MultiLabelDecode (netdsl: class probabilities to a multi-label prediction)."""
 from __future__ import annotations
 
 import math
@@ -39,6 +40,39 @@ def normalization(p, default: str) -> str:
     if p.normalize is not None:        # deprecated bool, honoured only when normalization is unset
         return "VALID" if p.normalize else "BATCH_SIZE"
     return default
+
+
+def soft_labels(scores: tuple, labels: tuple, axis: int) -> bool:
+    """Whether SoftmaxWithLoss's labels are distributions (netdsl): a label blob of exactly the
+    scores' shape, with more than one class (one class: a class index and a distribution agree)."""
+    return tuple(labels) == tuple(scores) and scores[axis] != 1
+
+
+SOFT_LABEL_TOLERANCE = 1e-3   # |sum - 1| allowed per soft-label row (float32 sums of 1/k and the like)
+
+
+def distribution_rows(xp, layer, labels, axis: int):
+    """Soft labels as (predictions, C) rows, each a distribution over the classes on `axis`: no
+    negative entry, summing to 1. Anything else is an error at run time naming the prediction."""
+    from ..errors import NetdslError
+    c = labels.shape[axis]
+    rows = xp.moveaxis(labels, axis, -1).reshape(-1, c)
+    sums = rows.sum(axis=1)
+    bad = (xp.abs(sums - 1) > SOFT_LABEL_TOLERANCE) | (rows < 0).any(axis=1) | ~xp.isfinite(sums)
+    if bool(bad.any()):
+        k = int(xp.argmax(bad))
+        index = tuple(int(i) for i in np.unravel_index(k, labels.shape[:axis] + labels.shape[axis + 1:]))
+        row = [float(v) for v in rows[k][:8]]
+        shown = ", ".join(f"{v:g}" for v in row) + (", ..." if c > 8 else "")
+        what = "has a negative entry" if bool((rows[k] < 0).any()) else f"sums to {float(sums[k]):g}"
+        raise NetdslError("E0661", f"{layer.type} '{layer.name}': the soft label of sample {index[0]}"
+                          + (f" (position {index})" if len(index) > 1 else "")
+                          + f" {what}: [{shown}]",
+                          notes=[f"'{layer.spec.bottoms[1]}' has the scores' shape, so each of its rows over the "
+                                 f"{c} classes on axis {axis} is read as a distribution (a soft label)"],
+                          help="make each row non-negative and sum to 1 (e.g. 1/k for each of k tags), or give "
+                               "class indices: one label per prediction")
+    return rows
 
 
 def normalizer(mode: str, outer: int, inner: int, valid: int) -> float:
@@ -112,16 +146,28 @@ class _Loss(Layer):
 
 @register
 class SoftmaxWithLoss(_Loss):
+    """Caffe's SoftmaxWithLoss; netdsl also takes soft labels: a label blob of the scores' shape holds
+    a distribution per prediction (Mahajan et al. 2018: 1/k for each of an image's k tags), and the
+    loss is -sum_c label_c log p_c, normalised as Caffe's modes do with every prediction valid."""
     type = "SoftmaxWithLoss"
     default_loss = True
     v1 = (21, "SOFTMAX_LOSS")
     bottom_roles = ("the scores", "the labels")
     messages = {"softmax_param": SOFTMAX, "loss_param": LOSS}
     n_tops = (1, 2)
+    cpu_op = "softmax_loss"
 
     def shape(self, bottoms):
         x, labels = bottoms
         ax = canonical_axis(self.p.axis, len(x))
+        if soft_labels(x, labels, ax):
+            if self.p.ignore_label is not None:
+                raise ShapeError("E0660", f"SoftmaxWithLoss '{self.name}': ignore_label applies to class-index labels, "
+                                 f"but '{self.spec.bottoms[1]}' {fmt(labels)} has the scores' shape: soft labels",
+                                 field="ignore_label", involves=(0, 1),
+                                 help="remove ignore_label (every soft-label row counts), or give one class index "
+                                      "per prediction")
+            return [()] + ([x] if len(self.spec.tops) == 2 else [])
         outer, inner, have = count(x, 0, ax), count(x, ax + 1), count(labels)
         need = None if outer is None or inner is None else outer * inner
         if need is not None and have is not None and need != have:
@@ -134,6 +180,8 @@ class SoftmaxWithLoss(_Loss):
         outer, c = int(np.prod(x.shape[:ax])), x.shape[ax]
         prob = kernels.softmax(xp, x, ax)
         p2 = xp.moveaxis(prob, ax, -1).reshape(-1, c)       # (outer*inner, C)
+        if soft_labels(x.shape, labels.shape, ax):
+            return self._forward_soft(xp, x, labels, prob, p2, ax)
         lab = class_labels(xp, self, labels, c)
         valid = lab != self.p.ignore_label if self.p.ignore_label is not None else xp.ones(lab.shape, bool)
         safe = xp.where(valid, lab, 0)
@@ -146,17 +194,38 @@ class SoftmaxWithLoss(_Loss):
             tops.append(prob)
         return tops, (prob, safe, valid, norm, ax)
 
+    def _forward_soft(self, xp, x, labels, prob, p2, ax):
+        """Soft labels (netdsl): loss = -sum_c label_c log p_c per prediction, every prediction valid."""
+        lab = distribution_rows(xp, self, labels, ax)
+        nll = -(lab * xp.log(xp.maximum(p2, FLT_MIN))).sum(axis=1)
+        outer = math.prod(x.shape[:ax])
+        norm = normalizer(normalization(self.p, "VALID"), outer, p2.shape[0] // outer, p2.shape[0])
+        tops = [(nll.sum() / norm).astype(x.dtype).reshape(())]
+        if len(self.spec.tops) == 2:
+            tops.append(prob)
+        return tops, (prob, lab, None, norm, ax)
+
     def backward(self, xp, saved, dtops, params, need):
         prob, safe, valid, norm, ax = saved
         c = prob.shape[ax]
         g = xp.moveaxis(prob, ax, -1).reshape(-1, c).copy()
+        if valid is None:                  # soft labels: d/dx = p * sum(label) - label (sum(label) = 1)
+            lab = safe
+            g = g * lab.sum(axis=1, keepdims=True) - lab
+            g *= dtops[0] / norm
+            moved = xp.moveaxis(prob, ax, -1).shape
+            return [xp.ascontiguousarray(xp.moveaxis(g.reshape(moved), -1, ax)), None], []
         g[xp.arange(g.shape[0]), safe] -= 1
         g *= (valid * (dtops[0] / norm)).astype(g.dtype)[:, None]
         moved = xp.moveaxis(prob, ax, -1).shape
         return [xp.ascontiguousarray(xp.moveaxis(g.reshape(moved), -1, ax)), None], []
 
     # -- graph mode (gpu/lower.py) ---------------------------------------------------------
-    lower_check = _lower_check_nc
+    def lower_check(self, lw, step):
+        _lower_check_nc(self, lw, step)
+        x, label = (lw.shape(b) for b in step.node.bottoms)
+        if soft_labels(x, label, self.p.axis % len(x)):
+            raise Unsupported(f"SoftmaxWithLoss '{self.name}': soft labels (the graph-mode kernel takes class indices)")
 
     def lower_forward(self, lw, i, s):
         L = s.layer
@@ -571,3 +640,78 @@ class Accuracy(Layer):
         lw.emit("accuracy", L.name, dict(N=n, C=c, TOPK=L.p.top_k, HAS_IGNORE=int(ignore is not None)),
                 [lw.val(x), lw.val(label), Ref(f"acc:{lw.name}", offset=lw.scalar_outputs.index(top), count=1),
                  np.int32(ignore if ignore is not None else -1)], (1, 1, 1))
+
+
+def decode_tags(xp, probs, mode: str, threshold: float, top_k: int):
+    """(M, C) class probabilities -> (M, C) multi-hot predictions.
+
+    CUMULATIVE: the classes in descending probability (ties: the lower index first), taken while the
+    sum of those taken before is below `threshold`, so at least one. No fixed threshold on p fits
+    softmax outputs, where a lone tag scores about 1 and each of two tags about 0.5; the cumulative
+    rule takes one tag from [0.97, 0.02, ...] and two from [0.5, 0.48, ...] at threshold 0.95.
+    TOP_K: the `top_k` most probable classes. THRESHOLD: every class with p >= threshold (sigmoid
+    outputs, one independent probability per class)."""
+    if mode == "THRESHOLD":
+        return (probs >= threshold).astype(probs.dtype)
+    m, c = probs.shape
+    order = xp.argsort(-probs, axis=1, kind="stable")
+    if mode == "TOP_K":
+        keep = xp.broadcast_to(xp.arange(c) < top_k, (m, c))
+    else:
+        ranked = xp.take_along_axis(probs, order, axis=1)
+        before = xp.cumsum(ranked, axis=1) - ranked       # the mass of the classes ranked above
+        keep = before < threshold
+        keep[:, 0] = True
+    out = xp.zeros(probs.shape, probs.dtype)
+    out[xp.arange(m)[:, None], order] = keep.astype(probs.dtype)
+    return out
+
+
+@register
+class MultiLabelDecode(Layer):
+    """netdsl: class probabilities (from Softmax or Sigmoid) -> a multi-hot prediction of the same
+    shape, by the cumulative rule (default), top-k or a fixed threshold (see decode_tags). A second
+    bottom, the ground truth (soft or multi-hot labels, a tag wherever > 0), is read only by
+    `netdsl test`, which scores the predictions with per-sample F1, precision, recall and mAP."""
+    type = "MultiLabelDecode"
+    bottom_roles = ("the class probabilities", "the ground-truth labels (read by `netdsl test`)")
+    messages = {"multilabel_decode_param": Msg("MultiLabelDecodeParameter", {
+        "mode": F("enum", "CUMULATIVE", choices=("CUMULATIVE", "TOP_K", "THRESHOLD")),
+        "threshold": F(float, 0.95, doc="CUMULATIVE: the probability mass to cover; THRESHOLD: the least p"),
+        "top_k": F(int, 1), "axis": F(int, 1)})}
+    n_bottoms, n_tops = (1, 2), (1, 1)
+    no_backward = True
+    is_sink = True
+    decodes_tags = True
+
+    def validate(self):
+        p = self.p
+        if p.mode != "TOP_K" and not 0 < p.threshold <= 1:
+            return [ShapeError("E0107", f"MultiLabelDecode '{self.name}': threshold {p.threshold:g} is outside (0, 1]",
+                               field="threshold", help="e.g. `threshold: 0.95` (CUMULATIVE) or `threshold: 0.5` "
+                                                       "(THRESHOLD)")]
+        if p.mode == "TOP_K" and p.top_k < 1:
+            return [ShapeError("E0107", f"MultiLabelDecode '{self.name}': top_k must be at least 1, got {p.top_k}",
+                               field="top_k", help="e.g. `top_k: 2`")]
+        return []
+
+    def shape(self, bottoms):
+        x = bottoms[0]
+        ax = canonical_axis(self.p.axis, len(x))
+        if len(bottoms) == 2 and count(bottoms[1]) is not None and count(x) is not None and \
+                tuple(bottoms[1]) != tuple(x):
+            raise ShapeError("E0360", f"MultiLabelDecode '{self.name}': labels '{self.spec.bottoms[1]}' "
+                             f"{fmt(bottoms[1])} do not have the probabilities' shape {fmt(x)}", involves=(0, 1),
+                             help="give one label per class per sample: soft labels or a multi-hot blob of the "
+                                  "probabilities' shape")
+        if self.p.mode == "TOP_K" and x[ax] is not None and self.p.top_k > x[ax]:
+            raise ShapeError("E0361", f"MultiLabelDecode '{self.name}': top_k {self.p.top_k} exceeds the {x[ax]} "
+                             "classes", field="top_k", involves=(0,), help=f"use `top_k: {x[ax]}` or less")
+        return [x]
+
+    def forward(self, xp, bottoms, params):
+        x = bottoms[0]
+        ax = self.p.axis % x.ndim
+        rows = xp.moveaxis(x, ax, -1)
+        pred = decode_tags(xp, rows.reshape(-1, x.shape[ax]), self.p.mode, self.p.threshold, self.p.top_k)
+        return [xp.ascontiguousarray(xp.moveaxis(pred.reshape(rows.shape), -1, ax))], None

@@ -1,0 +1,59 @@
+"""The compiled CPU path (Numba): the plan lowered to compiled kernels over preallocated buffers
+(program.py, ops.py, kernels.py), the solver update as one pass over a flat parameter buffer
+(update.py), and the thread policy (threads.py). This package's __init__ imports no Numba: only
+choosing the compiled kernels does, so `netdsl check` and the NumPy path never load it."""
+from __future__ import annotations
+
+from ..errors import NetdslError
+
+CPU_KERNELS = ("compiled", "numpy")
+
+
+def compile_training(trainer, kernels: str = "compiled", threads: int | None = None):
+    """Trainer's hook: on the CPU, set the thread counts and, with compiled kernels, lower the train
+    and test nets and swap in the flat-buffer solver. Returns the train net's Lowering, or None
+    (NumPy kernels, or not on the CPU)."""
+    if kernels not in CPU_KERNELS:
+        raise NetdslError("E0730", f"unknown --cpu-kernels '{kernels}'", help="use --cpu-kernels compiled or numpy")
+    if threads is not None and threads < 1:
+        raise NetdslError("E0731", f"--threads must be at least 1, got {threads}", help="e.g. --threads 2")
+    if trainer.backend.name != "cpu":
+        return None
+    from .threads import set_threads
+    compiled = kernels == "compiled"
+    if compiled:
+        _need_numba()
+    blas, kernel = set_threads(threads, compiled)
+    if not compiled:
+        trainer.log(f"CPU: NumPy kernels, {blas} BLAS thread{'s' if blas != 1 else ''}")
+        return None
+    lw = compile_nets(trainer.net, trainer.tests)
+    trainer.solver = flat_solver(trainer.sf.cfg, trainer.net)
+    from .program import coverage
+    done, numpy = coverage(trainer.net.plan)
+    trainer.log(f"CPU: compiled kernels ({', '.join(done) or 'none'}), {kernel} kernel and {blas} BLAS threads"
+                + (f"; NumPy for {', '.join(f'{t} ({why})' for t, why in numpy.items())}" if numpy else ""))
+    return lw
+
+
+def compile_nets(net, tests=()):
+    """Lower a train net and its test nets (which share its params) to compiled ops."""
+    from .program import lower_cpu
+    for t in tests:
+        lower_cpu(t)
+    return lower_cpu(net)
+
+
+def flat_solver(cfg, net):
+    """The flat-buffer solver for a net's learnable params (moving them into flat buffers)."""
+    from .update import FlatSolver, flatten
+    data, grad = flatten(net.learnable, net.dtype)
+    return FlatSolver(cfg, net.learnable, data, grad)
+
+
+def _need_numba() -> None:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        raise NetdslError("E0732", "the compiled CPU kernels need Numba, which is not installed",
+                          help="pip install numba (netdsl's install brings it), or train with --cpu-kernels numpy") from None

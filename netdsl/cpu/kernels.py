@@ -1,0 +1,430 @@
+"""Compiled CPU kernels (Numba): the element-wise passes around the GEMMs, each one loop over
+preallocated buffers. The GEMMs stay in OpenBLAS through NumPy. The NumPy layers (netdsl/kernels.py
+and the layer files) are the reference: tests/test_cpu.py compares every kernel with them.
+
+Columns use one layout: (C*kh*kw, N*OH*OW), image-major, so one GEMM covers the batch and its
+result (M, N*OH*OW) turns into NCHW by copying runs of OH*OW values (fused with the bias and ReLU).
+`cache=True` keeps the machine code on disk (a warm start loads it instead of compiling);
+`parallel=True` only where the work per call is large enough to pay for waking the threads.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# -------------------------------------------------------------------------------------------
+# Convolution, in NumPy's two column layouts (netdsl/kernels.py, chosen by the same rule):
+#   "gemm"    (C*kh*kw, OH*OW*N), the batch fastest: one GEMM for the whole batch, runs of N
+#             values per window position; for small images.
+#   "batched" (N, C*kh*kw, OH*OW): one GEMM per image whose result is already NCHW; for large ones.
+# The GEMM's epilogue (bias, and a ReLU fused by lowering) and dy's way back to rows (with the
+# bias gradient) are one pass each.
+
+
+@njit(inline="always")
+def _valid_x(j, kw, sw, pw, dw, ow, W):
+    """The output columns xo whose input column xo*sw - pw + j*dw lies inside [0, W)."""
+    off = j * dw - pw
+    lo = 0 if off >= 0 else (-off + sw - 1) // sw
+    hi = 0 if W - off <= 0 else min(ow, (W - off + sw - 1) // sw)
+    return off, lo, max(lo, hi)
+
+
+@njit(cache=True, parallel=True)
+def im2col_gemm(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
+    """x (N, C, H, W) -> cols (C*kh*kw, oh*ow*N); zero where a window reads the padding. Each
+    channel's plane is first turned batch-last (H, W, N), so every window position copies one
+    contiguous run of N values."""
+    N, C, H, W = x.shape
+    for c in prange(C):
+        plane = np.empty((H, W, N), x.dtype)
+        for n in range(N):
+            for iy in range(H):
+                for ix in range(W):
+                    plane[iy, ix, n] = x[n, c, iy, ix]
+        for r in range(c * kh * kw, (c + 1) * kh * kw):
+            i, j = r // kw % kh, r % kw
+            for y in range(oh):
+                iy = y * sh - ph + i * dh
+                for xo in range(ow):
+                    ix = xo * sw - pw + j * dw
+                    base = (y * ow + xo) * N
+                    inside = 0 <= iy < H and 0 <= ix < W
+                    for n in range(N):
+                        cols[r, base + n] = plane[iy, ix, n] if inside else 0
+
+
+@njit(cache=True, parallel=True)
+def col2im_gemm(dcols, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
+    """The adjoint of im2col_gemm: dx (N, C, H, W) = every column entry summed into its pixel,
+    accumulated per channel in a batch-last plane (contiguous runs of N), then written NCHW."""
+    N, C, H, W = dx.shape
+    for c in prange(C):
+        plane = np.zeros((H, W, N), dx.dtype)
+        for r in range(c * kh * kw, (c + 1) * kh * kw):
+            i, j = r // kw % kh, r % kw
+            for y in range(oh):
+                iy = y * sh - ph + i * dh
+                if iy < 0 or iy >= H:
+                    continue
+                for xo in range(ow):
+                    ix = xo * sw - pw + j * dw
+                    if 0 <= ix < W:
+                        base = (y * ow + xo) * N
+                        for n in range(N):
+                            plane[iy, ix, n] += dcols[r, base + n]
+        for n in range(N):
+            for iy in range(H):
+                for ix in range(W):
+                    dx[n, c, iy, ix] = plane[iy, ix, n]
+
+
+@njit(cache=True, parallel=True)
+def gemm_epilogue(rows, bias, y, relu, slope):
+    """GEMM result rows (M, P*N) -> y (N, M, P) + bias (M,) (empty: none), then ReLU if `relu`."""
+    N, M, P = y.shape
+    has_bias = bias.shape[0] > 0
+    for m in prange(M):
+        b = bias[m] if has_bias else rows[0, 0] * 0
+        for p in range(P):
+            for n in range(N):
+                v = rows[m, p * N + n] + b
+                if relu and not v > 0:
+                    v = v * slope
+                y[n, m, p] = v
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc"})
+def gemm_rows(dy, rows, db):
+    """dy (N, M, P) -> rows (M, P*N), and db (M,) = dy summed over the batch and pixels (db
+    empty: no bias)."""
+    N, M, P = dy.shape
+    has_bias = db.shape[0] > 0
+    for m in prange(M):
+        acc = 0.0
+        for p in range(P):
+            for n in range(N):
+                v = dy[n, m, p]
+                rows[m, p * N + n] = v
+                acc += v
+        if has_bias:
+            db[m] = acc
+
+
+@njit(cache=True, parallel=True)
+def im2col_batched(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
+    """x (N, C, H, W) -> cols (N, C*kh*kw [+ rows left alone, e.g. the bias's ones], oh*ow)."""
+    N, C, H, W = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for i in range(kh):
+            for j in range(kw):
+                r = (c * kh + i) * kw + j
+                off, lo, hi = _valid_x(j, kw, sw, pw, dw, ow, W)
+                for y in range(oh):
+                    iy = y * sh - ph + i * dh
+                    base = y * ow
+                    if iy < 0 or iy >= H:
+                        for xo in range(ow):
+                            cols[n, r, base + xo] = 0
+                        continue
+                    for xo in range(lo):
+                        cols[n, r, base + xo] = 0
+                    if sw == 1:
+                        for xo in range(lo, hi):
+                            cols[n, r, base + xo] = x[n, c, iy, xo + off]
+                    else:
+                        for xo in range(lo, hi):
+                            cols[n, r, base + xo] = x[n, c, iy, xo * sw + off]
+                    for xo in range(hi, ow):
+                        cols[n, r, base + xo] = 0
+
+
+@njit(cache=True, parallel=True)
+def col2im_batched(dcols, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
+    """The adjoint of im2col_batched: each (image, channel) plane sums its kh*kw rows."""
+    C, H, W = dx.shape[1:]
+    for plane in prange(dx.shape[0] * C):
+        n, c = plane // C, plane % C
+        dx[n, c] = 0
+        for r in range(c * kh * kw, (c + 1) * kh * kw):
+            i, j = r // kw % kh, r % kw
+            off, lo, hi = _valid_x(j, kw, sw, pw, dw, ow, W)
+            for y in range(oh):
+                iy = y * sh - ph + i * dh
+                if 0 <= iy < H:
+                    for xo in range(lo, hi):
+                        dx[n, c, iy, xo * sw + off] += dcols[n, r, y * ow + xo]
+
+
+@njit(cache=True, parallel=True)
+def bias_act_nmp(y, bias, relu, slope):
+    """In place on y (N, M, P): + bias (M,) (empty: none), then ReLU if `relu`."""
+    N, M, P = y.shape
+    has_bias = bias.shape[0] > 0
+    for nm in prange(N * M):
+        n, m = nm // M, nm % M
+        b = bias[m] if has_bias else y[0, 0, 0] * 0
+        for p in range(P):
+            v = y[n, m, p] + b
+            if relu and not v > 0:
+                v = v * slope
+            y[n, m, p] = v
+
+
+# -------------------------------------------------------------------------------------------
+# InnerProduct's epilogue, ReLU
+
+
+@njit(cache=True, parallel=True)
+def bias_act(y, bias, relu, slope):
+    """In place on y (B, M): + bias (M,) (empty: none), then ReLU if `relu`."""
+    B, M = y.shape
+    has_bias = bias.shape[0] > 0
+    for b in prange(B):
+        for m in range(M):
+            v = y[b, m] + (bias[m] if has_bias else 0)
+            if relu and not v > 0:
+                v = v * slope
+            y[b, m] = v
+
+
+@njit(cache=True)
+def column_sums(dy, out):
+    """out (M,) = dy (B, M) summed over B."""
+    B, M = dy.shape
+    for m in range(M):
+        out[m] = 0
+    for b in range(B):
+        for m in range(M):
+            out[m] += dy[b, m]
+
+
+@njit(cache=True, parallel=True)
+def relu_forward(x, y, slope):
+    """Flat arrays: y = x where x > 0, else x*slope (NaN stays NaN, as x*mask does)."""
+    for k in prange(x.shape[0]):
+        v = x[k]
+        y[k] = v if v > 0 else v * slope
+
+
+@njit(cache=True, parallel=True)
+def relu_backward(dy, y, dx, slope):
+    """Flat arrays: dx = dy where the output y > 0 (for slope >= 0 exactly where x > 0)."""
+    for k in prange(dy.shape[0]):
+        dx[k] = dy[k] if y[k] > 0 else dy[k] * slope
+
+
+# -------------------------------------------------------------------------------------------
+# Pooling on planes (N*C, H, W), Caffe's geometry: a window starts at o*s - pad and is clipped
+# to the input (MAX) or to the input plus its pad (AVE's divisor); MAX keeps the first maximum in
+# row-major order and its flat index h*W + w for backward.
+
+
+@njit(cache=True, parallel=True)
+def max_pool_forward(x, y, arg, kh, kw, sh, sw, ph, pw):
+    """y = each window's max; arg = where (the window's top-left cell if nothing beats -inf, -1
+    when that cell is padding)."""
+    H, W = x.shape[1], x.shape[2]
+    for q in prange(x.shape[0]):
+        for oy in range(y.shape[1]):
+            hs = oy * sh - ph
+            for ox in range(y.shape[2]):
+                ws = ox * sw - pw
+                best = -np.inf
+                at = hs * W + ws if hs >= 0 and ws >= 0 else -1
+                for iy in range(max(hs, 0), min(hs + kh, H)):
+                    for ix in range(max(ws, 0), min(ws + kw, W)):
+                        if x[q, iy, ix] > best:
+                            best, at = x[q, iy, ix], iy * W + ix
+                y[q, oy, ox] = best
+                arg[q, oy, ox] = at
+
+
+@njit(cache=True, parallel=True)
+def max_pool_2x2(x, y, arg):
+    """max_pool_forward for 2x2 windows, stride 2, no pad, even H and W (every window inside)."""
+    W, OH = x.shape[2], y.shape[1]
+    for row in prange(y.shape[0] * OH):
+        q, iy = row // OH, 2 * (row % OH)
+        for ox in range(y.shape[2]):
+            ix = 2 * ox
+            best, at = x[q, iy, ix], iy * W + ix
+            if not best > -np.inf:                 # NaN or -inf: the first cell above -inf wins
+                best = -np.inf
+            for k, v in enumerate((x[q, iy, ix + 1], x[q, iy + 1, ix], x[q, iy + 1, ix + 1])):
+                if v > best:
+                    best, at = v, (iy + (k > 0)) * W + ix + (k != 1)
+            y[q, iy // 2, ox] = best
+            arg[q, iy // 2, ox] = at
+
+
+@njit(cache=True, parallel=True)
+def max_pool_backward(dy, arg, dx):
+    """Flat planes: dy and arg (planes, OH*OW), dx (planes, H*W)."""
+    for q in prange(dx.shape[0]):
+        dx[q] = 0
+        for k in range(dy.shape[1]):
+            if arg[q, k] >= 0:
+                dx[q, arg[q, k]] += dy[q, k]
+
+
+@njit(inline="always")
+def _ave_window(oy, ox, kh, kw, sh, sw, ph, pw, H, W):
+    """Caffe's AVE window of output (oy, ox): its rows and columns inside the input, and its
+    divisor, the window's size clipped to the input plus its pad (pad cells count, cells past
+    it do not)."""
+    hs, ws = oy * sh - ph, ox * sw - pw
+    he, we = min(hs + kh, H + ph), min(ws + kw, W + pw)
+    return max(hs, 0), min(he, H), max(ws, 0), min(we, W), (he - hs) * (we - ws)
+
+
+@njit(cache=True, parallel=True)
+def ave_pool(x, y, kh, kw, sh, sw, ph, pw, backward):
+    """Forward: y = each window's mean (x the input). Backward: x += each window's share of y
+    (x the input's gradient, y the output's), x zeroed first."""
+    H, W = x.shape[1], x.shape[2]
+    for q in prange(x.shape[0]):
+        if backward:
+            x[q] = 0
+        for oy in range(y.shape[1]):
+            for ox in range(y.shape[2]):
+                h0, h1, w0, w1, size = _ave_window(oy, ox, kh, kw, sh, sw, ph, pw, H, W)
+                if backward:
+                    share = y[q, oy, ox] / size
+                    for iy in range(h0, h1):
+                        for ix in range(w0, w1):
+                            x[q, iy, ix] += share
+                else:
+                    acc = 0.0
+                    for iy in range(h0, h1):
+                        for ix in range(w0, w1):
+                            acc += x[q, iy, ix]
+                    y[q, oy, ox] = acc / size
+
+
+# -------------------------------------------------------------------------------------------
+# Softmax loss: x (outer, C, inner), labels (outer*inner,) int64 class indices or ignore_label
+
+
+@njit(cache=True)
+def softmax_loss_forward(x, labels, prob, ignore, has_ignore, flt_min):
+    """prob = softmax over C; returns (sum of -log p[label] over valid positions, valid count)."""
+    outer, C, inner = x.shape
+    total = 0.0
+    valid = 0
+    for o in range(outer):
+        for i in range(inner):
+            top = x[o, 0, i]
+            for c in range(1, C):
+                top = max(top, x[o, c, i])
+            s = 0.0
+            for c in range(C):
+                e = math.exp(x[o, c, i] - top)
+                prob[o, c, i] = e
+                s += e
+            for c in range(C):
+                prob[o, c, i] = prob[o, c, i] / s
+            lab = labels[o * inner + i]
+            if has_ignore and lab == ignore:
+                continue
+            total -= math.log(max(prob[o, lab, i], flt_min))
+            valid += 1
+    return total, valid
+
+
+@njit(cache=True)
+def softmax_loss_backward(prob, labels, dx, ignore, has_ignore, scale):
+    """dx = (prob - onehot(label)) * scale, zero at ignored positions."""
+    outer, C, inner = prob.shape
+    for o in range(outer):
+        for i in range(inner):
+            lab = labels[o * inner + i]
+            if has_ignore and lab == ignore:
+                for c in range(C):
+                    dx[o, c, i] = 0
+                continue
+            for c in range(C):
+                dx[o, c, i] = prob[o, c, i] * scale
+            dx[o, lab, i] = (prob[o, lab, i] - 1) * scale
+
+
+# -------------------------------------------------------------------------------------------
+# The solver update over one flat buffer: every param a segment [start, end) with its own rate
+# (lr*lr_mult; Adam's times its bias correction), decay added to the gradient (weight_decay *
+# decay_mult) and shrink added to the update (AdamW's decoupled decay, else 0). One kernel per
+# rule, each Caffe's ComputeUpdateValue (solver.py) in one pass: the gradient, weight and history
+# read once, the weight, history and update written once (the update stays in g, as Caffe leaves
+# it in the diff). Scalars come in the arrays' dtype, so float32 stays float32 and vectorises.
+
+
+@njit(inline="always")
+def _grad(w, g, k, gscale, decay, l1):
+    """The regularised gradient of element k, and what the decay multiplies (w or sign(w))."""
+    wk = w[k]
+    reg = np.sign(wk) if l1 else wk
+    return g[k] * gscale + decay * reg, reg
+
+
+@njit(cache=True, parallel=True)
+def sgd(w, g, h, seg, rates, decays, shrinks, gscale, l1, momentum, more, back):
+    """SGD (more 1, back 0) and Nesterov (more 1 + momentum, back momentum):
+    v = momentum*v + rate*d; update = more*v_new - back*v_old."""
+    for s in range(seg.shape[0] - 1):
+        rate, decay = rates[s], decays[s]
+        for k in prange(seg[s], seg[s + 1]):
+            d, _ = _grad(w, g, k, gscale, decay, l1)
+            old = h[k]
+            v = momentum * old + rate * d
+            h[k] = v
+            u = more * v - back * old
+            g[k] = u
+            w[k] -= u
+
+
+@njit(cache=True, parallel=True)
+def rms(w, g, h, seg, rates, decays, shrinks, gscale, l1, hold, keep, delta):
+    """AdaGrad (hold 1, keep 1) and RMSProp (hold rms_decay, keep 1 - rms_decay):
+    h = hold*h + keep*d^2; update = rate*d / (sqrt(h) + delta)."""
+    for s, rate in enumerate(rates):
+        for k in prange(seg[s], seg[s + 1]):
+            d, _ = _grad(w, g, k, gscale, decays[s], l1)
+            v = hold * h[k] + keep * (d * d)
+            h[k] = v
+            u = rate * d / (np.sqrt(v) + delta)
+            g[k] = u
+            w[k] -= u
+
+
+@njit(cache=True, parallel=True)
+def adadelta(w, g, h, h1, seg, rates, decays, shrinks, gscale, l1, momentum, keep, delta):
+    """h: squared gradients, h1: squared updates (lr-free); keep = 1 - momentum."""
+    for s in range(seg.shape[0] - 1):
+        rate, decay = rates[s], decays[s]
+        for k in prange(seg[s], seg[s + 1]):
+            d, _ = _grad(w, g, k, gscale, decay, l1)
+            sq = momentum * h[k] + keep * (d * d)
+            h[k] = sq
+            d = d * np.sqrt((h1[k] + delta) / (sq + delta))
+            h1[k] = momentum * h1[k] + keep * (d * d)
+            u = rate * d
+            g[k] = u
+            w[k] -= u
+
+
+@njit(cache=True, parallel=True)
+def adam(w, g, h, h1, seg, rates, decays, shrinks, gscale, l1, beta1, keep1, beta2, keep2, delta):
+    """Adam and AdamW (shrinks: the decoupled decay); keep1 = 1 - beta1, keep2 = 1 - beta2."""
+    for s in range(seg.shape[0] - 1):
+        rate, decay, shrink = rates[s], decays[s], shrinks[s]
+        for k in prange(seg[s], seg[s + 1]):
+            d, reg = _grad(w, g, k, gscale, decay, l1)
+            m = beta1 * h[k] + keep1 * d
+            v = beta2 * h1[k] + keep2 * (d * d)
+            h[k] = m
+            h1[k] = v
+            u = rate * m / (np.sqrt(v) + delta) + shrink * reg
+            g[k] = u
+            w[k] -= u

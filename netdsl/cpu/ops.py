@@ -1,0 +1,261 @@
+"""Compiled CPU ops: drop-in replacements for a layer's forward/backward (same signatures) that
+run netdsl/cpu/kernels.py over buffers allocated once, when the plan is lowered (program.py).
+A layer names its op with the class attribute `cpu_op`; `reason(layer)` says why an instance of
+that type falls back to NumPy (None: it runs compiled)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import kernels as K
+
+
+class Op:
+    """One step's compiled forward/backward. `lw` (program.Lowering) hands out its buffers."""
+
+    def __init__(self, lw, i: int, step):
+        self.layer, self.step = step.layer, step
+
+    @staticmethod
+    def reason(layer) -> str | None:
+        return None
+
+
+class ConvOp(Op):
+    """Convolution in NumPy's column layout for its size (kernels.conv_geom): compiled im2col,
+    the GEMM (OpenBLAS), the epilogue with the bias and a fused ReLU; backward the rows of dy
+    with the bias gradient in the same pass, dW and the column gradient by GEMM (the columns'
+    buffer reused for it), then compiled col2im."""
+
+    def __init__(self, lw, i, step):
+        super().__init__(lw, i, step)
+        from ..kernels import conv_geom
+        L, node = self.layer, step.node
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = L.geometry()
+        N, C, H, W = lw.shape(node.bottoms[0])
+        _, M, OH, OW = lw.shape(node.tops[0])
+        g = conv_geom(H, W, kh, kw, sh, sw, ph, pw, dh, dw)
+        self.batched = g.layout == "batched"
+        self.geom = (kh, kw, sh, sw, ph, pw, dh, dw, OH, OW)
+        k, P = C * kh * kw, OH * OW
+        # batched: a ones row after the columns carries the bias through the GEMM (as NumPy's)
+        self.cols = lw.scratch((N, k + 1, P) if self.batched else (k, P * N))
+        self.dcols = lw.scratch((N, k, P)) if self.batched and step.propagate and step.propagate[0] else None
+        if self.batched:
+            self.cols[:, k] = 1
+            self.W1 = lw.scratch((M, k + 1))
+        self.rows = None if self.batched else lw.scratch((M, P * N))
+        self.relu, slope, out = lw.fused_relu(i)
+        self.slope = lw.dtype.type(slope)
+        self.y = lw.value(out, (N, M, OH, OW))
+        self.dx = lw.grad(node.bottoms[0], (N, C, H, W)) if step.propagate and step.propagate[0] else None
+        self.dW = lw.scratch((M, k))
+        self.dWt = lw.scratch((N, M, k + 1) if self.batched else (k, M))      # the weight GEMM's own orientation
+        self.bias = L.p.bias_term
+        self.db = lw.scratch((M,) if self.bias else (0,))   # empty: no bias
+
+    @staticmethod
+    def reason(layer):
+        return "group > 1" if layer.p.group != 1 else None
+
+    def forward(self, xp, bottoms, params):
+        x = np.ascontiguousarray(bottoms[0])
+        W = params[0].reshape(params[0].shape[0], -1)
+        b = params[1] if self.bias else self.db
+        y3 = self.y.reshape(self.y.shape[0], self.y.shape[1], -1)
+        if self.batched:
+            K.im2col_batched(x, self.cols, *self.geom)
+            self.W1[:, :-1] = W
+            self.W1[:, -1] = b if self.bias else 0
+            np.matmul(self.W1, self.cols, out=y3)
+            if self.relu:
+                K.bias_act_nmp(y3, self.db[:0], self.relu, self.slope)
+        else:
+            K.im2col_gemm(x, self.cols, *self.geom)
+            np.dot(W, self.cols, out=self.rows)
+            K.gemm_epilogue(self.rows, b, y3, self.relu, self.slope)
+        return [self.y], None
+
+    def backward(self, xp, saved, dtops, params, need):
+        dy = np.ascontiguousarray(dtops[0])
+        dy3 = dy.reshape(dy.shape[0], dy.shape[1], -1)
+        W = params[0].reshape(params[0].shape[0], -1)
+        dx = self.dx if need[0] else None
+        if self.batched:
+            np.matmul(dy3, self.cols.transpose(0, 2, 1), out=self.dWt)
+            np.sum(self.dWt[:, :, :-1], axis=0, out=self.dW)
+            if self.bias:
+                np.sum(self.dWt[:, :, -1], axis=0, out=self.db)
+            if dx is not None:
+                np.matmul(W.T, dy3, out=self.dcols)
+                K.col2im_batched(self.dcols, dx, *self.geom)
+        else:
+            K.gemm_rows(dy3, self.rows, self.db)
+            np.dot(self.cols, self.rows.T, out=self.dWt)            # faster than rows @ cols.T in OpenBLAS
+            self.dW[...] = self.dWt.T
+            if dx is not None:
+                np.dot(W.T, self.rows, out=self.cols)
+                K.col2im_gemm(self.cols, dx, *self.geom)
+        return [dx], [self.dW.reshape(params[0].shape)] + ([self.db] if self.bias else [])
+
+
+class InnerProductOp(Op):
+    """InnerProduct: the GEMM, then bias (and a fused ReLU) in one pass; backward three GEMMs'
+    worth of NumPy dot into preallocated outputs and a compiled column sum for the bias."""
+
+    def __init__(self, lw, i, step):
+        super().__init__(lw, i, step)
+        L, node = self.layer, step.node
+        xs = lw.shape(node.bottoms[0])
+        axis = L.p.axis % len(xs)
+        self.B, self.K, M = math.prod(xs[:axis]), math.prod(xs[axis:]), L.p.num_output
+        self.relu, slope, out = lw.fused_relu(i)
+        self.slope = lw.dtype.type(slope)
+        self.y = lw.value(out, lw.shape(node.tops[0]))
+        self.dx = lw.grad(node.bottoms[0], xs) if step.propagate and step.propagate[0] else None
+        self.dW = lw.scratch(lw.param_shape(i, 0))
+        self.bias = L.p.bias_term
+        self.db = lw.scratch((M,) if self.bias else (0,))   # empty: no bias
+        self.t = L.p.transpose
+
+    def forward(self, xp, bottoms, params):
+        x2 = np.ascontiguousarray(bottoms[0]).reshape(self.B, self.K)
+        y2 = self.y.reshape(self.B, -1)
+        np.dot(x2, params[0] if self.t else params[0].T, out=y2)
+        if self.bias or self.relu:
+            K.bias_act(y2, params[1] if self.bias else self.db, self.relu, self.slope)
+        return [self.y], x2
+
+    def backward(self, xp, x2, dtops, params, need):
+        dy = np.ascontiguousarray(dtops[0]).reshape(self.B, -1)
+        W = params[0]
+        if self.t:
+            np.dot(x2.T, dy, out=self.dW)
+        else:
+            np.dot(dy.T, x2, out=self.dW)
+        if self.bias:
+            K.column_sums(dy, self.db)
+        dx = None
+        if need[0] and self.dx is not None:
+            np.dot(dy, W.T if self.t else W, out=self.dx.reshape(self.B, self.K))
+            dx = self.dx
+        return [dx], [self.dW] + ([self.db] if self.bias else [])
+
+
+class ReLUOp(Op):
+    """ReLU, or nothing in forward when the GEMM before it applied it (lowering fused them)."""
+
+    def __init__(self, lw, i, step):
+        super().__init__(lw, i, step)
+        node = step.node
+        self.fused = lw.is_fused(i)
+        self.slope = lw.dtype.type(self.layer.p.negative_slope)
+        shape = lw.shape(node.tops[0])
+        self.y = None if self.fused else lw.value(node.tops[0], shape)
+        self.dx = lw.grad(node.bottoms[0], shape) if step.propagate and step.propagate[0] else None
+
+    @staticmethod
+    def reason(layer):
+        return "negative_slope < 0" if layer.p.negative_slope < 0 else None
+
+    def forward(self, xp, bottoms, params):
+        if self.fused:
+            return [bottoms[0]], bottoms[0]
+        K.relu_forward(np.ascontiguousarray(bottoms[0]).reshape(-1), self.y.reshape(-1), self.slope)
+        return [self.y], self.y
+
+    def backward(self, xp, y, dtops, params, need):
+        if not need[0] or self.dx is None:
+            return [None], []
+        K.relu_backward(np.ascontiguousarray(dtops[0]).reshape(-1), y.reshape(-1), self.dx.reshape(-1), self.slope)
+        return [self.dx], []
+
+
+class PoolingOp(Op):
+    """MAX (Caffe's first-max ties, the argmax kept for backward) and AVE pooling, any window."""
+
+    def __init__(self, lw, i, step):
+        super().__init__(lw, i, step)
+        L, node = self.layer, step.node
+        xs = lw.shape(node.bottoms[0])
+        (kh, kw), (sh, sw), (ph, pw) = L.geometry(xs)
+        self.geom = (kh, kw, sh, sw, ph, pw)
+        self.max = L.p.pool == "MAX"
+        self.pairs = self.max and self.geom == (2, 2, 2, 2, 0, 0) and xs[2] % 2 == 0 and xs[3] % 2 == 0
+        ys = lw.shape(node.tops[0])
+        self.y = lw.value(node.tops[0], ys)
+        self.arg = np.empty(ys, np.int32) if self.max else None
+        self.dx = lw.grad(node.bottoms[0], xs) if step.propagate and step.propagate[0] else None
+
+    @staticmethod
+    def reason(layer):
+        if len(layer.spec.tops) != 1:
+            return "the mask top"
+        return None if layer.p.pool in ("MAX", "AVE") else f"{layer.p.pool} pooling"
+
+    def forward(self, xp, bottoms, params):
+        x, y = _planes(np.ascontiguousarray(bottoms[0])), _planes(self.y)
+        if self.pairs:
+            K.max_pool_2x2(x, y, _planes(self.arg))
+        elif self.max:
+            K.max_pool_forward(x, y, _planes(self.arg), *self.geom)
+        else:
+            K.ave_pool(x, y, *self.geom, False)
+        return [self.y], None
+
+    def backward(self, xp, saved, dtops, params, need):
+        if not need[0] or self.dx is None:
+            return [None], []
+        dy = np.ascontiguousarray(dtops[0])
+        if self.max:
+            K.max_pool_backward(_planes(dy, flat=True), _planes(self.arg, flat=True), _planes(self.dx, flat=True))
+        else:
+            K.ave_pool(_planes(self.dx), _planes(dy), *self.geom, True)
+        return [self.dx], []
+
+
+def _planes(a, flat=False):
+    """NCHW as (N*C, H, W) planes, or (N*C, H*W)."""
+    return a.reshape((a.shape[0] * a.shape[1],) + ((-1,) if flat else a.shape[2:]))
+
+
+class SoftmaxLossOp(Op):
+    """SoftmaxWithLoss: softmax, the loss and (in backward) the gradient, labels checked as the
+    NumPy layer checks them."""
+
+    def __init__(self, lw, i, step):
+        super().__init__(lw, i, step)
+        L, node = self.layer, step.node
+        xs = lw.shape(node.bottoms[0])
+        ax = L.p.axis % len(xs)
+        self.shape3 = (math.prod(xs[:ax]), xs[ax], math.prod(xs[ax + 1:]))
+        self.prob = lw.value(node.tops[1], xs) if len(node.tops) == 2 else lw.scratch(xs)
+        self.loss = lw.scratch(())                   # the net's output: never in the shared arena
+        self.dx = lw.grad(node.bottoms[0], xs) if step.propagate and step.propagate[0] else None
+        ignore = L.p.ignore_label
+        self.ignore = (int(ignore) if ignore is not None else 0, ignore is not None)
+
+    def forward(self, xp, bottoms, params):
+        from ..layers.loss import FLT_MIN, class_labels, normalization, normalizer
+        x, labels = bottoms
+        outer, C, inner = self.shape3
+        lab = class_labels(np, self.layer, labels, C).astype(np.int64)
+        total, valid = K.softmax_loss_forward(np.ascontiguousarray(x).reshape(self.shape3), lab,
+                                              self.prob.reshape(self.shape3), *self.ignore, FLT_MIN)
+        norm = normalizer(normalization(self.layer.p, "VALID"), outer, inner, valid)
+        self.loss[...] = total / norm
+        tops = [self.loss] + ([self.prob] if len(self.step.node.tops) == 2 else [])
+        return tops, (lab, norm)
+
+    def backward(self, xp, saved, dtops, params, need):
+        if not need[0] or self.dx is None:
+            return [None, None], []
+        lab, norm = saved
+        K.softmax_loss_backward(self.prob.reshape(self.shape3), lab, self.dx.reshape(self.shape3), *self.ignore,
+                                float(dtops[0]) / norm)
+        return [self.dx, None], []
+
+
+OPS = {"conv": ConvOp, "inner_product": InnerProductOp, "relu": ReLUOp, "pooling": PoolingOp,
+       "softmax_loss": SoftmaxLossOp}

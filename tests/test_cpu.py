@@ -1,0 +1,241 @@
+"""The compiled CPU path (netdsl/cpu/) against its reference, the NumPy layers: every compiled op
+forward and backward in float32 and float64, mixed plans, the flat-buffer solver for every update
+rule, LeNet's loss curve, and that `check` never loads Numba."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from support import ROOT, eager_iterations, needs_mnist, shared_data_dir
+
+from netdsl import syntax
+from netdsl.check import check
+from netdsl.cpu.program import coverage, lower_cpu
+from netdsl.cpu.update import FlatSolver, flatten
+from netdsl.executor import Net
+from netdsl.plan import lower
+from netdsl.solver import SOLVER_TYPES, Solver, SolverConfig
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-11, atol=1e-13)}
+
+
+def _net(layers: str, x_shape, t_shape, dtype, seed=4, extra_inputs=""):
+    """A net: Input data (x_shape) and target (t_shape), the layers under test reading 'data' and
+    writing 'out', then a NumPy EuclideanLoss against the target (a mixed plan by construction)."""
+    dims = lambda s: " ".join(f"dim: {d}" for d in s)  # noqa: E731
+    text = f"""name: "t" force_backward: true
+layer {{ name: "in" type: "Input" top: "data" top: "target" {extra_inputs}
+  input_param {{ shape {{ {dims(x_shape)} }} shape {{ {dims(t_shape)} }} }} }}
+{layers}
+layer {{ name: "loss" type: "EuclideanLoss" bottom: "out" bottom: "target" top: "loss" }}
+"""
+    plan = lower(check(syntax.parse(text, "t.net"), phase="TRAIN"), runnable=True)
+    return Net(plan, np, dtype=dtype, seed=seed), Net(plan, np, dtype=dtype, seed=seed)
+
+
+def _step(net, inputs):
+    net.zero_grad()
+    out = {k: np.array(v) for k, v in net.forward(**inputs).items()}
+    net.backward()
+    return out, {k: np.array(b.grad) for k, b in net.blobs.items() if b.grad is not None}, \
+        {f"{k}/{i}": np.array(p.grad) for k, ps in net.params.items() for i, p in enumerate(ps)}
+
+
+def _compare(layers, x_shape, t_shape, dtype, x=None, compiled_types=()):
+    ref, got = _net(layers, x_shape, t_shape, dtype)
+    lower_cpu(got)
+    done, _ = coverage(got.plan)
+    assert set(compiled_types) <= set(done), done
+    rng = np.random.default_rng(0)
+    inputs = {"data": rng.standard_normal(x_shape) if x is None else x, "target": rng.standard_normal(t_shape)}
+    for _ in range(2):                      # twice: the preallocated buffers are reused correctly
+        a, b = _step(ref, inputs), _step(got, inputs)
+        for want, have in zip(a, b):
+            assert want.keys() == have.keys()
+            for k in want:
+                np.testing.assert_allclose(have[k], want[k], **TOL[dtype], err_msg=k)
+    return got
+
+
+CONV = 'layer {{ name: "c" type: "Convolution" bottom: "data" top: "out" convolution_param {{ num_output: {m} {p} ' \
+       'weight_filler {{ type: "gaussian" std: 0.3 }} bias_filler {{ type: "uniform" min: -1 max: 1 }} }} }}'
+CONV_CASES = [  # (num_output, params, x shape, top shape): gemm layout (small maps) and batched (>= 512 pixels)
+    (4, "kernel_size: 3", (2, 3, 7, 6), (2, 4, 5, 4)),
+    (3, "kernel_size: 3 pad: 1 stride: 2", (2, 2, 9, 8), (2, 3, 5, 4)),
+    (2, "kernel_size: 3 pad: 2 dilation: 2", (2, 2, 6, 7), (2, 2, 6, 7)),
+    (3, "kernel_h: 2 kernel_w: 3 stride_h: 2 pad_w: 1 bias_term: false", (2, 2, 7, 7), (2, 3, 3, 7)),
+    (3, "kernel_size: 3 pad: 1", (2, 2, 24, 24), (2, 3, 24, 24)),
+    (2, "kernel_size: 5 stride: 1 pad: 2 bias_term: false", (1, 3, 24, 24), (1, 2, 24, 24)),
+    (2, "kernel_size: 3 stride: 2 pad: 1", (1, 2, 47, 45), (1, 2, 24, 23)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,p,xs,ts", CONV_CASES)
+def test_convolution_matches_numpy(m, p, xs, ts, dtype):
+    _compare(CONV.format(m=m, p=p), xs, ts, dtype, compiled_types=["Convolution"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("slope", [0, 0.25])
+def test_gemm_with_relu_fused_matches_numpy(dtype, slope):
+    relu = f'layer {{ name: "r" type: "ReLU" bottom: "out" top: "out" relu_param {{ negative_slope: {slope} }} }}'
+    conv = CONV.format(m=3, p="kernel_size: 3", ) + relu
+    got = _compare(conv, (2, 2, 6, 6), (2, 3, 4, 4), dtype, compiled_types=["Convolution", "ReLU"])
+    assert got.runners[2].fused
+    ip = 'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "out" inner_product_param { num_output: 5 ' \
+         'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 1 } } }' + relu
+    got = _compare(ip, (3, 2, 2, 2), (3, 5), dtype, compiled_types=["InnerProduct", "ReLU"])
+    assert got.runners[2].fused
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", ["num_output: 5", "num_output: 4 transpose: true", "num_output: 3 bias_term: false",
+                               "num_output: 3 axis: 2"])
+def test_inner_product_matches_numpy(p, dtype):
+    ts = (2, 3, 3) if "axis: 2" in p else ((2, 4) if "transpose" in p else (2, int(p.split()[1])))
+    _compare(f'layer {{ name: "ip" type: "InnerProduct" bottom: "data" top: "out" inner_product_param {{ {p} '
+             'weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "gaussian" std: 1 } } }',
+             (2, 3, 2, 2), ts, dtype, compiled_types=["InnerProduct"])
+
+
+POOL_CASES = [  # (params, x shape, top shape)
+    ("pool: MAX kernel_size: 2 stride: 2", (2, 3, 6, 8), (2, 3, 3, 4)),
+    ("pool: MAX kernel_size: 3 stride: 2", (2, 2, 7, 6), (2, 2, 3, 3)),
+    ("pool: MAX kernel_size: 3 stride: 2 pad: 1", (2, 2, 6, 7), (2, 2, 4, 4)),
+    ("pool: MAX kernel_size: 2 stride: 2", (1, 2, 5, 5), (1, 2, 3, 3)),
+    ("pool: MAX global_pooling: true", (2, 3, 4, 5), (2, 3, 1, 1)),
+    ("pool: AVE kernel_size: 3 stride: 2", (2, 2, 7, 8), (2, 2, 3, 4)),
+    ("pool: AVE kernel_size: 3 stride: 2 pad: 1", (2, 2, 6, 7), (2, 2, 4, 4)),
+    ("pool: AVE kernel_size: 2 stride: 2", (2, 2, 4, 6), (2, 2, 2, 3)),
+    ("pool: AVE global_pooling: true", (2, 3, 4, 5), (2, 3, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p,xs,ts", POOL_CASES)
+def test_pooling_matches_numpy_ties_included(p, xs, ts, dtype):
+    """Inputs of three values make ties in most windows: the gradient must go to Caffe's first max."""
+    layer = f'layer {{ name: "p" type: "Pooling" bottom: "data" top: "out" pooling_param {{ {p} }} }}'
+    _compare(layer, xs, ts, dtype, compiled_types=["Pooling"])
+    ties = np.random.default_rng(1).integers(0, 3, xs).astype(dtype)
+    _compare(layer, xs, ts, dtype, x=ties, compiled_types=["Pooling"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_and_a_mixed_plan_match_numpy(dtype):
+    """A NumPy layer (TanH) between compiled ones, and a ReLU of the net's input."""
+    layers = ('layer { name: "r" type: "ReLU" bottom: "data" top: "r" relu_param { negative_slope: 0.1 } }'
+              'layer { name: "t" type: "TanH" bottom: "r" top: "t" }'
+              + CONV.format(m=2, p="kernel_size: 3").replace('bottom: "data"', 'bottom: "t"'))
+    got = _compare(layers, (2, 2, 5, 5), (2, 2, 3, 3), dtype, compiled_types=["ReLU", "Convolution"])
+    done, numpy = coverage(got.plan)
+    assert "TanH" in numpy and "EuclideanLoss" in numpy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", ["", "loss_param { ignore_label: 1 }", "loss_param { normalization: BATCH_SIZE }",
+                               "loss_param { ignore_label: 0 normalization: FULL }"])
+def test_softmax_loss_matches_numpy(p, dtype):
+    text = f"""name: "s" force_backward: true
+layer {{ name: "in" type: "Input" top: "x" top: "label" input_param {{ shape {{ dim: 3 dim: 4 dim: 2 dim: 3 }}
+  shape {{ dim: 3 dim: 1 dim: 2 dim: 3 }} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "label" top: "loss" loss_weight: 2 {p} }}
+"""
+    plan = lower(check(syntax.parse(text, "s.net"), phase="TRAIN"), runnable=True)
+    ref, got = Net(plan, np, dtype=dtype), Net(plan, np, dtype=dtype)
+    lower_cpu(got)
+    assert coverage(plan)[0] == ["SoftmaxWithLoss"]
+    rng = np.random.default_rng(2)
+    inputs = {"x": rng.standard_normal((3, 4, 2, 3)) * 3, "label": rng.integers(0, 4, (3, 1, 2, 3))}
+    a, b = _step(ref, inputs), _step(got, inputs)
+    np.testing.assert_allclose(b[0]["loss"], a[0]["loss"], **TOL[dtype])
+    np.testing.assert_allclose(b[1]["x"], a[1]["x"], **TOL[dtype])
+
+
+def test_softmax_loss_checks_labels_like_numpy():
+    from netdsl.errors import NetdslError
+    text = """name: "s"
+layer { name: "in" type: "Input" top: "x" top: "label" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "label" top: "loss" }
+"""
+    net = Net(lower(check(syntax.parse(text, "s.net"), phase="TRAIN"), runnable=True), np)
+    lower_cpu(net)
+    with pytest.raises(NetdslError) as e:
+        net.forward(x=np.zeros((2, 3)), label=np.array([0, 3]))
+    assert e.value.diagnostic.code == "E0621"
+
+
+@pytest.mark.parametrize("kind", list(SOLVER_TYPES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_flat_solver_matches_solver(kind, dtype):
+    """Every update rule, with lr/decay multipliers, L1 and L2, clipping and iter_size, and the
+    history blobs a snapshot saves."""
+    class P:
+        def __init__(self, data, lr, dm):
+            self.data, self.grad, self.lr_mult, self.decay_mult, self.name = data, data * 0, lr, dm, "p"
+    momentum = 0.0 if kind in ("AdaGrad", "RMSProp") else 0.9
+    for reg, clip, iters in (("L2", -1.0, 1), ("L1", 0.5, 2)):
+        cfg = SolverConfig(type=kind, base_lr=0.05, momentum=momentum, weight_decay=0.01, regularization_type=reg,
+                           clip_gradients=clip, iter_size=iters, lr_policy="inv", gamma=0.1, power=0.75,
+                           delta=1e-6 if kind != "AdaDelta" else 1e-3)
+        rng = np.random.default_rng(5)
+        shapes, mults = [(3, 4), (5,), (2, 2, 3)], [(1.0, 1.0), (2.0, 0.0), (0.5, 3.0)]
+        init = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        ref = [P(a.copy(), *m) for a, m in zip(init, mults)]
+        got = [P(a.copy(), *m) for a, m in zip(init, mults)]
+        data, grad = flatten(got, dtype)
+        solvers = Solver(cfg, ref), FlatSolver(cfg, got, data, grad)
+        for it in range(4):
+            grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+            for ps, s in zip((ref, got), solvers):
+                for p, g in zip(ps, grads):
+                    p.grad[...] = g
+                s.step(it)
+        for a, b in zip(ref, got):
+            np.testing.assert_allclose(b.data, a.data, rtol=1e-5 if dtype == np.float32 else 1e-11, atol=1e-6)
+            np.testing.assert_allclose(b.grad, a.grad, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+        want, have = solvers[0].state_dict(), solvers[1].state_dict()
+        assert want.keys() == have.keys()
+        for k in want:
+            np.testing.assert_allclose(have[k], want[k], rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+
+
+@needs_mnist
+def test_lenet_loss_curve_matches_numpy(tmp_path, monkeypatch):
+    """The README's training, first iterations: the compiled path's losses are NumPy's to float32
+    rounding; its tops live in the liveness plan's arena."""
+    from netdsl.backend import CPU
+    from netdsl.train import Trainer
+    monkeypatch.setenv("NETDSL_DATA", str(shared_data_dir()))
+    curves = {}
+    for kernels in ("numpy", "compiled"):
+        tr = Trainer(str(ROOT / "nets" / "lenet_solver.net"), CPU, seed=3, out=str(tmp_path / kernels),
+                     progress=False, cpu_kernels=kernels)
+        curves[kernels] = eager_iterations(tr, 8)
+    np.testing.assert_allclose(curves["compiled"], curves["numpy"], rtol=2e-5)
+    assert isinstance(tr.solver, FlatSolver) and tr.cpu is not None
+    arena = tr.cpu.arena
+    shared = [t for t, v in tr.net.values.items() if np.shares_memory(v, arena)]
+    assert {"conv1", "pool1", "conv2", "pool2"} <= {t.split("#")[0] for t in shared}, shared
+    assert {"Convolution", "Pooling", "InnerProduct", "ReLU", "SoftmaxWithLoss"} <= set(coverage(tr.net.plan)[0])
+
+
+def test_check_never_imports_numba():
+    code = ("import sys\nfrom netdsl.cli import main\ntry:\n    main(['check', 'nets/lenet.net'])\n"
+            "except SystemExit:\n    pass\nprint('numba' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
+@needs_mnist
+def test_bad_thread_count_is_a_located_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETDSL_DATA", str(shared_data_dir()))
+    r = subprocess.run([sys.executable, "-m", "netdsl", "train", "nets/lenet_solver.net", "--threads", "0",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "E0731" in r.stderr and "Traceback" not in r.stderr
