@@ -165,9 +165,10 @@ def parse(text: str, file: str = "<string>") -> Message:
 @contextmanager
 def paused_gc():
     """Pause Python's cyclic garbage collector while building a big acyclic structure (an AST, a
-    shaped graph): its full collections rescan every object made so far, which made parsing a
-    large net superlinear (2.7 s/MB at 5 MB against 1.7 s/MB at 1 MB). Reference counting still
-    frees everything; the collector resumes afterwards."""
+    shaped graph): its collections rescan the objects made so far and cost time for nothing here.
+    With Lark's basic lexer this took parse + check of a 5 MB net from 0.29 to 0.45 MB/s
+    (benchmarks/check_speed.py). Reference counting still frees everything; the collector resumes
+    afterwards."""
     was = gc.isenabled()
     gc.disable()
     try:
