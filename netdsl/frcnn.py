@@ -68,11 +68,11 @@ def head(nodes, outputs) -> tuple[str, str, str | None] | None:
     for n in nodes:
         if any(b in seen for b in n.bottoms):
             seen.update(n.tops)
-            found += [(n.layer.type, n.layer.spec.tops[i]) for i, t in enumerate(n.tops) if t in outputs]
-    probs = [name for kind, name in found if kind == "Softmax"]
+            found += [(n.layer.normalizes_scores, n.layer.spec.tops[i]) for i, t in enumerate(n.tops) if t in outputs]
+    probs = [name for softmax, name in found if softmax]
     if not probs:
         return None
-    deltas = [name for kind, name in found if kind != "Softmax"]
+    deltas = [name for softmax, name in found if not softmax]
     return prop.layer.spec.tops[0], probs[0], deltas[0] if deltas else None
 
 
@@ -94,15 +94,15 @@ def net_detections(net, blobs: tuple[str, str, str | None], im_info: str, **kw) 
 def target_normalisation(net) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(layer, stds, means) for each layer of `net` that learns box deltas from a ProposalTarget's
     normalised targets (normalize_targets, py-faster-rcnn's BBOX_NORMALIZE_TARGETS_PRECOMPUTED):
-    the layer making the first bottom of the SmoothL1Loss that reads ProposalTarget's
+    the layer making the first bottom of the loss (SmoothL1Loss) that reads ProposalTarget's
     bbox_targets. stds and means are tiled to the layer's 4K outputs."""
     steps, out = net.plan.steps, []
     for s in steps:
-        if s.layer.type != "ProposalTarget" or not s.layer.p.normalize_targets:
+        if not s.layer.makes_box_targets or not s.layer.p.normalize_targets:
             continue
         targets = s.node.tops[2]
         for loss in steps:
-            if loss.layer.type == "SmoothL1Loss" and targets in loss.node.bottoms[1:2]:
+            if loss.layer.is_loss and targets in loss.node.bottoms[1:2]:
                 maker = next((m for m in steps if loss.node.bottoms[0] in m.node.tops and m.params), None)
                 if maker is not None and maker.node.name in net.params:
                     k = s.layer.p.num_classes

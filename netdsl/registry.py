@@ -173,6 +173,7 @@ class Layer:
     makes_proposals: ClassVar[bool] = False  # the RPN's region proposals (Proposal)
     feeds_scenes: ClassVar[bool] = False  # a data layer with ground-truth boxes an image can be fed to (DigitScenes)
     makes_detections: ClassVar[bool] = False  # detection rows [image, label, score, corners] (DetectionOutput)
+    makes_box_targets: ClassVar[bool] = False  # samples rois with normalised box-delta targets (ProposalTarget)
     decodes_tags: ClassVar[bool] = False  # turns class probabilities into a multi-label prediction (MultiLabelDecode)
     sets_size: ClassVar[bool] = False     # computes a spatial size (Convolution, Pooling): diagnostics trace to it
     cpu_op: ClassVar[str | None] = None   # its compiled CPU op (cpu/ops.py OPS), if it has one

@@ -1934,21 +1934,32 @@ def _torch_gates(w, H):
     return np.concatenate([w[:2 * H], w[3 * H:], w[2 * H:3 * H]])
 
 
+REC_DIMS = (5, 3, 4, 3, 2)      # T, N, K, H, S of the torch comparisons
+
+
+def _rec_inputs(kind: str, seed: int, static: bool, expose: bool, states: int):
+    """(rng, layer, bottoms, params) of an RNN/LSTM comparison: x (T,N,K), cont (all 1, or 0 at the
+    first step unless the hidden state is exposed), the static input, the exposed states."""
+    T, N, K, H, S = REC_DIMS
+    rng = np.random.default_rng(seed)
+    shapes = [(T, N, K), (T, N)] + ([(N, S)] if static else []) + ([(1, N, H)] * states if expose else [])
+    layer = _rec_layer(kind, H, shapes, expose)
+    x, cont = rng.standard_normal(shapes[0]), np.ones((T, N))
+    if not expose:
+        cont[0] = 0
+    bottoms = [x, cont] + [rng.standard_normal(s) for s in shapes[2:]]
+    return rng, layer, bottoms, [rng.standard_normal(s) * 0.5 for s in layer.param_shapes]
+
+
 @pytest.mark.parametrize("static, expose", [(False, False), (True, False), (False, True), (True, True)])
 def test_lstm_matches_torch(static, expose):
     """torch.nn.LSTM with Caffe's weights (gate rows reordered, bias_hh = 0; the static input as
     extra input columns tiled over T). cont = 1 after the first step; with expose_hidden also at
     t = 1, so torch's (h_0, c_0) are Caffe's exposed h_0 / c_0."""
     torch = _torch()
-    T, N, K, H, S = 5, 3, 4, 3, 2
-    rng = np.random.default_rng(8 + 2 * static + expose)
-    shapes = [(T, N, K), (T, N)] + ([(N, S)] if static else []) + ([(1, N, H)] * 2 if expose else [])
-    layer = _rec_layer("LSTM", H, shapes, expose)
-    x, cont = rng.standard_normal(shapes[0]), np.ones((T, N))
-    if not expose:
-        cont[0] = 0
-    bottoms = [x, cont] + [rng.standard_normal(s) for s in shapes[2:]]
-    params = [rng.standard_normal(s) * 0.5 for s in layer.param_shapes]
+    T, N, K, H, S = REC_DIMS
+    rng, layer, bottoms, params = _rec_inputs("LSTM", 8 + 2 * static + expose, static, expose, states=2)
+    x = bottoms[0]
     tops, saved = forward(layer, bottoms, params)
     net = torch.nn.LSTM(K + (S if static else 0), H).double()
     W_ih = np.concatenate([params[0], params[2]], axis=1) if static else params[0]
@@ -1987,15 +1998,9 @@ def test_rnn_matches_torch(static, expose):
     """torch.nn.RNN (tanh; bias_hh = 0) gives Caffe's h; Caffe's output layer o = tanh(W_ho h + b_o)
     is added in torch."""
     torch = _torch()
-    T, N, K, H, S = 5, 3, 4, 3, 2
-    rng = np.random.default_rng(20 + 2 * static + expose)
-    shapes = [(T, N, K), (T, N)] + ([(N, S)] if static else []) + ([(1, N, H)] if expose else [])
-    layer = _rec_layer("RNN", H, shapes, expose)
-    x, cont = rng.standard_normal(shapes[0]), np.ones((T, N))
-    if not expose:
-        cont[0] = 0
-    bottoms = [x, cont] + [rng.standard_normal(s) for s in shapes[2:]]
-    params = [rng.standard_normal(s) * 0.5 for s in layer.param_shapes]
+    T, N, K, H, S = REC_DIMS
+    rng, layer, bottoms, params = _rec_inputs("RNN", 20 + 2 * static + expose, static, expose, states=1)
+    x = bottoms[0]
     tops, saved = forward(layer, bottoms, params)
     net = torch.nn.RNN(K + (S if static else 0), H, nonlinearity="tanh").double()
     with torch.no_grad():

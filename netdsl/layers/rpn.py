@@ -251,6 +251,7 @@ class ProposalTarget(Layer):
     BBOX_INSIDE_WEIGHTS 1) with BBOX_NORMALIZE_TARGETS_PRECOMPUTED true, as faster_rcnn_end2end.yml
     sets it (the only training setup that uses this layer)."""
     type = "ProposalTarget"
+    makes_box_targets = True
     messages = {"proposal_target_param": Msg("ProposalTargetParameter", {
         "num_classes": F(int, 0, doc="classes including background (21 for PASCAL VOC)"),
         "batch_size": F(int, 128), "fg_fraction": F(float, 0.25), "fg_thresh": F(float, 0.5),
