@@ -525,3 +525,41 @@ def test_cifar10_quick_digits_sample_trains(tmp_path, monkeypatch, capsys, mnist
     code, out = run_cli(capsys, "train", write(tmp_path, solver, "solver.net"), "--max-iter", "2")
     assert code == 0, out
     assert (tmp_path / "runs" / "cifar10_quick_digits" / "cifar10_quick_iter_2.npz").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "P+tRNS", "LA", "I;16", "1"])
+def test_png_fast_path_equals_pillow(mode):
+    """decode_image reads common PNGs with netdsl's reader and leaves the rest to Pillow: either way
+    the pixels are Pillow's, for every colour option (Pillow's encoder picks the row filters)."""
+    from PIL import Image
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 256, (13, 11, 4), dtype=np.uint8)
+    base[4:7] = 250                                            # flat rows: Pillow filters them differently
+    if mode in ("P", "P+tRNS"):
+        im = Image.fromarray(base[:, :, :3]).quantize(16)
+        if mode == "P+tRNS":
+            im.info["transparency"] = bytes(range(0, 256, 16))
+    elif mode == "I;16":
+        im = Image.fromarray(base[:, :, 0].astype(np.uint16) * 257)
+    else:
+        im = Image.fromarray(base[:, :, :len(mode.replace(";16", ""))].squeeze()).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **({"transparency": im.info["transparency"]} if mode == "P+tRNS" else {}))
+    data = buf.getvalue()
+    for color in (True, False, None):
+        np.testing.assert_array_equal(images.decode_image(data, color, "x"), images._pillow(data, color, "x"))
+
+
+def test_png_fast_path_all_filters_and_damage():
+    from test_scenes import encode_png
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (9, 8, 3), dtype=np.uint8)
+    data = encode_png(rgb, [0, 1, 2, 3, 4, 4, 3, 2, 1], colour=2)
+    assert images._png(data, True, "x") is not None                 # the fast path took it
+    np.testing.assert_array_equal(images.decode_image(data, True, "x"), rgb[:, :, ::-1].transpose(2, 0, 1))
+    np.testing.assert_array_equal(images.decode_image(data, True, "x"), images._pillow(data, True, "x"))
+    for bad in (data[:100], data[:60] + bytes([data[60] ^ 1]) + data[61:]):   # truncated; a flipped IDAT byte
+        with pytest.raises(NetdslError) as e:
+            images.decode_image(bad, True, "list.txt:3 (a.png)")
+        assert e.value.diagnostic.code == "E0946" and "list.txt:3" in e.value.diagnostic.message

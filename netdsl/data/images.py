@@ -12,6 +12,8 @@ from google.protobuf.message import DecodeError
 
 from ..caffe_pb import messages
 from ..errors import NetdslError
+from .png import _SIGNATURE as PNG_SIGNATURE
+from .png import decode_png
 
 _FORMATS = ("PNG", "JPEG", "BMP", "PPM", "TIFF", "WEBP", "GIF")     # what cv::imdecode reads, tried in this order
 _PACKAGE = {"lmdb": "lmdb", "h5py": "h5py", "PIL.Image": "pillow"}
@@ -29,6 +31,12 @@ def need(module: str, what: str):
 def decode_image(data: bytes, color: bool | None, where: str) -> np.ndarray:
     """An encoded image (PNG, JPEG, ...) as C x H x W uint8, as cv::imdecode gives it: color True
     gives 3 channels (BGR), False 1 (gray), None the file's own (Caffe's DecodeDatumToCVMatNative)."""
+    chw = _png(data, color, where) if data.startswith(PNG_SIGNATURE) else None
+    return chw if chw is not None else _pillow(data, color, where)
+
+
+def _pillow(data: bytes, color: bool | None, where: str) -> np.ndarray:
+    """decode_image through Pillow: every format and conversion."""
     Image = need("PIL.Image", "decoding images")
     try:
         with Image.open(io.BytesIO(data), formats=_FORMATS) as im:
@@ -40,6 +48,24 @@ def decode_image(data: bytes, color: bool | None, where: str) -> np.ndarray:
         raise NetdslError("E0946", f"{where}: cannot decode the image: {e}",
                           help="re-encode it as PNG or JPEG, or remove it from the data set") from None
     return np.ascontiguousarray(a[:, :, ::-1].transpose(2, 0, 1)) if color else a[None]
+
+
+def _png(data: bytes, color: bool | None, where: str) -> np.ndarray | None:
+    """decode_image for the PNGs most data sets hold (8-bit, non-interlaced gray, RGB or RGBA),
+    through netdsl's PNG reader: three times faster than Pillow's, and compiled code where the
+    prefetch thread would otherwise hold the GIL. None for what it leaves to Pillow: other PNGs,
+    damaged ones (Pillow words the error) and conversions other than dropping alpha or widening
+    gray to three equal channels, which Pillow does exactly so."""
+    try:
+        hwc = decode_png(data, where)
+    except NetdslError:
+        return None
+    channels = hwc.shape[2]
+    if channels not in (1, 3, 4) or (color is False and channels != 1):
+        return None
+    if channels == 1:
+        return hwc.transpose(2, 0, 1) if not color else np.repeat(hwc.transpose(2, 0, 1), 3, axis=0)
+    return np.ascontiguousarray(hwc[:, :, 2::-1].transpose(2, 0, 1))
 
 
 def encode_image(chw: np.ndarray, kind: str) -> bytes:

@@ -1,4 +1,6 @@
-"""Data stage: a minimal PNG reader and writer (8-bit, non-interlaced) on zlib and struct."""
+"""A minimal PNG reader and writer (8-bit, non-interlaced) on zlib and struct; the row filters
+are undone by a compiled kernel (unfilter.py). ImageData and Data decode PNGs with it first
+(images.decode_image), Pillow taking what it lacks."""
 from __future__ import annotations
 
 import os
@@ -52,7 +54,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def read_png(path: str | os.PathLike) -> np.ndarray:
-    """Decode an 8-bit, non-interlaced PNG (grayscale, grayscale+alpha, RGB, RGBA or palette)
+    """Decode an 8-bit, non-interlaced PNG file (grayscale, grayscale+alpha, RGB, RGBA or palette)
     into uint8 (H, W, C): C = 1, 2, 3 or 4; palette images come back as RGB (RGBA with tRNS)."""
     path = Path(path)
     try:
@@ -60,55 +62,66 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
     except OSError as e:
         raise NetdslError("E0913", f"cannot read image {path}: {e.strerror or e}",
                           help="check the path and the file's permissions") from None
+    return decode_png(data, path)
+
+
+def decode_png(data: bytes, where: str | os.PathLike) -> np.ndarray:
+    """read_png on a file's bytes; `where` names it in errors."""
     if not data.startswith(_SIGNATURE):
-        raise NetdslError("E0913", f"{path} is not a PNG file (no PNG signature)",
+        raise NetdslError("E0913", f"{where} is not a PNG file (no PNG signature)",
                           notes=[f"it starts with {data[:8]!r}"],
                           help="give a PNG image, or convert the file to PNG first")
-    chunks = _chunks(data, path)
+    chunks = _chunks(data, where)
     if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
-        raise _corrupt(path, "the first chunk is not a 13-byte IHDR")
+        raise _corrupt(where, "the first chunk is not a 13-byte IHDR")
     w, h, depth, colour, compression, filter_method, interlace = struct.unpack(
         ">IIBBBBB", chunks[0][1])
     if colour not in _CHANNELS or depth != 8:
         kind = _COLOUR_NAMES.get(colour, f"colour type {colour}")
-        raise NetdslError("E0914", f"{path}: {depth}-bit {kind} PNGs are not supported",
+        raise NetdslError("E0914", f"{where}: {depth}-bit {kind} PNGs are not supported",
                           notes=["supported: 8-bit grayscale, grayscale+alpha, RGB, RGBA, palette"],
                           help=_CONVERT_HELP)
     if interlace != 0:
-        raise NetdslError("E0914", f"{path}: interlaced (Adam7) PNGs are not supported",
+        raise NetdslError("E0914", f"{where}: interlaced (Adam7) PNGs are not supported",
                           help=_CONVERT_HELP)
     if compression != 0 or filter_method != 0 or w == 0 or h == 0:
-        raise _corrupt(path, f"invalid IHDR (size {w}x{h}, compression {compression}, "
-                             f"filter method {filter_method})")
+        raise _corrupt(where, f"invalid IHDR (size {w}x{h}, compression {compression}, "
+                              f"filter method {filter_method})")
     bpp = _CHANNELS[colour]
     if w * h > MAX_PIXELS:
-        raise NetdslError("E0917", f"{path} is {w}x{h} pixels, more than this reader's limit of {MAX_PIXELS:,}",
+        raise NetdslError("E0917", f"{where} is {w}x{h} pixels, more than this reader's limit of {MAX_PIXELS:,}",
                           notes=["the size is read from the PNG header; nothing was decompressed"],
                           help="downscale the image first (e.g. `convert in.png -resize 4000x4000 out.png`)")
+    size = h * (1 + w * bpp)
+    inflate = zlib.decompressobj()
     try:                      # inflate no more than the header's size promises (a zlib bomb stops there)
-        raw = zlib.decompressobj().decompress(b"".join(d for kind, d in chunks if kind == b"IDAT"),
-                                              h * (1 + w * bpp) + 1)
+        raw = inflate.decompress(b"".join(d for kind, d in chunks if kind == b"IDAT"), size + 1)
     except zlib.error as e:
-        raise _corrupt(path, f"the image data does not decompress ({e})") from None
-    if len(raw) != h * (1 + w * bpp):
-        raise _corrupt(path, f"the image data is {len(raw)} bytes, expected {h * (1 + w * bpp)}")
-    pixels = _unfilter(np.frombuffer(raw, np.uint8).reshape(h, 1 + w * bpp), bpp, path)
+        raise _corrupt(where, f"the image data does not decompress ({e})") from None
+    if len(raw) != size:
+        raise _corrupt(where, f"the image data is {len(raw)} bytes, expected {size}")
+    if not inflate.eof:
+        raise _corrupt(where, "the image data's zlib stream is truncated (its checksum is missing)")
+    from .unfilter import unfilter
+    pixels = np.empty((h, w * bpp), np.uint8)
+    bad = unfilter(np.frombuffer(raw, np.uint8).reshape(h, 1 + w * bpp), bpp, pixels)
+    if bad >= 0:
+        raise _corrupt(where, f"row {bad} has filter type {raw[bad * (1 + w * bpp)]}; PNG defines 0..4")
     pixels = pixels.reshape(h, w, bpp)
-    return _expand_palette(pixels[:, :, 0], chunks, path) if colour == 3 else pixels
+    return _expand_palette(pixels[:, :, 0], chunks, where) if colour == 3 else pixels
 
 
-def _chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
+def _chunks(data: bytes, path) -> list[tuple[bytes, bytes]]:
     """(type, data) of every chunk up to IEND, checking lengths and CRCs."""
-    out, at = [], len(_SIGNATURE)
-    while at < len(data):
-        if at + 12 > len(data):
+    out, at, end = [], len(_SIGNATURE), len(data)
+    while at < end:
+        if at + 12 > end:
             raise _corrupt(path, f"truncated chunk header at byte {at}")
-        (length,) = struct.unpack(">I", data[at:at + 4])
-        kind, body = data[at + 4:at + 8], data[at + 8:at + 8 + length]
-        if at + 12 + length > len(data):
+        length, kind = _HEAD.unpack_from(data, at)
+        if at + 12 + length > end:
             raise _corrupt(path, f"chunk {kind!r} at byte {at} is truncated")
-        (crc,) = struct.unpack(">I", data[at + 8 + length:at + 12 + length])
-        if zlib.crc32(kind + body) != crc:
+        body = data[at + 8:at + 8 + length]
+        if zlib.crc32(body, zlib.crc32(kind)) != _CRC.unpack_from(data, at + 8 + length)[0]:
             raise _corrupt(path, f"CRC mismatch in chunk {kind!r} at byte {at}")
         if kind == b"IEND":
             break
@@ -117,48 +130,10 @@ def _chunks(data: bytes, path: Path) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _unfilter(rows: np.ndarray, bpp: int, path: Path) -> np.ndarray:
-    """Undo the per-row filters (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth) of PNG spec §9."""
-    h, n = rows.shape[0], rows.shape[1] - 1
-    out = np.zeros((h, n), np.uint8)
-    prev = np.zeros(n, np.uint8)
-    for y in range(h):
-        kind, line = rows[y, 0], rows[y, 1:]
-        if kind == 0:
-            cur = line
-        elif kind == 1:
-            # Sub is a running sum per channel: cumsum over pixels, modulo 256.
-            cur = (np.cumsum(line.reshape(-1, bpp), axis=0, dtype=np.uint32) % 256)
-            cur = cur.astype(np.uint8).reshape(-1)
-        elif kind == 2:
-            cur = line + prev       # uint8 arithmetic wraps modulo 256, as the spec wants
-        elif kind in (3, 4):
-            cur = _unfilter_sequential(kind, line, prev, bpp)
-        else:
-            raise _corrupt(path, f"row {y} has filter type {kind}; PNG defines 0..4")
-        out[y] = cur
-        prev = out[y]
-    return out
+_HEAD, _CRC = struct.Struct(">I4s"), struct.Struct(">I")
 
 
-def _unfilter_sequential(kind: int, line: np.ndarray, prev: np.ndarray, bpp: int) -> np.ndarray:
-    """Average and Paeth depend on the previous reconstructed byte, so go byte by byte."""
-    line, up, cur = line.tolist(), prev.tolist(), bytearray(len(line))
-    for i, x in enumerate(line):
-        a = cur[i - bpp] if i >= bpp else 0
-        b = up[i]
-        if kind == 3:
-            cur[i] = (x + ((a + b) >> 1)) & 0xFF
-            continue
-        c = up[i - bpp] if i >= bpp else 0
-        p = a + b - c
-        pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-        pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-        cur[i] = (x + pred) & 0xFF
-    return np.frombuffer(bytes(cur), np.uint8)
-
-
-def _expand_palette(index: np.ndarray, chunks, path: Path) -> np.ndarray:
+def _expand_palette(index: np.ndarray, chunks, path) -> np.ndarray:
     plte = next((d for kind, d in chunks if kind == b"PLTE"), None)
     if plte is None or len(plte) % 3 or not plte:
         raise _corrupt(path, "a palette image without a valid PLTE chunk")
@@ -175,6 +150,6 @@ def _expand_palette(index: np.ndarray, chunks, path: Path) -> np.ndarray:
     return palette[index]
 
 
-def _corrupt(path: Path, what: str) -> NetdslError:
+def _corrupt(path, what: str) -> NetdslError:
     return NetdslError("E0915", f"{path} is a corrupt PNG: {what}",
                        help="re-export or re-download the image; the file is damaged or truncated")

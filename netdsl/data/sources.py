@@ -69,8 +69,8 @@ class ImageList:
         """The bytes of image i's file."""
         path = self.root + self.paths[i]
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            with open(path, "rb", buffering=0) as f:      # unbuffered: one read, no buffer object
+                return f.readall()
         except OSError as e:
             raise NetdslError("E0945", f"{self.where(i)}: cannot read the image {path}: {e.strerror}",
                               help="fix the path in the list file (root_folder is prepended as written)") from None
