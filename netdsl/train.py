@@ -298,6 +298,9 @@ class Trainer:
         finite_grads = all(bool(xp.isfinite(p.grad).all()) for p in self.net.learnable)
         if math.isfinite(loss) and finite_grads:
             return None
+        if self.cpu is not None:
+            from .cpu.program import replay_with_numpy
+            replay_with_numpy(self.net)
         for s in self.net.plan.steps:
             for u, t in zip(s.layer.spec.tops, s.node.tops):
                 v = self.net.values.get(t)
@@ -321,12 +324,8 @@ class Trainer:
                     f"{self.last_snapshot}{self.weights_suffix}")
         else:
             good = "the weights are already NaN or Inf and no snapshot was written before: none were saved"
-        notes = [good]
-        if self.cpu is not None:        # compiled kernels: blobs share buffers, a later layer may show first
-            notes.append("the compiled CPU kernels reuse buffers within a step, so the layer named may come after "
-                         "the first one to overflow; rerun with --cpu-kernels numpy to find that one")
         return NetdslError("E0710", f"training diverged at iteration {self.iter}: {bad} produced NaN or Inf",
-                           notes=notes, help="lower base_lr, add clip_gradients, or check the input scaling")
+                           notes=[good], help="lower base_lr, add clip_gradients, or check the input scaling")
 
     def _train_outputs(self):
         """The train net's scalar outputs of the last forward, with their loss weights."""

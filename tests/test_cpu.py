@@ -239,3 +239,24 @@ def test_bad_thread_count_is_a_located_error(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "netdsl", "train", "nets/lenet_solver.net", "--threads", "0",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "E0731" in r.stderr and "Traceback" not in r.stderr
+
+
+@needs_mnist
+def test_divergence_names_the_same_layer_as_numpy(tmp_path, monkeypatch):
+    """Compiled ops share buffers within a step, so E0710 replays the step with the NumPy layers
+    to find the first layer that made a NaN or Inf: the same one the NumPy kernels name."""
+    from netdsl.backend import CPU
+    from netdsl.errors import NetdslError
+    from netdsl.train import Trainer
+    monkeypatch.setenv("NETDSL_DATA", str(shared_data_dir()))
+    solver = tmp_path / "s.net"
+    solver.write_text(f'net: "{ROOT / "nets" / "lenet.net"}"\nbase_lr: 1e18\nlr_policy: "fixed"\nmax_iter: 50\n'
+                      f'snapshot_prefix: "{tmp_path}/run/x"\n')
+    said = {}
+    for kernels in ("numpy", "compiled"):
+        tr = Trainer(str(solver), CPU, seed=3, out=str(tmp_path / kernels), progress=False, cpu_kernels=kernels)
+        with pytest.raises(NetdslError) as e:
+            tr.run()
+        said[kernels] = e.value.diagnostic.message
+    assert "diverged at iteration" in said["numpy"] and "produced NaN or Inf" in said["numpy"]
+    assert said["compiled"] == said["numpy"]

@@ -135,3 +135,34 @@ def cls_reason(step) -> str:
     if step.layer.stateful:
         return "stateful (RNG or data source)"
     return cls.reason(step.layer) or ""
+
+
+class _Recorded:
+    """A source step's tops from the step being replayed (a data layer would read the next batch)."""
+
+    def __init__(self, tops):
+        self.tops = tops
+
+    def forward(self, xp, bottoms, params):
+        return self.tops, None
+
+
+def replay_with_numpy(net) -> None:
+    """Run the last step again with every layer's NumPy forward and backward, on the same batch
+    (the source layers' tops, which never share the arena), the same random draws (forward_count
+    rewound) and the same weights: afterwards net.values and the params' gradients are the NumPy
+    layers', each blob in its own array. The compiled ops reuse buffers within a step, so only
+    such a replay shows which layer first produced a NaN or Inf (the trainer's E0710)."""
+    steps = net.plan.steps
+    runners, states = net.runners, net.states
+    sources = {i for i, s in enumerate(steps) if s.layer.stateful and not s.node.bottoms}
+    net.runners = [_Recorded([net.values[t] for t in s.node.tops]) if i in sources else s.layer
+                   for i, s in enumerate(steps)]
+    net.states = [None if i in sources else st for i, st in enumerate(states)]
+    net.forward_count -= 1
+    try:
+        net.zero_grad()
+        net.forward()
+        net.backward()
+    finally:
+        net.runners, net.states = runners, states
