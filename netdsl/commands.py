@@ -162,9 +162,7 @@ def add_parsers(sub) -> None:
                    help="several ranks: seconds a rank waits for the others before stopping them all (default 600)")
     p.add_argument("--debug-info", action="store_true",
                    help="as the solver's debug_info: true: Caffe's per-layer data/diff lines on display iterations")
-    p.add_argument("--cpu-kernels", choices=("compiled", "numpy"), default="compiled",
-                   help="CPU: compiled (Numba) kernels over preallocated buffers, or the NumPy layers")
-    p.add_argument("--threads", type=int, help="CPU: threads for the kernels and BLAS (default: the available cores)")
+    _cpu_kernels(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a trained net: averaged test outputs (accuracy, loss), proposal "
@@ -186,6 +184,7 @@ def add_parsers(sub) -> None:
     _device(p)
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true")
+    _cpu_kernels(p)
     p.set_defaults(func=cmd_time)
 
     p = sub.add_parser("gradcheck", help="check every layer's backward against central differences, in float64")
@@ -211,6 +210,13 @@ def add_parsers(sub) -> None:
     p.add_argument("run", help="the run directory (or its _metrics.jsonl file)")
     p.add_argument("-o", "--output", default="curves.png")
     p.set_defaults(func=cmd_plot)
+
+
+def _cpu_kernels(p) -> None:
+    """The CPU path's options (train and time run the same kernels with the same threads)."""
+    p.add_argument("--cpu-kernels", choices=("compiled", "numpy"), default="compiled",
+                   help="CPU: compiled (Numba) kernels over preallocated buffers, or the NumPy layers")
+    p.add_argument("--threads", type=int, help="CPU: threads for the kernels and BLAS (default: the available cores)")
 
 
 def _device(p):
@@ -431,7 +437,8 @@ def cmd_gradcheck(args) -> int:
 def cmd_time(args) -> int:
     from .backend import get_backend
     from .timing import render_timing, time_net
-    report = time_net(args.model, args.phase.upper(), args.iterations, get_backend(args.device), args.data_dir)
+    report = time_net(args.model, args.phase.upper(), args.iterations, get_backend(args.device), args.data_dir,
+                      args.cpu_kernels, args.threads)
     print(json.dumps(report) if args.json else render_timing(report))
     return 0
 

@@ -147,6 +147,17 @@ def test_time_reports_every_layer(mnist_dir):
     assert "Average Forward-Backward:" in r.stdout
 
 
+def test_time_runs_what_train_runs(mnist_dir):
+    """`netdsl time` times the kernels `netdsl train` would use, with the same thread policy, and
+    says which."""
+    r = run_cli("time", str(LENET), "--iterations", "2", "--json")
+    assert json.loads(r.stdout)["kernels"].startswith("CPU: compiled kernels (Convolution, InnerProduct, Pooling")
+    r = run_cli("time", str(LENET), "--iterations", "2", "--cpu-kernels", "numpy", "--threads", "1")
+    assert r.returncode == 0 and "CPU: NumPy kernels, 1 BLAS thread\n" in r.stdout
+    r = run_cli("time", str(LENET), "--iterations", "2", "--threads", "0")
+    assert r.returncode == 2 and "E0731" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_plot_writes_png_or_explains(tmp_path, mnist_dir):
     assert main(["train", solver(tmp_path, max_iter=20, display=5)]) == 0
     out = tmp_path / "curves.png"

@@ -13,27 +13,35 @@ def compile_training(trainer, kernels: str = "compiled", threads: int | None = N
     """Trainer's hook: on the CPU, set the thread counts and, with compiled kernels, lower the train
     and test nets and swap in the flat-buffer solver. Returns the train net's Lowering, or None
     (NumPy kernels, or not on the CPU)."""
+    lw, said = use_kernels(trainer.backend, kernels, threads, trainer.net, trainer.tests)
+    if said:
+        trainer.log(said)
+    if lw is not None:
+        trainer.solver = flat_solver(trainer.sf.cfg, trainer.net)
+    return lw
+
+
+def use_kernels(backend, kernels: str, threads: int | None, net, tests=()):
+    """On the CPU: the thread counts set and, with compiled kernels, `net` and its `tests` lowered.
+    Returns (net's Lowering or None, the line that says what runs; empty off the CPU)."""
     if kernels not in CPU_KERNELS:
         raise NetdslError("E0730", f"unknown --cpu-kernels '{kernels}'", help="use --cpu-kernels compiled or numpy")
     if threads is not None and threads < 1:
         raise NetdslError("E0731", f"--threads must be at least 1, got {threads}", help="e.g. --threads 2")
-    if trainer.backend.name != "cpu":
-        return None
+    if backend.name != "cpu":
+        return None, ""
     from .threads import set_threads
     compiled = kernels == "compiled"
     if compiled:
         _need_numba()
     blas, kernel = set_threads(threads, compiled)
     if not compiled:
-        trainer.log(f"CPU: NumPy kernels, {blas} BLAS thread{'s' if blas != 1 else ''}")
-        return None
-    lw = compile_nets(trainer.net, trainer.tests)
-    trainer.solver = flat_solver(trainer.sf.cfg, trainer.net)
+        return None, f"CPU: NumPy kernels, {blas} BLAS thread{'s' if blas != 1 else ''}"
+    lw = compile_nets(net, tests)
     from .program import coverage
-    done, numpy = coverage(trainer.net.plan)
-    trainer.log(f"CPU: compiled kernels ({', '.join(done) or 'none'}), {kernel} kernel and {blas} BLAS threads"
+    done, numpy = coverage(net.plan)
+    return lw, (f"CPU: compiled kernels ({', '.join(done) or 'none'}), {kernel} kernel and {blas} BLAS threads"
                 + (f"; NumPy for {', '.join(f'{t} ({why})' for t, why in numpy.items())}" if numpy else ""))
-    return lw
 
 
 def compile_nets(net, tests=()):
