@@ -446,17 +446,26 @@ def status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def array_bytes(objects) -> int:
-    """Bytes of the distinct memory owned by the NumPy arrays the objects hold (their attributes,
-    and one level into lists, tuples and dicts): views count once, as their owner."""
-    owners = {}
+def array_bytes(objects, depth: int = 3) -> int:
+    """Bytes of the distinct memory owned by the NumPy arrays the objects hold: their attributes,
+    in lists, tuples and dicts, and in the netdsl objects they hold (`depth` levels down). Views
+    count once, as their owner."""
+    owners, seen = {}, set()
+
+    def visit(x, depth):
+        if isinstance(x, np.ndarray):
+            while isinstance(x.base, np.ndarray):
+                x = x.base
+            owners[id(x)] = x.nbytes
+        elif isinstance(x, (list, tuple)) or isinstance(x, dict):
+            for v in x.values() if isinstance(x, dict) else x:
+                visit(v, depth)
+        elif depth >= 0 and type(x).__module__.startswith("netdsl") and hasattr(x, "__dict__") and id(x) not in seen:
+            seen.add(id(x))
+            for v in vars(x).values():
+                visit(v, depth - 1)
     for o in objects:
-        for v in vars(o).values() if hasattr(o, "__dict__") else ():
-            for a in v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,):
-                if isinstance(a, np.ndarray):
-                    while isinstance(a.base, np.ndarray):
-                        a = a.base
-                    owners[id(a)] = a.nbytes
+        visit(o, depth)
     return sum(owners.values())
 
 
@@ -481,6 +490,7 @@ def rss_budget(bench: Bench, kernels: str, threads, iters: int) -> None:
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(bench.rss_solver(), CPU, max_iter=iters, out=out, progress=False, cpu_kernels=kernels,
                           threads=threads)
+        built, built_peak = status_kib("VmRSS") * 1024, status_kib("VmHWM") * 1024
         trainer.run()
     peak = status_kib("VmHWM") * 1024
     nets = [trainer.net] + trainer.tests
@@ -494,7 +504,7 @@ def rss_budget(bench: Bench, kernels: str, threads, iters: int) -> None:
         f"solver history ({resolved_type(trainer.sf.cfg)})": SOLVER_TYPES[resolved_type(trainer.sf.cfg)] * params,
         "datasets (data layers' arrays)": array_bytes(s.source for n in nets for s in n.states if s is not None),
     }
-    compiled = array_bytes(r for n in nets for r in n.runners if r.__class__.__module__ == "netdsl.cpu.ops")
+    compiled = array_bytes((r for n in nets for r in n.runners if r.__class__.__module__ == "netdsl.cpu.ops"), depth=0)
     mib = 1 << 20
     print(f"peak RSS of {bench.model} ({kernels} kernels, {iters} iterations, {len(trainer.tests)} test nets):")
     for what, n in terms.items():
@@ -503,6 +513,8 @@ def rss_budget(bench: Bench, kernels: str, threads, iters: int) -> None:
     print(f"  {'budget (the terms above)':58s} {budget / mib:8.1f} MiB")
     if kernels == "compiled":
         print(f"  {'compiled kernels buffers (arenas + scratch), beside the plan':58s} {compiled / mib:8.1f} MiB")
+    print(f"  {'RSS once the Trainer is built (nets, data, kernels lowered)':58s} {built / mib:8.1f} MiB "
+          f"(peak so far {built_peak / mib:.1f})")
     print(f"  {'peak RSS (VmHWM)':58s} {peak / mib:8.1f} MiB: {(peak - budget) / mib:+.1f} MiB against the budget"
           + (f", {(peak - budget - compiled) / mib:+.1f} with the compiled buffers" if kernels == "compiled" else ""))
 
