@@ -274,7 +274,7 @@ def torch_stepper(bench: Bench, threads: int, mode="eager", seed=1):
 
 def sanity_check(bench: Bench, seed=1) -> None:
     """Print whether the PyTorch twin has the netdsl net's output shapes and, given netdsl's initial
-    weights and its first batch, the same first losses (to float32 rounding)."""
+    weights and its first batch, the same outputs and first losses (to float32 rounding)."""
     import torch
     import torch_peers
 
@@ -289,9 +289,14 @@ def sanity_check(bench: Bench, seed=1) -> None:
         out = model(batch["data"])
         losses = bench.losses(out, batch)
     outs = out if isinstance(out, tuple) else (out,)
-    shapes = [(name, tuple(o.shape), tuple(net.blobs[name].data.shape)) for name, o in zip(model.outputs, outs)]
-    print("check: output shapes " + ", ".join(f"{n} {'x'.join(map(str, t))}" + ("" if t == d else f" (netdsl "
-          f"{'x'.join(map(str, d))}: MISMATCH)") for n, t, d in shapes))
+    for name, o in zip(model.outputs, outs):
+        theirs, ours = o.numpy(), net.blobs[name].data
+        if theirs.shape != ours.shape:
+            print(f"check: output {name}: pytorch {theirs.shape}, netdsl {ours.shape}: SHAPES DIFFER")
+            continue
+        rel = np.abs(theirs - ours).max() / max(np.abs(ours).max(), 1e-30)
+        print(f"check: output {name} {'x'.join(map(str, ours.shape))} on both sides; largest difference "
+              f"{rel:.1e} of its largest value")
     for top, loss in zip(bench.loss_tops, losses):
         ours, theirs = float(net.blobs[top].data), float(loss)
         rel = abs(ours - theirs) / max(abs(ours), 1e-12)
@@ -353,7 +358,7 @@ def side_by_side(args, bench: Bench) -> None:
               f"{WARMUP} its {warm[k]:.1f} s, {max(0.0, warm[k] - WARMUP * v / 1e3):.1f} s beyond steady state)")
     peers = [k for k in med if k.startswith("pytorch")]
     for k in med:
-        if k.startswith("netdsl"):
+        if k.startswith("netdsl") and peers:
             print(f"  ratio {k}: " + ", ".join(f"{med[k] / med[p]:.2f}x {p}" for p in peers))
     print(f"  peak RSS after netdsl's warm-up (before torch loads): {rss_netdsl:.0f} MiB")
 
