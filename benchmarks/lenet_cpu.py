@@ -4,9 +4,10 @@ Caffe's cifar10_quick and nets/rpn.net.
 Both sides run the same net with the same solver settings (Caffe's SGD: momentum, weight decay,
 biases at lr_mult 2, the solver's lr policy), threads, float32 and initial weights (PyTorch's
 model is given the netdsl net's). Reports ms per iteration (median of several timed blocks, the
-frameworks alternating block by block, so drift hits all alike) and the ratios to PyTorch eager.
+frameworks alternating block by block, so drift hits all alike) and netdsl's ratio to each PyTorch peer.
 netdsl runs with its compiled CPU kernels (Numba) and with the NumPy layers (--cpu-kernels);
-PyTorch eager, with its model torch.compile'd, and with the optimizer's step compiled too (--torch).
+PyTorch eager, with its model and loss torch.compile'd, and with the optimizer's step compiled too
+(--torch).
 
 What one timed iteration contains, on each side:
   lenet          nets/lenet_solver.net (batch 64; inv policy). netdsl: its MNIST layer (a shuffled
@@ -33,6 +34,7 @@ that its first loss, on netdsl's first batch with netdsl's initial weights, agre
     python benchmarks/lenet_cpu.py --full       # Caffe's 10,000 LeNet iterations, netdsl and PyTorch: wall time, accuracy
     python benchmarks/lenet_cpu.py --jit        # the compiled path's first iteration, cold and warm cache
     python benchmarks/lenet_cpu.py --rss [--net N] [--iters 200]   # netdsl's peak RSS against its budget, term by term
+    python benchmarks/lenet_cpu.py --layers [--net N]    # netdsl's ms per layer, forward and backward
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ WARMUP = 20                          # untimed iterations per side before the bl
 # -- the nets: what each side is fed ------------------------------------------------------------
 class Bench:
     """One net on both sides: its solver, what netdsl's forward is given, the batches the PyTorch
-    step reads (torch tensors by blob name, 'data' the model's input), and the losses."""
+    step reads (torch tensors by blob name, 'data' the model's input), and the losses. This class
+    is LeNet's; the other nets override what differs."""
     model = "LeNet"                 # the torch_peers class
     iters = 200                     # default iterations per timed block
     loss_tops = ("loss",)
@@ -213,8 +216,9 @@ def rpn_numpy_part(net):
 
 
 # -- the steppers --------------------------------------------------------------------------------
-def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1):
-    """One training iteration of netdsl, as `netdsl train` runs it (cpu/compile_training)."""
+def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1, hooks=None):
+    """One training iteration of netdsl, as `netdsl train` runs it (cpu/compile_training); `hooks`
+    (a LayerClock) times each layer."""
     from netdsl.cpu.threads import set_threads
     from netdsl.executor import build_net
     from netdsl.solver import Solver
@@ -233,10 +237,11 @@ def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1):
 
     def step():
         net.zero_grad()
-        net.forward(**feed())
-        net.backward()
+        net.forward(_hooks=hooks, **feed())
+        net.backward(_hooks=hooks)
         solver.step(state["it"])
         state["it"] += 1
+    step.net = net
     return step
 
 
@@ -245,8 +250,9 @@ TORCH_MODES = ("eager", "compile", "compile-step")
 
 def torch_stepper(bench: Bench, threads: int, mode="eager", seed=1):
     """One training iteration of the PyTorch twin, and the model. mode: "eager"; "compile" (the
-    model torch.compile'd: forward and, through AOTAutograd, backward; the optimizer eager);
-    "compile-step" (the optimizer's step compiled too, its rates in tensors)."""
+    model and its losses torch.compile'd as one function: forward and, through AOTAutograd,
+    backward; the optimizer eager); "compile-step" (the optimizer's step compiled too, its rates
+    in tensors): the whole step compiled, in the two pieces PyTorch's recipes use."""
     import torch
     import torch_peers
 
@@ -259,14 +265,17 @@ def torch_stepper(bench: Bench, threads: int, mode="eager", seed=1):
     model = getattr(torch_peers, bench.model)()
     torch_peers.copy_params(model, ref)
     opt, sched = torch_peers.caffe_sgd(model, ref, sf.cfg, tensor_lr=mode == "compile-step")
-    forward = model if mode == "eager" else torch.compile(model)
+
+    def loss_of(batch):
+        return sum(bench.losses(model(batch["data"]), batch))
+    loss = loss_of if mode == "eager" else torch.compile(loss_of)
     opt_step = torch.compile(opt.step) if mode == "compile-step" else opt.step
     next_batch = bench.batches(ref, seed)
 
     def step():
         batch = next_batch()
         opt.zero_grad(set_to_none=True)
-        sum(bench.losses(forward(batch["data"]), batch)).backward()
+        loss(batch).backward()
         opt_step()
         sched.step()
     return step, model
@@ -361,6 +370,42 @@ def side_by_side(args, bench: Bench) -> None:
         if k.startswith("netdsl") and peers:
             print(f"  ratio {k}: " + ", ".join(f"{med[k] / med[p]:.2f}x {p}" for p in peers))
     print(f"  peak RSS after netdsl's warm-up (before torch loads): {rss_netdsl:.0f} MiB")
+
+
+class LayerClock:
+    """Net.forward/backward hooks: the seconds of each step's forward and backward."""
+
+    def __init__(self):
+        self.times: dict[tuple[int, bool], list[float]] = {}
+
+    def before(self, i):
+        self.t = time.perf_counter()
+
+    def after(self, i, backward):
+        self.times.setdefault((i, backward), []).append(time.perf_counter() - self.t)
+
+
+def layer_times(args, bench: Bench) -> None:
+    """netdsl's ms per layer, forward and backward (median over the iterations), for each kernel
+    kind: where a step's time goes."""
+    kinds = ("compiled", "numpy") if args.cpu_kernels == "both" else (args.cpu_kernels,)
+    clocks, total = {}, {}
+    for kind in kinds:
+        clocks[kind] = LayerClock()
+        step = netdsl_stepper(bench, kind, args.threads, hooks=clocks[kind])
+        time_block(step, WARMUP)
+        clocks[kind].times.clear()
+        total[kind] = time_block(step, args.iters or bench.iters)
+    steps = step.net.plan.steps
+    print(f"{args.net}: ms per layer, median of {args.iters or bench.iters} iterations, forward / backward")
+    print(f"  {'layer':24s} {'type':18s}" + "".join(f" {k:>17s}" for k in kinds))
+    for i, s in enumerate(steps):
+        cells = []
+        for kind in kinds:
+            f, b = (statistics.median(clocks[kind].times.get((i, d), [0.0])) * 1e3 for d in (False, True))
+            cells.append(f"{f:7.2f} / {b:7.2f}")
+        print(f"  {s.node.name:24s} {s.layer.type:18s}" + "".join(f" {c:>17s}" for c in cells))
+    print(f"  {'whole step (update too)':43s}" + "".join(f" {total[k]:17.2f}" for k in kinds))
 
 
 def first_iterations(threads) -> None:
@@ -540,6 +585,7 @@ def main():
     ap.add_argument("--jit", action="store_true", help="only the compiled path's JIT cost, cold and warm cache")
     ap.add_argument("--rss", action="store_true", help="only netdsl's peak RSS against its budget (a fresh process "
                     "per kernel kind)")
+    ap.add_argument("--layers", action="store_true", help="only netdsl's ms per layer, forward and backward")
     ap.add_argument("--first", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if "NETDSL_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir():
@@ -555,6 +601,8 @@ def main():
         return
     if args.rss:
         return rss_budget(bench, args.cpu_kernels, args.threads, args.iters or 200)
+    if args.layers:
+        return layer_times(args, bench)
     if args.full:
         return full_runs(args.threads, "numpy" if args.cpu_kernels == "numpy" else "compiled", args.iters)
     side_by_side(args, bench)
