@@ -523,17 +523,24 @@ def rss_budget(bench: Bench, kernels: str, threads, iters: int) -> None:
     """Train `iters` iterations with `netdsl train`'s Trainer in this process and print its peak
     RSS next to the budget: the interpreter-and-libraries baseline (RSS after importing NumPy,
     netdsl's training modules and, for compiled kernels, Numba and the kernels, before any net is
-    built), the plans' blobs (Plan.run_bytes's: the train net's blobs kept for backward and its
-    gradients, every test net blob), params and their gradients, the solver's history, and the
-    datasets the data layers hold. The compiled kernels' preallocated buffers (arena and scratch)
-    are printed as a term of their own."""
+    built), Numba's LLVM runtime (what a first tiny @njit compile adds: the kernels' first call
+    starts it, even from the on-disk cache), the plans' blobs (Plan.run_bytes's: the train net's
+    blobs kept for backward and its gradients, every test net blob), params and their gradients,
+    the solver's history, and the datasets the data layers hold. The compiled kernels'
+    preallocated buffers (arenas and scratch; pages never touched are not resident) are printed
+    as a term of their own. `--net cifar10_quick` trains distributed_cpu.py's CIFAR10_QUICK
+    (DummyData, as the Trainer needs a data layer; no test net)."""
     import netdsl.train  # noqa: F401
     if kernels == "compiled":
-        import numba  # noqa: F401
+        import numba
 
         import netdsl.cpu.kernels  # noqa: F401
         import netdsl.cpu.ops  # noqa: F401
     baseline = status_kib("VmRSS") * 1024
+    jit = 0
+    if kernels == "compiled":                 # LLVM starts at the first compiled call (even a cached one)
+        numba.njit(lambda x: x + 1)(1)
+        jit = status_kib("VmRSS") * 1024 - baseline
     from netdsl.backend import CPU
     from netdsl.solver import SOLVER_TYPES, resolved_type
     from netdsl.train import Trainer
@@ -548,6 +555,7 @@ def rss_budget(bench: Bench, kernels: str, threads, iters: int) -> None:
     params = sum(p.data.nbytes for p in trainer.net.slots.values())
     terms = {
         "baseline (interpreter, numpy" + (", numba, netdsl.cpu kernels)" if kernels == "compiled" else ", netdsl)"): baseline,
+        **({"Numba's JIT runtime (LLVM), started by a first @njit call": jit} if kernels == "compiled" else {}),
         "train net blobs (plan: kept for backward + gradients)": sum(b.nbytes for b in trainer.net.plan.train_arena) * size // 4,
         "test net blobs (plan)": sum(t.plan.naive_bytes for t in trainer.tests) * size // 4,
         "params + gradients": 2 * params,
