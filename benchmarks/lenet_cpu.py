@@ -25,7 +25,9 @@ What one timed iteration contains, on each side:
                  netdsl Net of its own with the same seed: the same scenes and samples), then the
                  same convolutions and losses (torch_peers.py), backward, update. That shared NumPy
                  part is also timed alone and printed.
-torch.compile's compile time is reported apart: the warm-up iterations' time beyond steady state.
+torch.compile's compile time is reported apart: the warm-up iterations' time beyond steady state
+(a later peer reuses what an earlier one compiled, and TorchInductor keeps an on-disk cache: for
+one peer's cold compile, run it alone with TORCHINDUCTOR_FORCE_DISABLE_CACHES=1).
 Before timing, the script checks that the PyTorch model's outputs have the netdsl net's shapes and
 that its first loss, on netdsl's first batch with netdsl's initial weights, agrees to float32.
 
