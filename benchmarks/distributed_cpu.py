@@ -69,7 +69,10 @@ def write_solver(tmp: Path, name: str, batch: int) -> str:
 def seconds_per_iter(cmd: list[str], threads: int, iters: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads)}
-    out = subprocess.run(cmd + ["--max-iter", str(iters)], cwd=ROOT, env=env, capture_output=True, text=True)
+    # --threads: a lone process otherwise takes every core whatever OMP_NUM_THREADS says; NumPy kernels
+    # in all runs, as the ranks use them (the compiled kernels keep their own gradient buffer)
+    out = subprocess.run(cmd + ["--max-iter", str(iters), "--threads", str(threads), "--cpu-kernels", "numpy"], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(out.stderr)
     return float(re.search(r"in ([0-9.]+) s", out.stdout).group(1)) / iters

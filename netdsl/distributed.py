@@ -143,6 +143,10 @@ class MPIComm(OneRank):
         """This rank's place among the ranks on its machine (which GPU it drives)."""
         return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
 
+    def local_size(self) -> int:
+        """How many ranks share this rank's machine (and its cores)."""
+        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_size()
+
     def abort(self, code: int):
         sys.stderr.flush()
         time.sleep(FORWARD_GRACE)        # MPI_Abort tears down the launcher's output forwarding too
@@ -380,6 +384,19 @@ def launch(args) -> int:
     return code
 
 
+def rank_threads(args, mpi: MPIComm) -> int:
+    """One rank's BLAS threads: --threads, else OMP_NUM_THREADS (which --procs sets, and the README
+    asks of mpiexec users), else the machine's cores shared among its ranks. A lone process takes
+    every core (netdsl/cpu/threads.py); N ranks doing so would run N threads per core, and OpenBLAS's
+    threads spin waiting for each other."""
+    if args.threads:
+        return args.threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    from .cpu.threads import available_cores
+    return max(1, available_cores() // mpi.local_size())
+
+
 def train_rank(args, mpi: MPIComm) -> int:
     """One rank of `mpiexec -n N netdsl train SOLVER`."""
     from .backend import get_backend
@@ -397,7 +414,8 @@ def train_rank(args, mpi: MPIComm) -> int:
             parallel = DataParallel(NCCLComm(mpi))     # before the nets: it picks this rank's GPU
         backend = get_backend(args.device)
         trainer = Trainer(args.solver, backend, seed=args.seed, max_iter=args.max_iter, data_dir=args.data_dir,
-                          out=args.out, graph="off", parallel=parallel, progress=None if mpi.rank == 0 else False)
+                          out=args.out, graph="off", parallel=parallel, progress=None if mpi.rank == 0 else False,
+                          threads=rank_threads(args, mpi))
         if args.weights:
             trainer.log(str(trainer.net.load(args.weights)), echo=True)
         if args.snapshot:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from test_mnist import idx_bytes
 
 from netdsl.backend import get_backend
 from netdsl.data.mnist import MnistFeed
-from netdsl.distributed import DataParallel, NCCLComm, OneRank, mpi_flavour, mpiexec_command, resume_note
+from netdsl.distributed import DataParallel, NCCLComm, OneRank, mpi_flavour, mpiexec_command, rank_threads, resume_note
 from netdsl.errors import NetdslError
 from netdsl.executor import build_net
 from netdsl.train import Trainer
@@ -145,6 +146,19 @@ def test_resume_with_another_number_of_ranks_says_what_changes():
     assert resume_note(2, 2) is None
     note = resume_note(2, 4)
     assert "W0750" in note and "from 2 to 4 times the net's batch_size" in note and "resume with 2" in note
+
+
+def test_each_rank_takes_its_share_of_the_cores(monkeypatch):
+    """--threads, else OMP_NUM_THREADS (set by --procs), else the machine's cores over its ranks:
+    not every core per rank, the default of a lone process."""
+    mpi, args = type("MPI", (), {"local_size": lambda self: 2})(), SimpleNamespace(threads=None)
+    monkeypatch.setattr("netdsl.cpu.threads.available_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert rank_threads(args, mpi) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert rank_threads(args, mpi) == 3
+    args.threads = 5
+    assert rank_threads(args, mpi) == 5
 
 
 def test_a_data_source_without_a_shard_rule_is_refused(tmp_path, digits):
