@@ -378,6 +378,10 @@ def launch(args) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    if len(interrupts) > 1 and code not in (0, 130):     # Open MPI's mpiexec ended the ranks itself
+        print("netdsl: interrupted twice; every rank has been stopped without a snapshot. Snapshots written before "
+              "are intact.", file=sys.stderr)
+        return 130
     if code not in (0, 130, EXIT_USER):
         print(f"netdsl: a rank ended abnormally (mpiexec exit status {code}); every rank has been stopped. "
               "Snapshots written before are intact (each is written atomically).", file=sys.stderr)

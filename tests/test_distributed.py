@@ -351,6 +351,19 @@ def test_ctrl_c_stops_every_rank_with_a_snapshot(tmp_path, digits, how):
 
 
 @needs_mpi
+def test_a_second_ctrl_c_stops_every_rank_without_a_snapshot(tmp_path, digits):
+    """--procs: the second Ctrl-C, before the first one's stop is done, ends every rank at once, under
+    MPICH (which forwards it) and Open MPI (whose mpiexec kills the ranks) alike: exit 130, one line."""
+    proc = start_two_ranks(tmp_path, digits, procs=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out = ended_within(proc, 30)
+    assert code == 130 and "interrupted twice" in out, out
+    resumable(tmp_path, digits, tmp_path / "run_iter_2.solverstate.npz")
+
+
+@needs_mpi
 def test_a_killed_rank_stops_the_others_and_the_snapshot_survives(tmp_path, digits):
     proc = start_two_ranks(tmp_path, digits)
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
