@@ -5,6 +5,7 @@ one allreduce (MPIComm.allreduce_mean, what each training step calls) against th
 
     python benchmarks/distributed_cpu.py [--iters 20] [--repeats 3] [--nets lenet,cifar10_quick]
     mpiexec -n 2 python benchmarks/distributed_cpu.py --allreduce     # the allreduce table alone
+    (Open MPI as root: mpiexec --allow-run-as-root -n 2 ...; the scaling runs add what it needs)
 
 Reports ms per iteration (median of the repeats; each from `netdsl train`'s own loop time; 1 process
 x 1 thread too, the compute per sample of the scaling model) and the speed-up of the two ranks.
@@ -69,13 +70,17 @@ def write_solver(tmp: Path, name: str, batch: int) -> str:
 def seconds_per_iter(cmd: list[str], threads: int, iters: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads)}
-    out = subprocess.run(cmd + ["--max-iter", str(iters)], cwd=ROOT, env=env, capture_output=True, text=True)
+    # --threads: a lone process otherwise takes every core whatever OMP_NUM_THREADS says; NumPy kernels
+    # in all runs, as the ranks use them (the compiled kernels keep their own gradient buffer)
+    out = subprocess.run(cmd + ["--max-iter", str(iters), "--threads", str(threads), "--cpu-kernels", "numpy"], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(out.stderr)
     return float(re.search(r"in ([0-9.]+) s", out.stdout).group(1)) / iters
 
 
 def scaling(args) -> None:
+    from netdsl.distributed import mpiexec_command  # `mpiexec -n 2` with what its MPI needs here
     tmp = Path(tempfile.mkdtemp())
     train = [sys.executable, "-m", "netdsl", "train"]
     print("| net | effective batch | 1 process x 1 thread | 1 process x 2 threads | 2 ranks x 1 thread | "
@@ -89,12 +94,12 @@ def scaling(args) -> None:
         for _ in range(args.repeats):          # alternate, so all see the same background load
             single.append(seconds_per_iter(train + [write_solver(tmp, name, batch)], 1, iters))
             one.append(seconds_per_iter(train + [write_solver(tmp, name, batch)], 2, iters))
-            two.append(seconds_per_iter(["mpiexec", "-n", "2"] + train + [write_solver(tmp, name, batch // 2)], 1,
+            two.append(seconds_per_iter(mpiexec_command(2) + train + [write_solver(tmp, name, batch // 2)], 1,
                                         iters))
         s, a, b = (statistics.median(x) * 1e3 for x in (single, one, two))
         print(f"| {name} | {batch} | {s:.1f} ms | {a:.1f} ms | {b:.1f} ms ({batch // 2} per rank) | {a / b:.2f}x |",
               flush=True)
-    subprocess.run(["mpiexec", "-n", "2", sys.executable, __file__, "--allreduce"], cwd=ROOT,
+    subprocess.run(mpiexec_command(2) + [sys.executable, __file__, "--allreduce"], cwd=ROOT,
                    env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
 
 

@@ -124,7 +124,7 @@ class MPIComm(OneRank):
         self.MPI, self.comm, self.timeout = MPI, MPI.COMM_WORLD, timeout
         self.failures = self.comm.Dup()     # agree() on its own communicator: it may meet a rank mid-collective
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.name = f"MPI ({' '.join(MPI.Get_library_version().split()[:3])})"
+        self.name = f"MPI ({' '.join(MPI.Get_library_version().split()[:3]).rstrip(',')})"
         self.deadline = Watchdog(timeout, self._expired)
 
     def allreduce_mean(self, buf) -> None:
@@ -142,6 +142,10 @@ class MPIComm(OneRank):
     def local_rank(self) -> int:
         """This rank's place among the ranks on its machine (which GPU it drives)."""
         return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_rank()
+
+    def local_size(self) -> int:
+        """How many ranks share this rank's machine (and its cores)."""
+        return self.comm.Split_type(self.MPI.COMM_TYPE_SHARED).Get_size()
 
     def abort(self, code: int):
         sys.stderr.flush()
@@ -317,13 +321,36 @@ def cmd_train(args) -> int:
     return train_rank(args, MPIComm(args.step_timeout))
 
 
+def mpiexec_command(n: int) -> list[str]:
+    """`mpiexec -n N` for N ranks on this machine, with what the MPI it belongs to needs there.
+
+    The mpiexec installed beside this Python (by the same pip as mpi4py) comes first, then the one
+    on PATH. MPICH runs any N as any user. Open MPI counts cores as slots and refuses more ranks than
+    that, and refuses root (containers run as root): for one machine `--procs N` says what the user
+    meant, so it adds --oversubscribe and, as root, --allow-run-as-root (as Horovod's launcher does).
+    """
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
+    if mpiexec is None:
+        raise NetdslError("E0751", f"--procs {n} needs mpiexec, which is not on PATH",
+                          help="pip install 'netdsl[mpi]' (mpi4py and mpich), or install Open MPI")
+    flags = []
+    if mpi_flavour(mpiexec) == "Open MPI":
+        flags = ["--oversubscribe"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
+    return [mpiexec, *flags, "-n", str(n)]
+
+
+def mpi_flavour(mpiexec: str) -> str:
+    """"Open MPI" or "MPICH" (MPICH, Intel MPI, MVAPICH: Hydra's flags), from `mpiexec --version`."""
+    out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True).stdout
+    return "Open MPI" if "Open MPI" in out or "OpenRTE" in out else "MPICH"
+
+
 def launch(args) -> int:
     """--procs N on one machine: `mpiexec -n N` this same command, each rank with its share of the
-    cores for its BLAS threads (unless OMP_NUM_THREADS is set)."""
-    mpiexec = shutil.which("mpiexec")
-    if mpiexec is None:
-        raise NetdslError("E0751", f"--procs {args.procs} needs mpiexec, which is not on PATH",
-                          help="pip install 'netdsl[mpi]' (mpi4py and mpich), or install Open MPI")
+    cores for its BLAS threads (unless OMP_NUM_THREADS is set). Ctrl-C reaches the ranks as SIGUSR1,
+    which both MPICH and Open MPI forward (Open MPI kills the ranks on SIGINT instead); a second
+    Ctrl-C is passed on as SIGINT, which stops them without a snapshot."""
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip or a == "--procs":
@@ -335,20 +362,43 @@ def launch(args) -> int:
     threads = str(max(1, (os.cpu_count() or 1) // args.procs))
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, env.get("OMP_NUM_THREADS", threads))
-    # mpiexec in a session of its own, so a terminal's Ctrl-C reaches it once, forwarded from here
-    # (mpiexec takes a second Ctrl-C as "abort now")
-    proc = subprocess.Popen([mpiexec, "-n", str(args.procs), sys.executable, "-m", "netdsl", *argv], env=env,
+    # mpiexec in a session of its own, so a terminal's Ctrl-C reaches it only as forwarded from here
+    proc = subprocess.Popen([*mpiexec_command(args.procs), sys.executable, "-m", "netdsl", *argv], env=env,
                             start_new_session=True)
-    old = {s: signal.signal(s, lambda signum, _: proc.send_signal(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    interrupts = []
+
+    def forward(signum, _):
+        if signum == signal.SIGINT:
+            interrupts.append(signum)
+            signum = signal.SIGUSR1 if len(interrupts) == 1 else signal.SIGINT
+        proc.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = proc.wait()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    if len(interrupts) > 1 and code not in (0, 130):     # Open MPI's mpiexec ended the ranks itself
+        print("netdsl: interrupted twice; every rank has been stopped without a snapshot. Snapshots written before "
+              "are intact.", file=sys.stderr)
+        return 130
     if code not in (0, 130, EXIT_USER):
         print(f"netdsl: a rank ended abnormally (mpiexec exit status {code}); every rank has been stopped. "
               "Snapshots written before are intact (each is written atomically).", file=sys.stderr)
     return code
+
+
+def rank_threads(args, mpi: MPIComm) -> int:
+    """One rank's BLAS threads: --threads, else OMP_NUM_THREADS (which --procs sets, and the README
+    asks of mpiexec users), else the machine's cores shared among its ranks. A lone process takes
+    every core (netdsl/cpu/threads.py); N ranks doing so would run N threads per core, and OpenBLAS's
+    threads spin waiting for each other."""
+    if args.threads:
+        return args.threads
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    from .cpu.threads import available_cores
+    return max(1, available_cores() // mpi.local_size())
 
 
 def train_rank(args, mpi: MPIComm) -> int:
@@ -356,6 +406,9 @@ def train_rank(args, mpi: MPIComm) -> int:
     from .backend import get_backend
     from .train import Trainer
     parallel = DataParallel(mpi)
+    # SIGUSR1 asks for a stop with a snapshot, as Ctrl-C: both MPICH's and Open MPI's mpiexec pass it
+    # on to every rank, while Open MPI ends the ranks on SIGINT (`--procs` turns Ctrl-C into it)
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(parallel, "stop_wanted", True))
     try:
         if args.graph == "on":
             raise NetdslError("E0752", "--graph on: graph mode cannot train on several ranks yet",
@@ -365,7 +418,8 @@ def train_rank(args, mpi: MPIComm) -> int:
             parallel = DataParallel(NCCLComm(mpi))     # before the nets: it picks this rank's GPU
         backend = get_backend(args.device)
         trainer = Trainer(args.solver, backend, seed=args.seed, max_iter=args.max_iter, data_dir=args.data_dir,
-                          out=args.out, graph="off", parallel=parallel, progress=None if mpi.rank == 0 else False)
+                          out=args.out, graph="off", parallel=parallel, progress=None if mpi.rank == 0 else False,
+                          threads=rank_threads(args, mpi))
         if args.weights:
             trainer.log(str(trainer.net.load(args.weights)), echo=True)
         if args.snapshot:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from test_mnist import idx_bytes
 
 from netdsl.backend import get_backend
 from netdsl.data.mnist import MnistFeed
-from netdsl.distributed import DataParallel, NCCLComm, OneRank, resume_note
+from netdsl.distributed import DataParallel, NCCLComm, OneRank, mpi_flavour, mpiexec_command, rank_threads, resume_note
 from netdsl.errors import NetdslError
 from netdsl.executor import build_net
 from netdsl.train import Trainer
@@ -147,6 +148,19 @@ def test_resume_with_another_number_of_ranks_says_what_changes():
     assert "W0750" in note and "from 2 to 4 times the net's batch_size" in note and "resume with 2" in note
 
 
+def test_each_rank_takes_its_share_of_the_cores(monkeypatch):
+    """--threads, else OMP_NUM_THREADS (set by --procs), else the machine's cores over its ranks:
+    not every core per rank, the default of a lone process."""
+    mpi, args = type("MPI", (), {"local_size": lambda self: 2})(), SimpleNamespace(threads=None)
+    monkeypatch.setattr("netdsl.cpu.threads.available_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert rank_threads(args, mpi) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert rank_threads(args, mpi) == 3
+    args.threads = 5
+    assert rank_threads(args, mpi) == 5
+
+
 def test_a_data_source_without_a_shard_rule_is_refused(tmp_path, digits):
     tr = Trainer(lenet_solver(tmp_path, "lenet", 8, "SGD"), get_backend("cpu"), data_dir=digits,
                  out=str(tmp_path / "d"), progress=False)
@@ -252,14 +266,14 @@ def test_two_ranks_of_batch_32_equal_one_process_of_batch_64(tmp_path, digits, r
     `mpiexec -n 2` (the same N: the data cursor, history and iteration carry over exactly)."""
     two = lenet_solver(tmp_path, "two", 32, rule, snapshot=30)
     cmd, env = netdsl("train", two, data=digits)
-    first = cmd + ["--procs", "2", "--max-iter", "30"] if rule == "SGD" else ["mpiexec", "-n", "2", *cmd]
+    first = cmd + ["--procs", "2", "--max-iter", "30"] if rule == "SGD" else [*mpiexec_command(2), *cmd]
     run = subprocess.Popen(first, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     Trainer(lenet_solver(tmp_path, "one", 64, rule), get_backend("cpu"), data_dir=digits, progress=False, cpu_kernels="numpy").run()
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
     assert "Data-parallel training on 2 ranks" in err and out.count("trained") == 1
     if rule == "SGD":
-        resume = ["mpiexec", "-n", "2", *cmd, "--snapshot", str(tmp_path / "two_iter_30.solverstate.npz")]
+        resume = [*mpiexec_command(2), *cmd, "--snapshot", str(tmp_path / "two_iter_30.solverstate.npz")]
         run = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert run.returncode == 0 and "W0750" not in run.stderr, run.stderr
     assert "trained 50 iterations on 2 ranks" in (out if rule == "Adam" else run.stdout)
@@ -275,7 +289,7 @@ def start_two_ranks(tmp_path, digits, *extra, snapshot=2, procs=False):
     (as a terminal's foreground job); returns once the first snapshot is written."""
     solver = lenet_solver(tmp_path, "run", 16, "SGD", max_iter=100000, snapshot=snapshot, display=1)
     cmd, env = netdsl("train", solver, *extra, data=digits)
-    cmd = cmd + ["--procs", "2"] if procs else ["mpiexec", "-n", "2", *cmd]
+    cmd = cmd + ["--procs", "2"] if procs else [*mpiexec_command(2), *cmd]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 60
@@ -286,7 +300,7 @@ def start_two_ranks(tmp_path, digits, *extra, snapshot=2, procs=False):
 
 
 def rank_pid(launcher: int, rank: int) -> int:
-    """The pid of rank `rank` among mpiexec's descendants (by its PMI_RANK)."""
+    """The pid of rank `rank` among mpiexec's descendants (by its PMI_RANK, or Open MPI's rank)."""
     todo, seen = [launcher], []
     while todo:
         pid = todo.pop()
@@ -295,7 +309,7 @@ def rank_pid(launcher: int, rank: int) -> int:
             todo += [int(c) for c in (task / "children").read_text().split()]
     for pid in seen[1:]:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"PMI_RANK={rank}".encode() in env:
+        if {f"PMI_RANK={rank}".encode(), f"OMPI_COMM_WORLD_RANK={rank}".encode()} & set(env):
             return pid
     raise AssertionError(f"no rank {rank} under {launcher}")
 
@@ -316,15 +330,37 @@ def resumable(tmp_path, digits, state: Path) -> None:
 
 
 @needs_mpi
-@pytest.mark.parametrize("procs", [False, True], ids=["mpiexec", "--procs"])
-def test_ctrl_c_stops_every_rank_with_a_snapshot(tmp_path, digits, procs):
-    proc = start_two_ranks(tmp_path, digits, procs=procs)
-    os.killpg(proc.pid, signal.SIGINT)            # a terminal's Ctrl-C: SIGINT to the foreground process group
+@pytest.mark.parametrize("how", ["Ctrl-C to mpiexec", "SIGUSR1 to mpiexec", "Ctrl-C to --procs"])
+def test_ctrl_c_stops_every_rank_with_a_snapshot(tmp_path, digits, how):
+    """Ctrl-C (SIGINT to the terminal's foreground process group) or SIGUSR1 to mpiexec: every rank
+    stops after the same step, with a snapshot. Open MPI's mpiexec does not forward SIGINT but kills
+    the ranks within a second: there the run ends at once and the last snapshot is whole."""
+    proc = start_two_ranks(tmp_path, digits, procs=how.endswith("--procs"))
+    if how.startswith("SIGUSR1"):
+        os.kill(proc.pid, signal.SIGUSR1)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     code, out = ended_within(proc, 30)
-    assert code == 130, out
-    assert "Interrupted at iteration" in out and "resume with --snapshot" in out
     last = max(tmp_path.glob("run_iter_*.solverstate.npz"), key=lambda p: int(p.name.split("_")[2].split(".")[0]))
+    if how == "Ctrl-C to mpiexec" and mpi_flavour(mpiexec_command(2)[0]) == "Open MPI":
+        assert code != 0 and "Interrupted at iteration" not in out, out
+    else:
+        assert code == 130, out
+        assert "Interrupted at iteration" in out and "resume with --snapshot" in out
     resumable(tmp_path, digits, last)
+
+
+@needs_mpi
+def test_a_second_ctrl_c_stops_every_rank_without_a_snapshot(tmp_path, digits):
+    """--procs: the second Ctrl-C, before the first one's stop is done, ends every rank at once, under
+    MPICH (which forwards it) and Open MPI (whose mpiexec kills the ranks) alike: exit 130, one line."""
+    proc = start_two_ranks(tmp_path, digits, procs=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out = ended_within(proc, 30)
+    assert code == 130 and "interrupted twice" in out, out
+    resumable(tmp_path, digits, tmp_path / "run_iter_2.solverstate.npz")
 
 
 @needs_mpi
@@ -332,7 +368,8 @@ def test_a_killed_rank_stops_the_others_and_the_snapshot_survives(tmp_path, digi
     proc = start_two_ranks(tmp_path, digits)
     os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
     code, out = ended_within(proc, 15)
-    assert code != 0 and "BAD TERMINATION" in out and "signal 9" in out, out
+    noticed = "noticed that process rank 1" if mpi_flavour(mpiexec_command(2)[0]) == "Open MPI" else "BAD TERMINATION"
+    assert code != 0 and noticed in out and "signal 9" in out, out
     resumable(tmp_path, digits, tmp_path / "run_iter_2.solverstate.npz")
 
 
@@ -352,6 +389,6 @@ def test_an_error_on_every_rank_is_reported_once_and_exits_2(tmp_path, digits):
     cleanly with exit 2 and rank 0's diagnostic, printed once; no MPI_Abort is needed."""
     cmd, env = netdsl("train", lenet_solver(tmp_path, "lenet", 16, "SGD"), "--data-dir", str(tmp_path / "none"),
                       data=digits)
-    run = subprocess.run(["mpiexec", "-n", "2", *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run([*mpiexec_command(2), *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("error[E09") == 1 and "on rank 0 of 2" in run.stderr and "MPI_Abort" not in run.stderr
