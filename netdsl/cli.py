@@ -6,12 +6,8 @@ import argparse
 import sys
 import traceback
 
-from .cpu.threads import calm_blas_workers
-
-calm_blas_workers()                     # before NumPy loads OpenBLAS
-
-from . import commands, memory  # noqa: E402
-from .errors import EXIT_BUG, EXIT_OK, EXIT_USER, NetdslError, render_all  # noqa: E402
+from . import commands, memory
+from .errors import EXIT_BUG, EXIT_OK, EXIT_USER, NetdslError, render_all
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,19 +12,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-# OpenBLAS's idle workers spin (sched_yield in a loop) for 2^28 TSC cycles, ~0.1 s, after each GEMM
-# before they sleep: between a training step's GEMMs they hold the other cores, so Numba's kernel
-# threads and the data layers' prefetch thread get none (measured: 20 small GEMMs 50 ms apart
-# cost 1.0 s of CPU, 0.18 s with a 2^4 timeout). 2^16 cycles (~25 us) keeps a worker awake across
-# back-to-back GEMMs and lets it sleep through the element-wise kernels between them.
-BLAS_SPIN = "16"
-
-
-def calm_blas_workers() -> None:
-    """Shorten OpenBLAS's worker spin to BLAS_SPIN unless the user set it; read when OpenBLAS
-    loads, so this must run before NumPy is imported (the CLI's first act)."""
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_SPIN)
-
 
 def available_cores() -> int:
     """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
