@@ -72,6 +72,8 @@ CONV_CASES = [  # (num_output, params, x shape, top shape): gemm layout (small m
     (3, "kernel_size: 3 pad: 1", (2, 2, 24, 24), (2, 3, 24, 24)),
     (2, "kernel_size: 5 stride: 1 pad: 2 bias_term: false", (1, 3, 24, 24), (1, 2, 24, 24)),
     (2, "kernel_size: 3 stride: 2 pad: 1", (1, 2, 47, 45), (1, 2, 24, 23)),
+    # an image's float32 top is 4 KiB and the batch > 8: the epilogue moves 8 images at a time
+    (16, "kernel_size: 3 pad: 1", (10, 2, 8, 8), (10, 16, 8, 8)),
 ]
 
 

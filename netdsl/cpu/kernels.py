@@ -81,34 +81,45 @@ def col2im_gemm(dcols, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
                     dx[n, c, iy, ix] = plane[iy, ix, n]
 
 
+def batch_block(n: int, stride_bytes: int) -> int:
+    """How many images the two kernels below move at once between the GEMM's rows and NCHW. All
+    n, unless an image's stride is a multiple of 4 KiB: then the n cache lines of a pixel's run
+    fall in one L1 set and evict each other (cifar10_quick's 32x16x16 float32 blobs: 3.5x slower),
+    so 8 at a time, the L1's ways."""
+    return 8 if n > 8 and stride_bytes % 4096 == 0 else n
+
+
 @njit(cache=True, parallel=True)
-def gemm_epilogue(rows, bias, y, relu, slope):
-    """GEMM result rows (M, P*N) -> y (N, M, P) + bias (M,) (empty: none), then ReLU if `relu`."""
+def gemm_epilogue(rows, bias, y, relu, slope, nblock):
+    """GEMM result rows (M, P*N) -> y (N, M, P) + bias (M,) (empty: none), then ReLU if `relu`;
+    `nblock` images at a time (batch_block)."""
     N, M, P = y.shape
     has_bias = bias.shape[0] > 0
     for m in prange(M):
         b = bias[m] if has_bias else rows[0, 0] * 0
-        for p in range(P):
-            for n in range(N):
-                v = rows[m, p * N + n] + b
-                if relu and not v > 0:
-                    v = v * slope
-                y[n, m, p] = v
+        for n0 in range(0, N, nblock):
+            for p in range(P):
+                for n in range(n0, min(N, n0 + nblock)):
+                    v = rows[m, p * N + n] + b
+                    if relu and not v > 0:
+                        v = v * slope
+                    y[n, m, p] = v
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc"})
-def gemm_rows(dy, rows, db):
+def gemm_rows(dy, rows, db, nblock):
     """dy (N, M, P) -> rows (M, P*N), and db (M,) = dy summed over the batch and pixels (db
-    empty: no bias)."""
+    empty: no bias); `nblock` images at a time (batch_block)."""
     N, M, P = dy.shape
     has_bias = db.shape[0] > 0
     for m in prange(M):
         acc = 0.0
-        for p in range(P):
-            for n in range(N):
-                v = dy[n, m, p]
-                rows[m, p * N + n] = v
-                acc += v
+        for n0 in range(0, N, nblock):
+            for p in range(P):
+                for n in range(n0, min(N, n0 + nblock)):
+                    v = dy[n, m, p]
+                    rows[m, p * N + n] = v
+                    acc += v
         if has_bias:
             db[m] = acc
 

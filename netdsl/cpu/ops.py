@@ -46,6 +46,7 @@ class ConvOp(Op):
             self.cols[:, k] = 1
             self.W1 = lw.scratch((M, k + 1))
         self.rows = None if self.batched else lw.scratch((M, P * N))
+        self.nblock = K.batch_block(N, M * P * lw.dtype.itemsize)
         self.relu, slope, out = lw.fused_relu(i)
         self.slope = lw.dtype.type(slope)
         self.y = lw.value(out, (N, M, OH, OW))
@@ -74,7 +75,7 @@ class ConvOp(Op):
         else:
             K.im2col_gemm(x, self.cols, *self.geom)
             np.dot(W, self.cols, out=self.rows)
-            K.gemm_epilogue(self.rows, b, y3, self.relu, self.slope)
+            K.gemm_epilogue(self.rows, b, y3, self.relu, self.slope, self.nblock)
         return [self.y], None
 
     def backward(self, xp, saved, dtops, params, need):
@@ -91,7 +92,7 @@ class ConvOp(Op):
                 np.matmul(W.T, dy3, out=self.dcols)
                 K.col2im_batched(self.dcols, dx, *self.geom)
         else:
-            K.gemm_rows(dy3, self.rows, self.db)
+            K.gemm_rows(dy3, self.rows, self.db, self.nblock)
             np.dot(self.cols, self.rows.T, out=self.dWt)            # faster than rows @ cols.T in OpenBLAS
             self.dW[...] = self.dWt.T
             if dx is not None:
