@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_host, tune_host_allocator
+from .backend import release_free_heap, to_host, tune_host_allocator
 from .errors import NetdslError
 from .files import write_atomic
 from .fillers import fill
@@ -90,6 +90,8 @@ class Net:
         ctx = RunContext(data_dir, seed)
         self.states = [RunState([plan.blob_shapes[t] for t in s.node.tops], s.layer.open(ctx))
                        if s.layer.stateful else None for s in plan.steps]
+        if xp is np and any(self.states):
+            release_free_heap()
         # what runs each step's forward/backward: the layer (NumPy), or a compiled op (cpu/program.py)
         self.runners = [s.layer for s in plan.steps]
 
