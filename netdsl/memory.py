@@ -126,7 +126,7 @@ def available_bytes() -> int | None:
     return min(found) if found else None
 
 
-def require(need: int, what: str, notes=(), limit: int | str | None = "default") -> None:
+def require(need: int, what: str, notes=(), limit: int | str | None = "default", hint: str = "") -> None:
     """Refuse (E0775) to allocate `need` bytes for `what` when they exceed the budget: the
     --memory-limit / memory_limit given, else the memory available now; "off" skips the check."""
     from .errors import NetdslError
@@ -140,5 +140,5 @@ def require(need: int, what: str, notes=(), limit: int | str | None = "default")
     budget, source = (available_bytes(), "the memory available now") if limit == "auto" else (limit, "the memory limit")
     if budget is not None and need > budget:
         raise NetdslError("E0775", f"{what} needs about {human_bytes(need)}, more than {source} ({human_bytes(budget)})",
-                          notes=list(notes), help="make it smaller (batch, image size); --memory-limit SIZE "
-                                                  "(or off) in the CLI, memory_limit= in the API, overrides the check")
+                          notes=list(notes), help=(f"{hint}; or " if hint else "") + "make it smaller (batch, image "
+                          "size); --memory-limit SIZE (or off) in the CLI, memory_limit= in the API, overrides the check")

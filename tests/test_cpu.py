@@ -262,3 +262,18 @@ def test_divergence_names_the_same_layer_as_numpy(tmp_path, monkeypatch):
         said[kernels] = e.value.diagnostic.message
     assert "diverged at iteration" in said["numpy"] and "produced NaN or Inf" in said["numpy"]
     assert said["compiled"] == said["numpy"]
+
+
+@needs_mnist
+def test_compiled_buffers_must_fit_the_memory_budget(tmp_path, monkeypatch, capsys):
+    """The compiled path's arena and scratch (21 MiB for LeNet's train net) are checked against
+    --memory-limit as the net's blobs are (16 MiB): 18M passes the one and stops at the other."""
+    from netdsl.cli import main
+    monkeypatch.setenv("NETDSL_DATA", str(shared_data_dir()))
+    solver = tmp_path / "s.net"
+    solver.write_text(f'net: "{ROOT / "nets" / "lenet.net"}"\nbase_lr: 0.01\nmax_iter: 2\nlr_policy: "fixed"\n'
+                      f'snapshot_prefix: "{tmp_path}/run/x"\n')
+    assert main(["train", str(solver), "--memory-limit", "18M"]) == 2
+    assert "error[E0775]: net 'LeNet', its compiled CPU kernels' buffers, needs about" in \
+        capsys.readouterr().err
+    assert main(["train", str(solver), "--memory-limit", "18M", "--cpu-kernels", "numpy"]) == 0

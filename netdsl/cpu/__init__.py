@@ -45,11 +45,23 @@ def use_kernels(backend, kernels: str, threads: int | None, net, tests=()):
 
 
 def compile_nets(net, tests=()):
-    """Lower a train net and its test nets (which share its params) to compiled ops."""
+    """Lower a train net and its test nets (which share its params) to compiled ops; their buffers
+    (each net's arena and its ops' scratch, allocated but not yet touched) must fit the memory
+    budget (E0775)."""
+    from ..memory import require
     from .program import lower_cpu
-    for t in tests:
-        lower_cpu(t)
-    return lower_cpu(net)
+    what = (f"net '{net.plan.name or 'net'}'" + (f" (and its {len(tests)} test net{'s' if len(tests) > 1 else ''})"
+                                                  if tests else "") + ", its compiled CPU kernels' buffers,")
+    hint = "train with --cpu-kernels numpy (the NumPy layers allocate step by step)"
+    try:
+        lowerings = [lower_cpu(t) for t in tests] + [lower_cpu(net)]
+    except MemoryError:
+        raise NetdslError("E0775", f"{what} could not be allocated: the system refused the memory",
+                          help=f"{hint}; or make the net smaller (batch, image size)") from None
+    require(sum(lw.arena.nbytes + lw.private_bytes for lw in lowerings), what,
+            notes=["the blobs of compiled layers live in one arena per net; im2col's columns and the "
+                   "gradients of weights in buffers of their own"], hint=hint)
+    return lowerings[-1]
 
 
 def flat_solver(cfg, net):
