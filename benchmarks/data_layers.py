@@ -8,7 +8,7 @@
    layer, through ImageData (PNG) and through Data (raw LMDB), prefetch on and off: ms per step,
    median of blocks, the variants alternated block by block.
 
-    python benchmarks/data_layers.py [--images 4000] [--batches 40] [--steps 50] [--blocks 3]
+    python benchmarks/data_layers.py [--images 4000] [--batches 40] [--steps 50] [--blocks 3] [--threads N]
 """
 from __future__ import annotations
 
@@ -108,7 +108,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="BLAS threads of the LeNet step (default: every core, as netdsl "
+                    "train); fewer leave a core to the prefetch thread")
     args = ap.parse_args()
+    from netdsl.cpu.threads import set_threads
+    set_threads(args.threads, False)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         layers = make_files(d, args.images)
