@@ -25,6 +25,13 @@ def flatten(params, dtype) -> tuple[np.ndarray, np.ndarray]:
     return data, grad
 
 
+def chunks(seg: np.ndarray, size: int = 1 << 16) -> np.ndarray:
+    """The update kernels' work items: rows (start, end, param index) cutting each param's
+    segment [seg[i], seg[i+1]) into slices of at most `size` elements (one parallel loop over all)."""
+    rows = [(a, min(a + size, e), i) for i, (s, e) in enumerate(zip(seg[:-1], seg[1:])) for a in range(s, e, size)]
+    return np.array(rows, np.int64).reshape(-1, 3)
+
+
 class FlatSolver(Solver):
     """Solver's step as one kernel over flat buffers made by `flatten` (the same params, in order)."""
 
@@ -32,6 +39,7 @@ class FlatSolver(Solver):
         super().__init__(cfg, params)
         self.w, self.g = data, grad
         self.seg = np.concatenate([[0], np.cumsum([p.data.size for p in self.params])]).astype(np.int64)
+        self.chunks = chunks(self.seg)
         self.lr_mults = np.array([p.lr_mult for p in self.params], np.float64)
         self.decay_mults = np.array([p.decay_mult for p in self.params], np.float64)
         hist = [np.zeros(data.size, data.dtype) for _ in range(SOLVER_TYPES[self.type])]
@@ -55,7 +63,7 @@ class FlatSolver(Solver):
             rates = rates * (math.sqrt(1.0 - cfg.momentum2 ** t) / (1.0 - cfg.momentum ** t))
         f = self.w.dtype.type                      # scalars in the buffers' dtype
         args = (self.w, self.g, self.h0) + ((self.h1,) if kind in ("AdaDelta", "Adam", "AdamW") else ()) + \
-            (self.seg, rates.astype(self.w.dtype), decays.astype(self.w.dtype), shrinks.astype(self.w.dtype),
+            (self.chunks, rates.astype(self.w.dtype), decays.astype(self.w.dtype), shrinks.astype(self.w.dtype),
              f(1.0 / cfg.iter_size), cfg.regularization_type == "L1")
         m, m2, delta = f(cfg.momentum), f(cfg.momentum2), f(cfg.delta)
         if kind == "SGD":
