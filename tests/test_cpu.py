@@ -244,6 +244,7 @@ def test_bad_thread_count_is_a_located_error(tmp_path, monkeypatch):
 
 
 @needs_mnist
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")        # the overflow under test (the CLI silences these)
 def test_divergence_names_the_same_layer_as_numpy(tmp_path, monkeypatch):
     """Compiled ops share buffers within a step, so E0710 replays the step with the NumPy layers
     to find the first layer that made a NaN or Inf: the same one the NumPy kernels name."""
