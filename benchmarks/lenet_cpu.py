@@ -219,21 +219,17 @@ def rpn_numpy_part(net):
 
 # -- the steppers --------------------------------------------------------------------------------
 def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1, hooks=None):
-    """One training iteration of netdsl, as `netdsl train` runs it (cpu/compile_training); `hooks`
+    """One training iteration of netdsl, as `netdsl train` runs it (cpu.use_kernels); `hooks`
     (a LayerClock) times each layer."""
-    from netdsl.cpu.threads import set_threads
+    from netdsl.backend import CPU
+    from netdsl.cpu import flat_solver, use_kernels
     from netdsl.executor import build_net
     from netdsl.solver import Solver
     from netdsl.solverfile import load_solver
     sf = load_solver(bench.solver())
     net = build_net(sf.train_net, "TRAIN", "cpu", seed=seed)
-    set_threads(threads, kernels == "compiled")
-    if kernels == "compiled":
-        from netdsl.cpu import compile_nets, flat_solver
-        compile_nets(net)
-        solver = flat_solver(sf.cfg, net)
-    else:
-        solver = Solver(sf.cfg, net.learnable)
+    lowered, _ = use_kernels(CPU, kernels, threads, net)
+    solver = flat_solver(sf.cfg, net) if lowered is not None else Solver(sf.cfg, net.learnable)
     feed = bench.feed()
     state = {"it": 0}
 

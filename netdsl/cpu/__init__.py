@@ -50,8 +50,7 @@ def compile_nets(net, tests=()):
     budget (E0775)."""
     from ..memory import require
     from .program import lower_cpu
-    what = (f"net '{net.plan.name or 'net'}'" + (f" (and its {len(tests)} test net{'s' if len(tests) > 1 else ''})"
-                                                  if tests else "") + ", its compiled CPU kernels' buffers,")
+    what = f"net '{net.plan.name or 'net'}'{' (with its test nets)' if tests else ''}, its compiled CPU kernels' buffers,"
     hint = "train with --cpu-kernels numpy (the NumPy layers allocate step by step)"
     try:
         lowerings = [lower_cpu(t) for t in tests] + [lower_cpu(net)]

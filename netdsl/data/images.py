@@ -12,8 +12,7 @@ from google.protobuf.message import DecodeError
 
 from ..caffe_pb import messages
 from ..errors import NetdslError
-from .png import _SIGNATURE as PNG_SIGNATURE
-from .png import decode_png
+from .png import colour_type, decode_png
 
 _FORMATS = ("PNG", "JPEG", "BMP", "PPM", "TIFF", "WEBP", "GIF")     # what cv::imdecode reads, tried in this order
 _PACKAGE = {"lmdb": "lmdb", "h5py": "h5py", "PIL.Image": "pillow"}
@@ -31,7 +30,7 @@ def need(module: str, what: str):
 def decode_image(data: bytes, color: bool | None, where: str) -> np.ndarray:
     """An encoded image (PNG, JPEG, ...) as C x H x W uint8, as cv::imdecode gives it: color True
     gives 3 channels (BGR), False 1 (gray), None the file's own (Caffe's DecodeDatumToCVMatNative)."""
-    chw = _png(data, color, where) if data.startswith(PNG_SIGNATURE) else None
+    chw = _png(data, color, where)
     return chw if chw is not None else _pillow(data, color, where)
 
 
@@ -56,14 +55,14 @@ def _png(data: bytes, color: bool | None, where: str) -> np.ndarray | None:
     prefetch thread would otherwise hold the GIL. None for what it leaves to Pillow: other PNGs,
     damaged ones (Pillow words the error) and conversions other than dropping alpha or widening
     gray to three equal channels, which Pillow does exactly so."""
+    kind = colour_type(data)
+    if kind is None or kind == 4 or (color is False and kind != 0):   # not a PNG; gray+alpha; colour read as gray
+        return None
     try:
         hwc = decode_png(data, where)
     except NetdslError:
         return None
-    channels = hwc.shape[2]
-    if channels not in (1, 3, 4) or (color is False and channels != 1):
-        return None
-    if channels == 1:
+    if hwc.shape[2] == 1:
         return hwc.transpose(2, 0, 1) if not color else np.repeat(hwc.transpose(2, 0, 1), 3, axis=0)
     return np.ascontiguousarray(hwc[:, :, 2::-1].transpose(2, 0, 1))
 

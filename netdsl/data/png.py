@@ -53,6 +53,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def colour_type(data: bytes) -> int | None:
+    """The colour type a PNG's header declares (0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA),
+    None when `data` does not start like a PNG."""
+    return data[25] if data.startswith(_SIGNATURE) and data[12:16] == b"IHDR" and len(data) > 25 else None
+
+
 def read_png(path: str | os.PathLike) -> np.ndarray:
     """Decode an 8-bit, non-interlaced PNG file (grayscale, grayscale+alpha, RGB, RGBA or palette)
     into uint8 (H, W, C): C = 1, 2, 3 or 4; palette images come back as RGB (RGBA with tRNS)."""
