@@ -278,3 +278,41 @@ def test_compiled_buffers_must_fit_the_memory_budget(tmp_path, monkeypatch, caps
     assert "error[E0775]: net 'LeNet', its compiled CPU kernels' buffers, needs about" in \
         capsys.readouterr().err
     assert main(["train", str(solver), "--memory-limit", "18M", "--cpu-kernels", "numpy"]) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gemm_matches_numpy_every_orientation_and_batch(dtype):
+    """blas.gemm (OpenBLAS's Fortran GEMM on a block per thread) against NumPy's matmul: both
+    transposes, beta, shapes split by rows, by columns or not at all, and batches with a shared
+    operand, with fewer images than threads among them."""
+    from netdsl.cpu import blas
+    rng = np.random.default_rng(0)
+    tol = TOL[dtype] if dtype == np.float64 else dict(rtol=1e-4, atol=1e-3)
+    for ta in (False, True):
+        for tb in (False, True):
+            for m, n, k in [(5, 7, 3), (50, 700, 300), (300, 50, 600), (1, 1, 1)]:
+                a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+                b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+                c = rng.standard_normal((m, n)).astype(dtype)
+                want = (a.T if ta else a) @ (b.T if tb else b) + 0.5 * c
+                np.testing.assert_allclose(blas.gemm(a, b, c, ta, tb, beta=0.5), want, **tol)
+    w, d = rng.standard_normal((7, 12)).astype(dtype), rng.standard_normal((5, 7, 9)).astype(dtype)
+    x = rng.standard_normal((5, 12, 9)).astype(dtype)
+    for images in (5, 1):
+        np.testing.assert_allclose(blas.gemm(w, x[:images], np.empty((images, 7, 9), dtype)), w @ x[:images], **tol)
+        np.testing.assert_allclose(blas.gemm(d[:images], x[:images], np.empty((images, 7, 12), dtype), tb=True),
+                                   d[:images] @ x[:images].transpose(0, 2, 1), **tol)
+        np.testing.assert_allclose(blas.gemm(w, d[:images], np.empty((images, 12, 9), dtype), ta=True),
+                                   w.T @ d[:images], **tol)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        blas.gemm(w.T, w, np.empty((12, 12), dtype))
+
+
+def test_convolution_without_a_native_blas_uses_numpy(monkeypatch):
+    """Where NumPy's BLAS is not an OpenBLAS netdsl can call, the ops' GEMMs are NumPy's matmul."""
+    from netdsl.cpu import blas
+    monkeypatch.setattr(blas, "NATIVE", False)
+    for m, p, xs, ts in (CONV_CASES[0], CONV_CASES[4]):
+        _compare(CONV.format(m=m, p=p), xs, ts, np.float64, compiled_types=["Convolution"])
+    _compare('layer { name: "ip" type: "InnerProduct" bottom: "data" top: "out" inner_product_param { num_output: 4 '
+             'transpose: true weight_filler { type: "gaussian" std: 0.5 } } }', (2, 3, 2, 2), (2, 4), np.float64)

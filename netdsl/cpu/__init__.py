@@ -40,7 +40,9 @@ def use_kernels(backend, kernels: str, threads: int | None, net, tests=()):
     lw = compile_nets(net, tests)
     from .program import coverage
     done, numpy = coverage(net.plan)
-    return lw, (f"CPU: compiled kernels ({', '.join(done) or 'none'}), {kernel} kernel and {blas} BLAS threads"
+    pool = (f"{kernel} thread{'s' if kernel != 1 else ''} (GEMMs included)" if blas == 1
+            else f"{kernel} kernel and {blas} BLAS threads")
+    return lw, (f"CPU: compiled kernels ({', '.join(done) or 'none'}), {pool}"
                 + (f"; NumPy for {', '.join(f'{t} ({why})' for t, why in numpy.items())}" if numpy else ""))
 
 

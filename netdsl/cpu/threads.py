@@ -1,12 +1,13 @@
-"""Thread policy of the CPU path: Numba's threads (the compiled kernels) and OpenBLAS's (the
-GEMMs) take turns, never run at once, so both get the cores this process may use; `--threads N`
-sets both. The count is applied to OpenBLAS through its C API (numpy's bundled scipy-openblas or a
-system libopenblas), found among the libraries already loaded.
+"""Thread policy of the CPU path: one pool of threads per process, as many as the cores it may
+use, or `--threads N`.
 
-Numba runs on its `workqueue` threading layer unless NUMBA_THREADING_LAYER says otherwise: its
-idle workers sleep, where the OpenMP layer's spin and take the cores from OpenBLAS between
-kernels (measured on a busy 2-core machine: LeNet 2.8x slower per step with OpenMP's 2 threads than
-with workqueue's 2; docs/benchmarks.md)."""
+With the compiled kernels that pool is Numba's, and it runs the GEMMs too (blas.py: each thread
+calls a single-threaded OpenBLAS on its block of the result), so no second pool's idle workers
+spin on the cores between kernels. Numba's OpenMP threading layer comes first where it loads (a
+parallel region starts in ~2 us; its workers spin briefly when idle, which only our own kernels
+could mind), its `workqueue` layer otherwise (~20 us), unless NUMBA_THREADING_LAYER says which.
+With the NumPy kernels the pool is OpenBLAS's. OpenBLAS's count is set through its C API (NumPy's
+bundled scipy-openblas or a system libopenblas), found among the libraries already loaded."""
 from __future__ import annotations
 
 import ctypes
@@ -21,43 +22,51 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _openblas():
-    """The loaded OpenBLAS's set_num_threads, or None."""
-    import numpy  # noqa: F401  (loads its BLAS)
+def loaded_openblas() -> list[ctypes.CDLL]:
+    """The OpenBLAS libraries this process has loaded (importing NumPy loads its own)."""
+    import numpy  # noqa: F401
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
     except OSError:
-        return None
+        return []
+    libs = []
     for path in sorted(paths):
         try:
-            lib = ctypes.CDLL(path)
+            libs.append(ctypes.CDLL(path))
         except OSError:
             continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-                     "openblas_set_num_threads"):
+    return libs
+
+
+def set_openblas_threads(n: int) -> bool:
+    """Every loaded OpenBLAS's thread count set to n; False when none was found."""
+    found = False
+    for lib in loaded_openblas():
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
             fn = getattr(lib, name, None)
             if fn is not None:
                 fn.argtypes = [ctypes.c_int]
-                return fn
-    return None
+                fn(n)
+                found = True
+                break
+    return found
 
 
 def set_threads(threads: int | None, compiled: bool) -> tuple[int, int]:
-    """Thread counts (BLAS, Numba): `threads` for both when given; else every available core for
-    OpenBLAS, whose GEMMs are most of a step and scale, and half of them (at least one) for
-    Numba, whose kernels are short at these sizes: on a busy 2-core machine one kernel thread
-    beside two BLAS threads was the fastest mix (docs/benchmarks.md)."""
-    cores = available_cores()
-    blas_n = max(1, threads or cores)
-    kernel_n = max(1, threads or cores // 2)
-    blas = _openblas()
-    if blas is not None:
-        blas(blas_n)
-    if compiled:
-        import numba
-        if "NUMBA_THREADING_LAYER" not in os.environ:
-            numba.config.THREADING_LAYER = "workqueue"      # before the first parallel kernel starts the pool
-        kernel_n = min(kernel_n, numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(kernel_n)
-    return blas_n, kernel_n
+    """Thread counts (BLAS, Numba): with compiled kernels whose GEMMs run in Numba's pool (blas.py),
+    1 for OpenBLAS and `threads` or every available core for Numba; otherwise that many for
+    OpenBLAS (and for Numba, when compiled kernels must leave the GEMMs to OpenBLAS)."""
+    n = max(1, threads or available_cores())
+    if not compiled:
+        set_openblas_threads(n)
+        return n, 0
+    import numba
+    if "NUMBA_THREADING_LAYER" not in os.environ:   # before the first parallel kernel starts the pool
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+    from .blas import NATIVE
+    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    set_openblas_threads(1 if NATIVE else n)
+    numba.set_num_threads(n)
+    return (1 if NATIVE else n), n
