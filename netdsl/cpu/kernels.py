@@ -1,5 +1,5 @@
 """Compiled CPU kernels (Numba): the element-wise passes around the GEMMs, each one loop over
-preallocated buffers. The GEMMs stay in OpenBLAS through NumPy. The NumPy layers (netdsl/kernels.py
+preallocated buffers. The GEMMs are OpenBLAS's, called by blas.py. The NumPy layers (netdsl/kernels.py
 and the layer files) are the reference: tests/test_cpu.py compares every kernel with them.
 
 Columns use one layout: (C*kh*kw, N*OH*OW), image-major, so one GEMM covers the batch and its
@@ -13,6 +13,11 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba import uintp as _u
+
+# Indices are unsigned (_u) wherever they are computed: Numba wraps a negative signed index around
+# (a select on every access), which keeps LLVM from vectorising the loops and costs im2col and
+# col2im 2.5-4x (docs/benchmarks.md). The arrays are C-contiguous and indexed flat.
 
 # -------------------------------------------------------------------------------------------
 # Convolution, in NumPy's two column layouts (netdsl/kernels.py, chosen by the same rule):
@@ -94,16 +99,18 @@ def gemm_epilogue(rows, bias, y, relu, slope, nblock):
     """GEMM result rows (M, P*N) -> y (N, M, P) + bias (M,) (empty: none), then ReLU if `relu`;
     `nblock` images at a time (batch_block)."""
     N, M, P = y.shape
+    rf, yf = rows.reshape(-1), y.reshape(-1)
     has_bias = bias.shape[0] > 0
     for m in prange(M):
-        b = bias[m] if has_bias else rows[0, 0] * 0
+        b = bias[m] if has_bias else rf[0] * 0
         for n0 in range(0, N, nblock):
             for p in range(P):
-                for n in range(n0, min(N, n0 + nblock)):
-                    v = rows[m, p * N + n] + b
+                src = _u(m * P * N + p * N)
+                for n in range(_u(n0), _u(min(N, n0 + nblock))):
+                    v = rf[src + n] + b
                     if relu and not v > 0:
                         v = v * slope
-                    y[n, m, p] = v
+                    yf[(n * _u(M) + _u(m)) * _u(P) + _u(p)] = v
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc"})
@@ -111,14 +118,16 @@ def gemm_rows(dy, rows, db, nblock):
     """dy (N, M, P) -> rows (M, P*N), and db (M,) = dy summed over the batch and pixels (db
     empty: no bias); `nblock` images at a time (batch_block)."""
     N, M, P = dy.shape
+    yf, rf = dy.reshape(-1), rows.reshape(-1)
     has_bias = db.shape[0] > 0
     for m in prange(M):
         acc = 0.0
         for n0 in range(0, N, nblock):
             for p in range(P):
-                for n in range(n0, min(N, n0 + nblock)):
-                    v = dy[n, m, p]
-                    rows[m, p * N + n] = v
+                d = _u(m * P * N + p * N)
+                for n in range(_u(n0), _u(min(N, n0 + nblock))):
+                    v = yf[(n * _u(M) + _u(m)) * _u(P) + _u(p)]
+                    rf[d + n] = v
                     acc += v
         if has_bias:
             db[m] = acc
@@ -128,61 +137,73 @@ def gemm_rows(dy, rows, db, nblock):
 def im2col_batched(x, cols, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
     """x (N, C, H, W) -> cols (N, C*kh*kw [+ rows left alone, e.g. the bias's ones], oh*ow)."""
     N, C, H, W = x.shape
+    R, P = cols.shape[1], cols.shape[2]
+    xf, cf = x.reshape(-1), cols.reshape(-1)
     for nc in prange(N * C):
         n, c = nc // C, nc % C
         for i in range(kh):
             for j in range(kw):
-                r = (c * kh + i) * kw + j
                 off, lo, hi = _valid_x(j, kw, sw, pw, dw, ow, W)
                 for y in range(oh):
                     iy = y * sh - ph + i * dh
-                    base = y * ow
+                    d = _u((n * R + (c * kh + i) * kw + j) * P + y * ow)
                     if iy < 0 or iy >= H:
-                        for xo in range(ow):
-                            cols[n, r, base + xo] = 0
-                        continue
-                    for xo in range(lo):
-                        cols[n, r, base + xo] = 0
-                    if sw == 1:
-                        for xo in range(lo, hi):
-                            cols[n, r, base + xo] = x[n, c, iy, xo + off]
+                        lo_, hi_ = ow, ow
                     else:
-                        for xo in range(lo, hi):
-                            cols[n, r, base + xo] = x[n, c, iy, xo * sw + off]
-                    for xo in range(hi, ow):
-                        cols[n, r, base + xo] = 0
+                        lo_, hi_ = lo, hi
+                        src = _u((nc * H + iy) * W + off)
+                        if sw == 1:
+                            for xo in range(_u(lo), _u(hi)):
+                                cf[d + xo] = xf[src + xo]
+                        else:
+                            for xo in range(_u(lo), _u(hi)):
+                                cf[d + xo] = xf[src + xo * _u(sw)]
+                    for xo in range(_u(lo_)):
+                        cf[d + xo] = 0
+                    for xo in range(_u(hi_), _u(ow)):
+                        cf[d + xo] = 0
 
 
 @njit(cache=True, parallel=True)
 def col2im_batched(dcols, dx, kh, kw, sh, sw, ph, pw, dh, dw, oh, ow):
     """The adjoint of im2col_batched: each (image, channel) plane sums its kh*kw rows."""
-    C, H, W = dx.shape[1:]
-    for plane in prange(dx.shape[0] * C):
-        n, c = plane // C, plane % C
-        dx[n, c] = 0
+    N, C, H, W = dx.shape
+    R, P = dcols.shape[1], dcols.shape[2]
+    cf, xf = dcols.reshape(-1), dx.reshape(-1)
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        base = _u(nc * H * W)
+        for k in range(_u(H * W)):
+            xf[base + k] = 0
         for r in range(c * kh * kw, (c + 1) * kh * kw):
             i, j = r // kw % kh, r % kw
             off, lo, hi = _valid_x(j, kw, sw, pw, dw, ow, W)
             for y in range(oh):
                 iy = y * sh - ph + i * dh
                 if 0 <= iy < H:
-                    for xo in range(lo, hi):
-                        dx[n, c, iy, xo * sw + off] += dcols[n, r, y * ow + xo]
+                    src, d = _u((n * R + r) * P + y * ow), _u((nc * H + iy) * W + off)
+                    if sw == 1:
+                        for xo in range(_u(lo), _u(hi)):
+                            xf[d + xo] += cf[src + xo]
+                    else:
+                        for xo in range(_u(lo), _u(hi)):
+                            xf[d + xo * _u(sw)] += cf[src + xo]
 
 
 @njit(cache=True, parallel=True)
 def bias_act_nmp(y, bias, relu, slope):
     """In place on y (N, M, P): + bias (M,) (empty: none), then ReLU if `relu`."""
     N, M, P = y.shape
+    yf = y.reshape(-1)
     has_bias = bias.shape[0] > 0
     for nm in prange(N * M):
-        n, m = nm // M, nm % M
-        b = bias[m] if has_bias else y[0, 0, 0] * 0
-        for p in range(P):
-            v = y[n, m, p] + b
+        b = bias[nm % M] if has_bias else yf[0] * 0
+        base = _u(nm * P)
+        for p in range(_u(P)):
+            v = yf[base + p] + b
             if relu and not v > 0:
                 v = v * slope
-            y[n, m, p] = v
+            yf[base + p] = v
 
 
 # -------------------------------------------------------------------------------------------
@@ -238,20 +259,25 @@ def relu_backward(dy, y, dx, slope):
 def max_pool_forward(x, y, arg, kh, kw, sh, sw, ph, pw):
     """y = each window's max; arg = where (the window's top-left cell if nothing beats -inf, -1
     when that cell is padding)."""
-    H, W = x.shape[1], x.shape[2]
-    for q in prange(x.shape[0]):
-        for oy in range(y.shape[1]):
+    Q, H, W = x.shape
+    OH, OW = y.shape[1], y.shape[2]
+    xf, yf, af = x.reshape(-1), y.reshape(-1), arg.reshape(-1)
+    for q in prange(Q):
+        for oy in range(OH):
             hs = oy * sh - ph
-            for ox in range(y.shape[2]):
+            for ox in range(OW):
                 ws = ox * sw - pw
                 best = -np.inf
                 at = hs * W + ws if hs >= 0 and ws >= 0 else -1
                 for iy in range(max(hs, 0), min(hs + kh, H)):
+                    row = _u((q * H + iy) * W)
                     for ix in range(max(ws, 0), min(ws + kw, W)):
-                        if x[q, iy, ix] > best:
-                            best, at = x[q, iy, ix], iy * W + ix
-                y[q, oy, ox] = best
-                arg[q, oy, ox] = at
+                        v = xf[row + _u(ix)]
+                        if v > best:
+                            best, at = v, iy * W + ix
+                o = _u((q * OH + oy) * OW + ox)
+                yf[o] = best
+                af[o] = at
 
 
 @njit(cache=True, parallel=True)
@@ -296,24 +322,30 @@ def _ave_window(oy, ox, kh, kw, sh, sw, ph, pw, H, W):
 def ave_pool(x, y, kh, kw, sh, sw, ph, pw, backward):
     """Forward: y = each window's mean (x the input). Backward: x += each window's share of y
     (x the input's gradient, y the output's), x zeroed first."""
-    H, W = x.shape[1], x.shape[2]
-    for q in prange(x.shape[0]):
+    Q, H, W = x.shape
+    OH, OW = y.shape[1], y.shape[2]
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    for q in prange(Q):
         if backward:
-            x[q] = 0
-        for oy in range(y.shape[1]):
-            for ox in range(y.shape[2]):
+            for k in range(_u(q * H * W), _u((q + 1) * H * W)):
+                xf[k] = 0
+        for oy in range(OH):
+            for ox in range(OW):
                 h0, h1, w0, w1, size = _ave_window(oy, ox, kh, kw, sh, sw, ph, pw, H, W)
+                o = _u((q * OH + oy) * OW + ox)
                 if backward:
-                    share = y[q, oy, ox] / size
+                    share = yf[o] / size
                     for iy in range(h0, h1):
-                        for ix in range(w0, w1):
-                            x[q, iy, ix] += share
+                        row = _u((q * H + iy) * W)
+                        for ix in range(_u(w0), _u(w1)):
+                            xf[row + ix] += share
                 else:
                     acc = 0.0
                     for iy in range(h0, h1):
-                        for ix in range(w0, w1):
-                            acc += x[q, iy, ix]
-                    y[q, oy, ox] = acc / size
+                        row = _u((q * H + iy) * W)
+                        for ix in range(_u(w0), _u(w1)):
+                            acc += xf[row + ix]
+                    yf[o] = acc / size
 
 
 # -------------------------------------------------------------------------------------------
