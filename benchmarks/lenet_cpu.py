@@ -223,6 +223,7 @@ def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1, hooks
     (a LayerClock) times each layer."""
     from netdsl.backend import CPU
     from netdsl.cpu import flat_solver, use_kernels
+    from netdsl.cpu.threads import set_threads
     from netdsl.executor import build_net
     from netdsl.solver import Solver
     from netdsl.solverfile import load_solver
@@ -240,6 +241,7 @@ def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1, hooks
         solver.step(state["it"])
         state["it"] += 1
     step.net = net
+    step.threads = lambda: set_threads(threads, lowered is not None)
     return step
 
 
@@ -313,6 +315,8 @@ def sanity_check(bench: Bench, seed=1) -> None:
 
 # -- timing ---------------------------------------------------------------------------------------
 def time_block(step, iters) -> float:
+    if hasattr(step, "threads"):            # a netdsl step: its thread counts (the other kind's may be set)
+        step.threads()
     t = time.perf_counter()
     for _ in range(iters):
         step()

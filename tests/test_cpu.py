@@ -304,6 +304,15 @@ def test_gemm_matches_numpy_every_orientation_and_batch(dtype):
                                    d[:images] @ x[:images].transpose(0, 2, 1), **tol)
         np.testing.assert_allclose(blas.gemm(w, d[:images], np.empty((images, 12, 9), dtype), ta=True),
                                    w.T @ d[:images], **tol)
+    from netdsl.cpu.threads import set_openblas_threads
+    if set_openblas_threads(2):             # OpenBLAS threads itself: one call, no nested pools
+        try:
+            for shape in ((300, 50, 600), (50, 700, 300)):
+                a, b = rng.standard_normal(shape[::2]).astype(dtype), rng.standard_normal(shape[:0:-1]).astype(dtype)
+                np.testing.assert_allclose(blas.gemm(a, b, np.empty(shape[:2], dtype)), a @ b, **tol)
+            np.testing.assert_allclose(blas.gemm(w, x, np.empty((5, 7, 9), dtype)), w @ x, **tol)
+        finally:
+            set_openblas_threads(1)
     with pytest.raises(ValueError, match="C-contiguous"):
         blas.gemm(w.T, w, np.empty((12, 12), dtype))
 

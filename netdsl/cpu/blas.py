@@ -19,17 +19,21 @@ from .threads import loaded_openblas
 # OpenBLAS, SciPy's LP64 scipy-openblas, a plain OpenBLAS
 _SYMBOLS = (("scipy_{}gemm_64_", np.int64), ("{}gemm_64_", np.int64), ("scipy_{}gemm_", np.int32),
             ("{}gemm_", np.int32))
+_GET_THREADS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads64_",
+                "openblas_get_num_threads")
 
 
 def _register():
-    """The Fortran interface's integer dtype once sgemm and dgemm are registered with LLVM as
-    netdsl_sgemm and netdsl_dgemm; None without an OpenBLAS that has them."""
+    """The Fortran interface's integer dtype once sgemm, dgemm and OpenBLAS's thread count are
+    registered with LLVM as netdsl_sgemm, netdsl_dgemm and netdsl_blas_threads; None without an
+    OpenBLAS that has them."""
     import llvmlite.binding as llvm
     for lib in loaded_openblas():
+        threads = next((n for n in _GET_THREADS if hasattr(lib, n)), None)
         for pattern, width in _SYMBOLS:
             theirs = pattern.format("s"), pattern.format("d")
-            if all(hasattr(lib, name) for name in theirs):
-                for ours, name in zip(("netdsl_sgemm", "netdsl_dgemm"), theirs):
+            if threads and all(hasattr(lib, name) for name in theirs):
+                for ours, name in zip(("netdsl_sgemm", "netdsl_dgemm", "netdsl_blas_threads"), theirs + (threads,)):
                     llvm.add_symbol(ours, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
                 return width
     return None
@@ -44,6 +48,7 @@ from numba import get_num_threads, njit, prange, types  # noqa: E402
 _SIG = types.void(*[types.uintp] * 13)      # every Fortran argument is a pointer
 _sgemm = types.ExternalFunction("netdsl_sgemm", _SIG)
 _dgemm = types.ExternalFunction("netdsl_dgemm", _SIG)
+_blas_threads = types.ExternalFunction("netdsl_blas_threads", types.intc())
 _MIN_SPLIT = 1 << 18                        # flops below which a GEMM stays on one thread
 
 
@@ -71,10 +76,12 @@ def _call(A, a_off, ta, B, b_off, tb, C, c_off, m, n, k, beta, ints):
 
 @njit(cache=True, parallel=True)
 def _gemm2(A, ta, B, tb, C, beta, ints, threads):
-    """C (m, n) = op(A) op(B) + beta*C in a block per thread, along C's longer side."""
+    """C (m, n) = op(A) op(B) + beta*C in a block per thread, along C's longer side. In one call
+    when OpenBLAS has threads of its own (someone set them: two pools would nest) or the GEMM is
+    small."""
     m, n = C.shape
     k = A.shape[0] if ta else A.shape[1]
-    parts = threads if 2.0 * m * n * k >= _MIN_SPLIT else 1
+    parts = threads if _blas_threads() == 1 and 2.0 * m * n * k >= _MIN_SPLIT else 1
     rows = m >= n
     size = m if rows else n
     step = ((size + parts - 1) // parts + 15) // 16 * 16
@@ -89,15 +96,18 @@ def _gemm2(A, ta, B, tb, C, beta, ints, threads):
 
 
 @njit(cache=True, parallel=True)
-def _gemm3(A, ta, B, tb, C, beta, ints):
-    """A batch: C[i] = op(A[i]) op(B[i]) + beta*C[i], an image per thread; an operand with a
-    batch of 1 is shared."""
+def _gemm3(A, ta, B, tb, C, beta, ints, threads):
+    """A batch: C[i] = op(A[i]) op(B[i]) + beta*C[i], the images shared out among the threads (all
+    in one thread when OpenBLAS has threads of its own); an operand with a batch of 1 is shared."""
     N, m, n = C.shape
     k = A.shape[1] if ta else A.shape[2]
     sa = 0 if A.shape[0] == 1 else A.shape[1] * A.shape[2]
     sb = 0 if B.shape[0] == 1 else B.shape[1] * B.shape[2]
-    for i in prange(N):
-        _call(A, i * sa, ta, B, i * sb, tb, C, i * m * n, m, n, k, beta, ints)
+    parts = threads if _blas_threads() == 1 else 1
+    step = (N + parts - 1) // parts
+    for q in prange(parts):
+        for i in range(q * step, min(N, q * step + step)):
+            _call(A, i * sa, ta, B, i * sb, tb, C, i * m * n, m, n, k, beta, ints)
 
 
 def gemm(a, b, out, ta: bool = False, tb: bool = False, beta: float = 0.0):
@@ -118,7 +128,7 @@ def gemm(a, b, out, ta: bool = False, tb: bool = False, beta: float = 0.0):
     if out.ndim == 2:
         _gemm2(a, ta, b, tb, out, beta, _INTS, threads)
     elif out.shape[0] >= threads:
-        _gemm3(a if a.ndim == 3 else a[None], ta, b if b.ndim == 3 else b[None], tb, out, beta, _INTS)
+        _gemm3(a if a.ndim == 3 else a[None], ta, b if b.ndim == 3 else b[None], tb, out, beta, _INTS, threads)
     else:                                   # fewer images than threads: split each image's GEMM
         for i in range(out.shape[0]):
             _gemm2(a[i] if a.ndim == 3 and a.shape[0] > 1 else a.reshape(a.shape[-2:]), ta,
