@@ -235,6 +235,36 @@ def test_check_never_imports_numba():
     assert out.strip().splitlines()[-1] == "False"
 
 
+@pytest.mark.parametrize("threads", [None, 1])
+def test_one_thread_pool_for_kernels_and_gemms(threads):
+    """With compiled kernels, Numba's pool (its OpenMP layer where that loads) gets the threads and
+    OpenBLAS, whose GEMMs it calls block by block, keeps one; in a fresh process, where the
+    threading layer is still to be chosen."""
+    code = f"""
+import ctypes, numba, numpy as np
+from netdsl.cpu import blas, threads
+blas_n, kernel_n = threads.set_threads({threads}, True)
+x = np.ones(4096, np.float32)
+from netdsl.cpu.kernels import relu_forward
+relu_forward(x, x.copy(), np.float32(0))
+lib = threads.loaded_openblas()[0]
+get = next(getattr(lib, n) for n in blas._GET_THREADS if hasattr(lib, n))
+print(blas.NATIVE, blas_n, kernel_n, get(), numba.get_num_threads(), numba.threading_layer())
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    native, blas_n, kernel_n, openblas_n, numba_n, layer = out.split()
+    from netdsl.cpu.threads import available_cores
+    want = threads or min(available_cores(), __import__("numba").config.NUMBA_NUM_THREADS)
+    assert native == "True" and int(blas_n) == int(openblas_n) == 1       # NumPy's wheel bundles OpenBLAS
+    assert int(kernel_n) == int(numba_n) == want
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401  (loads where libgomp does)
+    except ImportError:
+        assert layer == "workqueue"
+    else:
+        assert layer == "omp"
+
+
 @needs_mnist
 def test_bad_thread_count_is_a_located_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NETDSL_DATA", str(shared_data_dir()))
