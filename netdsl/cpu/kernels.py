@@ -17,7 +17,7 @@ from numba import uintp as _u
 
 # Indices are unsigned (_u) wherever they are computed: Numba wraps a negative signed index around
 # (a select on every access), which keeps LLVM from vectorising the loops and costs im2col and
-# col2im 2.5-4x (docs/benchmarks.md). The arrays are C-contiguous and indexed flat.
+# col2im 2.5-4x (docs/benchmarks.md). Those kernels index their C-contiguous arrays flat.
 
 # -------------------------------------------------------------------------------------------
 # Convolution, in NumPy's two column layouts (netdsl/kernels.py, chosen by the same rule):

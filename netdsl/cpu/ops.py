@@ -135,7 +135,10 @@ class InnerProductOp(Op):
     def backward(self, xp, x2, dtops, params, need):
         dy = np.ascontiguousarray(dtops[0]).reshape(self.B, -1)
         W = params[0]
-        gemm(x2, dy, self.dW, ta=True) if self.t else gemm(dy, x2, self.dW, ta=True)
+        if self.t:
+            gemm(x2, dy, self.dW, ta=True)
+        else:
+            gemm(dy, x2, self.dW, ta=True)
         if self.bias:
             K.column_sums(dy, self.db)
         dx = None
