@@ -363,6 +363,9 @@ class Trainer:
         finally:
             if old is not None:
                 signal.signal(signal.SIGINT, old)
+            if self.cpu is not None and self.blas_threads:  # the compiled kernels held OpenBLAS at one
+                from .cpu.threads import set_openblas_threads
+                set_openblas_threads(self.blas_threads)
             self.log.close()
             self.metrics.close()
         return TrainResult(self.iter, self.last_snapshot, self.test_results, self.stop_requested, time.time() - t0)

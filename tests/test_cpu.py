@@ -228,6 +228,22 @@ def test_lenet_loss_curve_matches_numpy(tmp_path, monkeypatch):
     assert {"Convolution", "Pooling", "InnerProduct", "ReLU", "SoftmaxWithLoss"} <= set(coverage(tr.net.plan)[0])
 
 
+@needs_mnist
+def test_training_gives_openblas_its_threads_back(tmp_path, monkeypatch):
+    """The compiled kernels hold OpenBLAS at one thread while they train; afterwards NumPy's own
+    GEMMs (inference in the same process) get the count they had before."""
+    from netdsl.backend import CPU
+    from netdsl.cpu.threads import openblas_threads, set_openblas_threads
+    from netdsl.train import Trainer
+    monkeypatch.setenv("NETDSL_DATA", str(shared_data_dir()))
+    if not set_openblas_threads(2):
+        pytest.skip("NumPy's BLAS is not an OpenBLAS")
+    tr = Trainer(str(ROOT / "nets" / "lenet_solver.net"), CPU, seed=3, max_iter=2, out=str(tmp_path), progress=False)
+    assert tr.cpu is not None and openblas_threads() == 1
+    tr.run()
+    assert openblas_threads() == 2
+
+
 def test_check_never_imports_numba():
     code = ("import sys\nfrom netdsl.cli import main\ntry:\n    main(['check', 'nets/lenet.net'])\n"
             "except SystemExit:\n    pass\nprint('numba' in sys.modules)\n")
@@ -247,9 +263,7 @@ blas_n, kernel_n = threads.set_threads({threads}, True)
 x = np.ones(4096, np.float32)
 from netdsl.cpu.kernels import relu_forward
 relu_forward(x, x.copy(), np.float32(0))
-lib = threads.loaded_openblas()[0]
-get = next(getattr(lib, n) for n in blas._GET_THREADS if hasattr(lib, n))
-print(blas.NATIVE, blas_n, kernel_n, get(), numba.get_num_threads(), numba.threading_layer())
+print(blas.NATIVE, blas_n, kernel_n, threads.openblas_threads(), numba.get_num_threads(), numba.threading_layer())
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     native, blas_n, kernel_n, openblas_n, numba_n, layer = out.split()

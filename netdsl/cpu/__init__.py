@@ -12,7 +12,10 @@ CPU_KERNELS = ("compiled", "numpy")
 def compile_training(trainer, kernels: str = "compiled", threads: int | None = None):
     """Trainer's hook: on the CPU, set the thread counts and, with compiled kernels, lower the train
     and test nets and swap in the flat-buffer solver. Returns the train net's Lowering, or None
-    (NumPy kernels, or not on the CPU)."""
+    (NumPy kernels, or not on the CPU). `trainer.blas_threads` keeps OpenBLAS's count from before,
+    which Trainer.run restores."""
+    from .threads import openblas_threads
+    trainer.blas_threads = openblas_threads()       # Trainer.run gives OpenBLAS its threads back
     lw, said = use_kernels(trainer.backend, kernels, threads, trainer.net, trainer.tests)
     if said:
         trainer.log(said)

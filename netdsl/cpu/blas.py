@@ -13,14 +13,12 @@ import ctypes
 
 import numpy as np
 
-from .threads import loaded_openblas
+from .threads import GET_THREADS, loaded_openblas
 
 # the Fortran GEMMs' symbols and integer width: NumPy's ILP64 scipy-openblas, an ILP64 system
 # OpenBLAS, SciPy's LP64 scipy-openblas, a plain OpenBLAS
 _SYMBOLS = (("scipy_{}gemm_64_", np.int64), ("{}gemm_64_", np.int64), ("scipy_{}gemm_", np.int32),
             ("{}gemm_", np.int32))
-_GET_THREADS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads64_",
-                "openblas_get_num_threads")
 
 
 def _register():
@@ -29,7 +27,7 @@ def _register():
     OpenBLAS that has them."""
     import llvmlite.binding as llvm
     for lib in loaded_openblas():
-        threads = next((n for n in _GET_THREADS if hasattr(lib, n)), None)
+        threads = next((n for n in GET_THREADS if hasattr(lib, n)), None)
         for pattern, width in _SYMBOLS:
             theirs = pattern.format("s"), pattern.format("d")
             if threads and all(hasattr(lib, name) for name in theirs):

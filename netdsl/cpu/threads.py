@@ -39,12 +39,26 @@ def loaded_openblas() -> list[ctypes.CDLL]:
     return libs
 
 
+SET_THREADS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
+               "openblas_set_num_threads")
+GET_THREADS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads64_",
+               "openblas_get_num_threads")
+
+
+def openblas_threads() -> int | None:
+    """The first loaded OpenBLAS's thread count (None: no OpenBLAS)."""
+    for lib in loaded_openblas():
+        fn = next((getattr(lib, n) for n in GET_THREADS if hasattr(lib, n)), None)
+        if fn is not None:
+            return int(fn())
+    return None
+
+
 def set_openblas_threads(n: int) -> bool:
     """Every loaded OpenBLAS's thread count set to n; False when none was found."""
     found = False
     for lib in loaded_openblas():
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+        for name in SET_THREADS:
             fn = getattr(lib, name, None)
             if fn is not None:
                 fn.argtypes = [ctypes.c_int]
