@@ -160,6 +160,46 @@ layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "x" bottom: "label" top: "
     np.testing.assert_allclose(b[1]["x"], a[1]["x"], **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weights,sigma", [(False, 1.0), (True, 3.0)])
+@pytest.mark.parametrize("learned_target", [False, True])
+def test_smooth_l1_loss_matches_numpy(weights, sigma, learned_target, dtype):
+    """caffe-fast-rcnn's SmoothL1Loss with 2 and 4 bottoms, both branches of f: the loss, the
+    predictions' gradient and, when an InnerProduct computes the targets (shaped differently,
+    with the same count), theirs."""
+    extra = 'bottom: "w_in" bottom: "w_out"' if weights else ""
+    shapes = "shape { dim: 2 dim: 8 dim: 3 dim: 3 } shape { dim: 2 dim: 72 }" + \
+        (" shape { dim: 2 dim: 8 dim: 3 dim: 3 } shape { dim: 2 dim: 8 dim: 3 dim: 3 }" if weights else "")
+    tops = 'top: "x" top: "t"' + (' top: "w_in" top: "w_out"' if weights else "")
+    target = "t"
+    if learned_target:
+        target = "tp"
+        extra_layer = ('layer { name: "ip" type: "InnerProduct" bottom: "t" top: "tp" inner_product_param { '
+                       'num_output: 72 weight_filler { type: "gaussian" std: 0.1 } } }')
+    text = f"""name: "s" force_backward: true
+layer {{ name: "in" type: "Input" {tops} input_param {{ {shapes} }} }}
+{extra_layer if learned_target else ""}
+layer {{ name: "loss" type: "SmoothL1Loss" bottom: "x" bottom: "{target}" {extra} top: "loss" loss_weight: 2
+  smooth_l1_loss_param {{ sigma: {sigma} }} }}
+"""
+    plan = lower(check(syntax.parse(text, "s.net"), phase="TRAIN"), runnable=True)
+    ref, got = Net(plan, np, dtype=dtype, seed=1), Net(plan, np, dtype=dtype, seed=1)
+    lower_cpu(got)
+    assert "SmoothL1Loss" in coverage(plan)[0]
+    rng = np.random.default_rng(5)
+    inputs = {"x": rng.standard_normal((2, 8, 3, 3)), "t": rng.standard_normal((2, 72)) * 0.3}
+    if weights:
+        inputs |= {"w_in": rng.integers(0, 2, (2, 8, 3, 3)) * 1.0, "w_out": rng.random((2, 8, 3, 3))}
+    for _ in range(2):
+        a, b = _step(ref, inputs), _step(got, inputs)
+        np.testing.assert_allclose(b[0]["loss"], a[0]["loss"], **TOL[dtype])
+        for want, have in zip(a[1:], b[1:]):
+            assert want.keys() == have.keys()
+            for k in want:
+                np.testing.assert_allclose(have[k], want[k], **TOL[dtype], err_msg=k)
+        assert ("tp" in a[1]) == learned_target
+
+
 def test_softmax_loss_checks_labels_like_numpy():
     from netdsl.errors import NetdslError
     text = """name: "s"

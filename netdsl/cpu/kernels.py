@@ -352,28 +352,27 @@ def ave_pool(x, y, kh, kw, sh, sw, ph, pw, backward):
 # Softmax loss: x (outer, C, inner), labels (outer*inner,) int64 class indices or ignore_label
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def softmax_loss_forward(x, labels, prob, ignore, has_ignore, flt_min):
     """prob = softmax over C; returns (sum of -log p[label] over valid positions, valid count)."""
     outer, C, inner = x.shape
     total = 0.0
     valid = 0
-    for o in range(outer):
-        for i in range(inner):
-            top = x[o, 0, i]
-            for c in range(1, C):
-                top = max(top, x[o, c, i])
-            s = 0.0
-            for c in range(C):
-                e = math.exp(x[o, c, i] - top)
-                prob[o, c, i] = e
-                s += e
-            for c in range(C):
-                prob[o, c, i] = prob[o, c, i] / s
-            lab = labels[o * inner + i]
-            if has_ignore and lab == ignore:
-                continue
-            total -= math.log(max(prob[o, lab, i], flt_min))
+    for q in prange(outer * inner):
+        o, i = q // inner, q % inner
+        top = x[o, 0, i]
+        for c in range(1, C):
+            top = max(top, x[o, c, i])
+        s = 0.0
+        for c in range(C):
+            e = math.exp(x[o, c, i] - top)
+            prob[o, c, i] = e
+            s += e
+        for c in range(C):
+            prob[o, c, i] = prob[o, c, i] / s
+        lab = labels[q]
+        if not (has_ignore and lab == ignore):
+            total += -math.log(max(prob[o, lab, i], flt_min))
             valid += 1
     return total, valid
 
@@ -392,6 +391,35 @@ def softmax_loss_backward(prob, labels, dx, ignore, has_ignore, scale):
             for c in range(C):
                 dx[o, c, i] = prob[o, c, i] * scale
             dx[o, lab, i] = (prob[o, lab, i] - 1) * scale
+
+
+@njit(cache=True, parallel=True)
+def smooth_l1_forward(x, t, w_in, w_out, g, s2):
+    """caffe-fast-rcnn's SmoothL1Loss over flat arrays: returns sum(w_out * f(w_in * (x - t))), f
+    the smooth L1 with sigma^2 = s2, and leaves in g each element's gradient factor (f' times
+    w_in * w_out); w_in and w_out empty: no weights."""
+    weighted = w_in.shape[0] > 0
+    total = 0.0
+    for k in prange(x.shape[0]):
+        d = x[k] - t[k]
+        if weighted:
+            d = d * w_in[k]
+        small = abs(d) < 1.0 / s2
+        f = 0.5 * s2 * d * d if small else abs(d) - 0.5 / s2
+        gk = s2 * d if small else np.sign(d)
+        if weighted:
+            f = f * w_out[k]
+            gk = gk * w_in[k] * w_out[k]
+        total += f
+        g[k] = gk
+    return total
+
+
+@njit(cache=True, parallel=True)
+def scaled(g, scale, out):
+    """Flat arrays: out = g * scale."""
+    for k in prange(g.shape[0]):
+        out[k] = g[k] * scale
 
 
 # -------------------------------------------------------------------------------------------

@@ -262,5 +262,36 @@ class SoftmaxLossOp(Op):
         return [self.dx, None], []
 
 
+class SmoothL1LossOp(Op):
+    """caffe-fast-rcnn's SmoothL1Loss: the loss in one pass that keeps each element's gradient
+    factor, the predictions' and targets' gradients from it in backward."""
+
+    def __init__(self, lw, i, step):
+        super().__init__(lw, i, step)
+        node, prop = step.node, step.propagate or ()
+        xs = lw.shape(node.bottoms[0])
+        self.n = xs[0]
+        self.loss = lw.scratch(())                   # the net's output: never in the shared arena
+        self.g = lw.scratch((math.prod(xs),))
+        self.dx = lw.grad(node.bottoms[0], xs) if prop and prop[0] else None
+        self.dt = lw.grad(node.bottoms[1], lw.shape(node.bottoms[1])) if len(prop) > 1 and prop[1] else None
+        self.s2 = float(self.layer.p.sigma) ** 2
+
+    def forward(self, xp, bottoms, params):
+        flat = [np.ascontiguousarray(b).reshape(-1) for b in bottoms]
+        weights = flat[2:] if len(flat) == 4 else [self.g[:0]] * 2
+        self.loss[...] = K.smooth_l1_forward(flat[0], flat[1], *weights, self.g, self.s2) / self.n
+        return [self.loss], None
+
+    def backward(self, xp, saved, dtops, params, need):
+        scale = self.g.dtype.type(float(dtops[0]) / self.n)
+        grads = [None] * len(need)
+        for k, buf, sign in ((0, self.dx, 1), (1, self.dt, -1)):
+            if need[k] and buf is not None:
+                K.scaled(self.g, sign * scale, buf.reshape(-1))
+                grads[k] = buf
+        return grads, []
+
+
 OPS = {"conv": ConvOp, "inner_product": InnerProductOp, "relu": ReLUOp, "pooling": PoolingOp,
-       "softmax_loss": SoftmaxLossOp}
+       "softmax_loss": SoftmaxLossOp, "smooth_l1_loss": SmoothL1LossOp}

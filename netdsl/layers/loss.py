@@ -322,6 +322,7 @@ class EuclideanLoss(_Loss):
 class SmoothL1Loss(_Loss):
     """caffe-fast-rcnn's SmoothL1Loss: sum(w_out * f(w_in * (x - t))) / N, f the smooth L1 with sigma."""
     type = "SmoothL1Loss"
+    cpu_op = "smooth_l1_loss"
     bottom_roles = ("the predictions", "the targets", "the inside weights", "the outside weights")
     messages = {"smooth_l1_loss_param": Msg("SmoothL1LossParameter", {"sigma": F(float, 1.0)})}
     n_bottoms = (2, 4)
