@@ -200,6 +200,33 @@ layer {{ name: "loss" type: "SmoothL1Loss" bottom: "x" bottom: "{target}" {extra
         assert ("tp" in a[1]) == learned_target
 
 
+@pytest.mark.parametrize("sigma", [1.0, 3.0])
+def test_smooth_l1_loss_matches_torch(sigma):
+    """The compiled SmoothL1Loss against an independent reference: caffe-fast-rcnn's f with sigma
+    is PyTorch's smooth_l1_loss with beta = 1 / sigma^2; loss and the predictions' gradient."""
+    torch = pytest.importorskip("torch")
+    text = f"""name: "s" force_backward: true
+layer {{ name: "in" type: "Input" top: "x" top: "t" top: "w_in" top: "w_out"
+  input_param {{ shape {{ dim: 2 dim: 8 dim: 3 dim: 3 }} shape {{ dim: 2 dim: 72 }} shape {{ dim: 2 dim: 8 dim: 3 dim: 3 }}
+  shape {{ dim: 2 dim: 8 dim: 3 dim: 3 }} }} }}
+layer {{ name: "loss" type: "SmoothL1Loss" bottom: "x" bottom: "t" bottom: "w_in" bottom: "w_out" top: "loss"
+  loss_weight: 2 smooth_l1_loss_param {{ sigma: {sigma} }} }}
+"""
+    net = Net(lower(check(syntax.parse(text, "s.net"), phase="TRAIN"), runnable=True), np, dtype=np.float64)
+    lower_cpu(net)
+    rng = np.random.default_rng(6)
+    x, t = rng.standard_normal((2, 8, 3, 3)), rng.standard_normal((2, 72)) * 0.3
+    w_in, w_out = rng.integers(0, 2, x.shape) * 1.0, rng.random(x.shape)
+    out, grads, _ = _step(net, {"x": x, "t": t, "w_in": w_in, "w_out": w_out})
+    xt = torch.tensor(x, requires_grad=True)
+    d = torch.tensor(w_in) * (xt - torch.tensor(t.reshape(x.shape)))
+    f = torch.nn.functional.smooth_l1_loss(d, torch.zeros_like(d), beta=1.0 / sigma ** 2, reduction="none")
+    want = (torch.tensor(w_out) * f).sum() / x.shape[0]
+    (2 * want).backward()                   # loss_weight 2 scales the gradient, not the top
+    np.testing.assert_allclose(out["loss"], want.item(), rtol=1e-12)
+    np.testing.assert_allclose(grads["x"], xt.grad.numpy(), rtol=1e-12, atol=1e-14)
+
+
 def test_softmax_loss_checks_labels_like_numpy():
     from netdsl.errors import NetdslError
     text = """name: "s"

@@ -27,7 +27,7 @@ def _register():
     OpenBLAS that has them."""
     import llvmlite.binding as llvm
     for lib in loaded_openblas():
-        threads = next((n for n in GET_THREADS if hasattr(lib, n)), None)
+        threads = next((n for n in GET_THREADS if hasattr(lib, n)), None)   # the symbol's name, for LLVM
         for pattern, width in _SYMBOLS:
             theirs = pattern.format("s"), pattern.format("d")
             if threads and all(hasattr(lib, name) for name in theirs):
@@ -129,6 +129,10 @@ def gemm(a, b, out, ta: bool = False, tb: bool = False, beta: float = 0.0):
         _gemm3(a if a.ndim == 3 else a[None], ta, b if b.ndim == 3 else b[None], tb, out, beta, _INTS, threads)
     else:                                   # fewer images than threads: split each image's GEMM
         for i in range(out.shape[0]):
-            _gemm2(a[i] if a.ndim == 3 and a.shape[0] > 1 else a.reshape(a.shape[-2:]), ta,
-                   b[i] if b.ndim == 3 and b.shape[0] > 1 else b.reshape(b.shape[-2:]), tb, out[i], beta, _INTS, threads)
+            _gemm2(_image(a, i), ta, _image(b, i), tb, out[i], beta, _INTS, threads)
     return out
+
+
+def _image(a, i):
+    """Image i's operand: a[i] of a batch; a 2-D operand, or a batch of 1, is every image's."""
+    return a[i] if a.ndim == 3 and a.shape[0] > 1 else a.reshape(a.shape[-2:])

@@ -45,26 +45,26 @@ GET_THREADS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_thre
                "openblas_get_num_threads")
 
 
+def _function(lib, names):
+    """The first of `names` that `lib` exports, or None."""
+    return next((getattr(lib, n) for n in names if hasattr(lib, n)), None)
+
+
 def openblas_threads() -> int | None:
     """The first loaded OpenBLAS's thread count (None: no OpenBLAS)."""
-    for lib in loaded_openblas():
-        fn = next((getattr(lib, n) for n in GET_THREADS if hasattr(lib, n)), None)
-        if fn is not None:
-            return int(fn())
-    return None
+    fn = next((f for f in (_function(lib, GET_THREADS) for lib in loaded_openblas()) if f is not None), None)
+    return None if fn is None else int(fn())
 
 
 def set_openblas_threads(n: int) -> bool:
     """Every loaded OpenBLAS's thread count set to n; False when none was found."""
     found = False
     for lib in loaded_openblas():
-        for name in SET_THREADS:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                fn(n)
-                found = True
-                break
+        fn = _function(lib, SET_THREADS)
+        if fn is not None:
+            fn.argtypes = [ctypes.c_int]
+            fn(n)
+            found = True
     return found
 
 
