@@ -1,0 +1,309 @@
+"""Direct convolution: micro-kernels generated as LLVM IR for each layer's shape and compiled
+by LLVM (through llvmlite, which Numba brings), driven by Numba's thread pool. No im2col
+columns: a tile of output pixels for a block of output channels keeps its sums in vector
+registers while it runs over every (input channel, ky, kx) tap, the way oneDNN's JIT kernels
+work. The vectors run along the output channels (the weights' rows, laid out tap-major), each
+input value is broadcast, so any map size and kernel size fill the vectors.
+
+One tile kernel serves the three passes of a training step:
+  forward   out[o, y, x] = sum_t x[off_t + y*rs + x*cs] * w[t, o]   (+ bias, ReLU; planes)
+  dx        the same with dy padded as x and the weights flipped and transposed
+  dW        dWt[tap, o] += sum_pixels x[pix + tap] * dyT[pix, o]     (rows, accumulated)
+Every stride and offset of a tile is a constant of its kernel (a layer's kernels are compiled
+when the plan is lowered; LLVM folds them into the addresses); the kernels are called through
+one trampoline, netdsl_tile, registered under a fixed name so the Numba drivers cache on disk."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import config, get_thread_id, njit, prange, types, uintp
+
+_ENGINES = []          # LLVM execution engines: the kernels' code lives as long as they do
+
+
+@functools.cache
+def _llvm():
+    """(llvmlite.binding, the host's target machine, the vector width in bits)."""
+    import llvmlite.binding as llvm
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    features = llvm.get_host_cpu_features()
+    bits = 512 if features.get("avx512f") else 256
+    tm = llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=features.flatten(), opt=3)
+    return llvm, tm, bits
+
+
+def _compile(ir: str, name: str) -> int:
+    llvm, tm, _ = _llvm()
+    mod = llvm.parse_assembly(ir)
+    mod.verify()
+    engine = llvm.create_mcjit_compiler(mod, tm)
+    engine.finalize_object()
+    _ENGINES.append(engine)
+    return engine.get_function_address(name)
+
+
+def lanes(dtype) -> int:
+    """Elements per vector register for `dtype` on this CPU."""
+    return _llvm()[2] // (8 * np.dtype(dtype).itemsize)
+
+
+def budget() -> int:
+    """How many vector accumulators a tile keeps (the registers less the weights' and spares)."""
+    return 24 if _llvm()[2] == 512 else 12
+
+
+_ARGS = "ptr noalias %x, ptr noalias %w, ptr noalias %out, i64 %T, ptr noalias %offs, i64 %nvalid, ptr noalias %bias, double %slope"
+
+
+@functools.cache
+def tile_kernel(dtype, PR: int, PC: int, OV: int, rs: int, cs: int, ws: int, ors: int, ocs: int,
+                bias: bool, relu: bool, accumulate: bool) -> int:
+    """The address of a kernel for one tile of PR x PC pixels (or taps) by OV vectors of output
+    channels: acc[pr, pc, v] = sum_{t < T} x[offs[t] + pr*rs + pc*cs] * w[t*ws + v] (v < OV*lanes),
+    then + bias[v], ReLU with negative slope `slope`, and stored (added, with `accumulate`) at
+    out[pr*ors + pc*ocs + v], the lanes v < nvalid. Needs T >= 1; w and bias are read for all OV
+    vectors (pad them)."""
+    dt = np.dtype(dtype)
+    ty, n, a = ("float", lanes(dt), 4) if dt == np.float32 else ("double", lanes(dt), 8)
+    vt, sfx = f"<{n} x {ty}>", f"v{n}f{8 * a}"
+    name = f"netdsl_tile_{len(_ENGINES)}"
+    iota = "<" + ", ".join(f"i64 {i}" for i in range(n)) + ">"
+    acc = [(pr, pc, o) for pr in range(PR) for pc in range(PC) for o in range(OV)]
+    L = [f"define void @{name}({_ARGS}) #0 {{", "entry:", "  br label %loop", "loop:",
+         "  %t = phi i64 [0, %entry], [%t1, %loop]"]
+    L += [f"  %a{pr}_{pc}_{o} = phi {vt} [zeroinitializer, %entry], [%n{pr}_{pc}_{o}, %loop]" for pr, pc, o in acc]
+    L += ["  %tp = getelementptr inbounds i32, ptr %offs, i64 %t", "  %to32 = load i32, ptr %tp, align 4",
+          "  %to = sext i32 %to32 to i64", f"  %xb = getelementptr inbounds {ty}, ptr %x, i64 %to",
+          f"  %wo = mul nuw i64 %t, {ws}", f"  %wb = getelementptr inbounds {ty}, ptr %w, i64 %wo"]
+    for o in range(OV):
+        L += [f"  %wp{o} = getelementptr inbounds {ty}, ptr %wb, i64 {o * n}", f"  %wv{o} = load {vt}, ptr %wp{o}, align {a}"]
+    for pr in range(PR):
+        for pc in range(PC):
+            p = f"{pr}_{pc}"
+            L += [f"  %xp{p} = getelementptr inbounds {ty}, ptr %xb, i64 {pr * rs + pc * cs}",
+                  f"  %xs{p} = load {ty}, ptr %xp{p}, align {a}",
+                  f"  %xi{p} = insertelement {vt} poison, {ty} %xs{p}, i64 0",
+                  f"  %xv{p} = shufflevector {vt} %xi{p}, {vt} poison, <{n} x i32> zeroinitializer"]
+            L += [f"  %n{p}_{o} = call {vt} @llvm.fma.{sfx}({vt} %xv{p}, {vt} %wv{o}, {vt} %a{p}_{o})" for o in range(OV)]
+    L += ["  %t1 = add nuw i64 %t, 1", "  %more = icmp ult i64 %t1, %T", "  br i1 %more, label %loop, label %exit",
+          "exit:", f"  %lim0 = insertelement <{n} x i64> poison, i64 %nvalid, i64 0",
+          f"  %lim = shufflevector <{n} x i64> %lim0, <{n} x i64> poison, <{n} x i32> zeroinitializer"]
+    if relu:
+        L += [f"  %s0 = fptrunc double %slope to {ty}" if ty == "float" else "  %s0 = fadd double %slope, 0.0",
+              f"  %si = insertelement {vt} poison, {ty} %s0, i64 0",
+              f"  %sv = shufflevector {vt} %si, {vt} poison, <{n} x i32> zeroinitializer"]
+    for o in range(OV):
+        L += [f"  %lane{o} = add <{n} x i64> {iota}, splat (i64 {o * n})",
+              f"  %m{o} = icmp slt <{n} x i64> %lane{o}, %lim"]
+        if bias:
+            L += [f"  %bp{o} = getelementptr inbounds {ty}, ptr %bias, i64 {o * n}", f"  %bv{o} = load {vt}, ptr %bp{o}, align {a}"]
+    for pr, pc, o in acc:
+        p, v = f"{pr}_{pc}_{o}", f"%n{pr}_{pc}_{o}"
+        if bias:
+            L.append(f"  %b{p} = fadd {vt} {v}, %bv{o}")
+            v = f"%b{p}"
+        if relu:
+            L += [f"  %pos{p} = fcmp ogt {vt} {v}, zeroinitializer", f"  %neg{p} = fmul {vt} {v}, %sv",
+                  f"  %r{p} = select <{n} x i1> %pos{p}, {vt} {v}, {vt} %neg{p}"]
+            v = f"%r{p}"
+        L.append(f"  %op{p} = getelementptr inbounds {ty}, ptr %out, i64 {pr * ors + pc * ocs + o * n}")
+        if accumulate:
+            L += [f"  %old{p} = call {vt} @llvm.masked.load.{sfx}.p0(ptr align {a} %op{p}, <{n} x i1> %m{o}, {vt} zeroinitializer)",
+                  f"  %sum{p} = fadd {vt} %old{p}, {v}"]
+            v = f"%sum{p}"
+        L.append(f"  call void @llvm.masked.store.{sfx}.p0({vt} {v}, ptr align {a} %op{p}, <{n} x i1> %m{o})")
+    L += ["  ret void", "}",
+          f"declare {vt} @llvm.fma.{sfx}({vt}, {vt}, {vt})",
+          f"declare {vt} @llvm.masked.load.{sfx}.p0(ptr, <{n} x i1>, {vt})",
+          f"declare void @llvm.masked.store.{sfx}.p0({vt}, ptr, <{n} x i1>)",
+          'attributes #0 = { nounwind }']
+    return _compile("\n".join(L), name)
+
+
+def _trampoline() -> int:
+    """netdsl_tile(fn, x, w, out, T, offs, nvalid, bias, slope): calls the kernel at address fn."""
+    ints = ", ".join(f"i64 %{a}" for a in ("fn", "x", "w", "out", "T", "offs", "nvalid", "bias"))
+    L = [f"define void @netdsl_tile({ints}, double %slope) {{"]
+    L += [f"  %p{a} = inttoptr i64 %{a} to ptr" for a in ("fn", "x", "w", "out", "offs", "bias")]
+    L += ["  call void %pfn(ptr %px, ptr %pw, ptr %pout, i64 %T, ptr %poffs, i64 %nvalid, ptr %pbias, double %slope)",
+          "  ret void", "}"]
+    return _compile("\n".join(L), "netdsl_tile")
+
+
+def _register() -> str | None:
+    """Register the trampoline and compile a kernel of each kind: None, or why this LLVM cannot
+    (the IR is written for LLVM 20 and later; the convolutions then run im2col + GEMM)."""
+    llvm = _llvm()[0]
+    try:
+        llvm.add_symbol("netdsl_tile", _trampoline())
+        for dtype in (np.float32, np.float64):
+            tile_kernel(dtype, 1, 2, 1, 1, 1, lanes(dtype), 1, 1, True, True, False)
+            tile_kernel(dtype, 1, 2, 1, 1, 1, lanes(dtype), 1, 1, False, False, True)
+    except RuntimeError:
+        return f"LLVM {'.'.join(map(str, llvm.llvm_version_info))} cannot compile the direct kernels"
+    return None
+
+
+UNAVAILABLE = _register()
+_u = uintp
+_tile = types.ExternalFunction("netdsl_tile", types.void(*[uintp] * 8, types.float64))
+
+
+@njit(cache=True, parallel=True)
+def conv_planes(fns, x, w, out, offs, bias, slope, rs, cs, PR, PC, OB, rows):
+    """out (N, M, OH, OW) = the tiles of kernels `fns` [full, last column, last row, corner]
+    over x (N images), one task per image, PR output rows and OB channels: the tiles go
+    channel-last into the thread's `rows` (PR*OW*OB), which then moves to the output planes."""
+    N, M, OH, OW = out.shape
+    xs, item, T = x.size // N, out.itemsize, offs.size
+    ny, no = (OH + PR - 1) // PR, (M + OB - 1) // OB
+    for task in prange(N * ny * no):
+        n, r = task // (ny * no), task % (ny * no)
+        y0, o0 = (r // no) * PR, (r % no) * OB
+        last = 2 if OH - y0 < PR else 0
+        b = rows[get_thread_id()]
+        for x0 in range(0, OW, PC):
+            f = fns[last + (1 if OW - x0 < PC else 0)]
+            _tile(f, x.ctypes.data + (n * xs + y0 * rs + x0 * cs) * item, w.ctypes.data + o0 * item,
+                  b.ctypes.data + x0 * OB * item, T, offs.ctypes.data, M - o0, bias.ctypes.data + o0 * item, slope)
+        for o in range(min(OB, M - o0)):
+            for y in range(min(PR, OH - y0)):
+                for i in range(OW):
+                    out[n, o0 + o, y0 + y, i] = b[_u((y * OW + i) * OB + o)]
+
+
+@njit(cache=True, parallel=True)
+def conv_rows(fns, x, dyT, dWt, offs, M, C, kh, kw, PR, OB, plane, rs):
+    """dWt (G, C*kh*kw, Mp) += per image group g, the taps' sums over the pixels: one task per
+    group, input channel, PR kernel rows and OB output channels."""
+    G, _, Mp = dWt.shape
+    N = x.shape[0]
+    xs, ys, item, T = x.size // N, dyT.size // N, x.itemsize, offs.size
+    ny, no = (kh + PR - 1) // PR, (M + OB - 1) // OB
+    per = (N + G - 1) // G
+    for task in prange(G * C * ny * no):
+        g, r = task // (C * ny * no), task % (C * ny * no)
+        c, r = r // (ny * no), r % (ny * no)
+        ky0, o0 = (r // no) * PR, (r % no) * OB
+        f = fns[1 if kh - ky0 < PR else 0]
+        for n in range(g * per, min(N, (g + 1) * per)):
+            _tile(f, x.ctypes.data + (n * xs + c * plane + ky0 * rs) * item, dyT.ctypes.data + (n * ys + o0) * item,
+                  dWt.ctypes.data + ((g * C * kh + c * kh + ky0) * kw * Mp + o0) * item, T, offs.ctypes.data,
+                  M - o0, dWt.ctypes.data, 0.0)
+
+
+@njit(cache=True, parallel=True)
+def pad_into(x, xp, ph, pw):
+    """xp's interior = x (N, C, H, W); its border (zero) untouched."""
+    N, C, H, W = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for y in range(H):
+            xp[n, c, ph + y, pw:pw + W] = x[n, c, y]
+
+
+@njit(cache=True, parallel=True)
+def to_rows(dy, dyT, part):
+    """dyT[n, p, o] = dy[n, o, p] (dy (N, M, P)), a block of pixels at a time; part[n, o] = the
+    sum of dy[n, o] (when part has columns: the bias gradient's terms)."""
+    N, M, P = dy.shape
+    for n in prange(N):
+        for p0 in range(0, P, 64):
+            for o in range(M):
+                s = part.dtype.type(0)
+                for p in range(p0, min(P, p0 + 64)):
+                    v = dy[n, o, p]
+                    dyT[n, p, o] = v
+                    s += v
+                if part.shape[1]:
+                    part[n, o] = s if p0 == 0 else part[n, o] + s
+
+
+def _split(n: int, most: int) -> int:
+    """The tile size <= most that splits n into the fewest, most even tiles."""
+    parts = -(-n // max(1, min(n, most)))
+    return -(-n // parts)
+
+
+def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx: bool) -> str | None:
+    """Why a convolution runs im2col + GEMM rather than direct (None: direct). Measured
+    (docs/benchmarks.md): the direct kernels win where a tile has taps enough to run over and dx
+    is as large as y; a 1x1 kernel's columns are its input, already a GEMM."""
+    if UNAVAILABLE:
+        return UNAVAILABLE
+    if (sh, sw) != (1, 1):
+        return "stride > 1"
+    if kh * kw == 1:
+        return "a 1x1 kernel is a GEMM of its input"
+    if C * kh * kw < 64:
+        return "fewer than 64 taps per output"
+    if kw > budget():
+        return "kernel wider than a tile"
+    if dx and (ph > dh * (kh - 1) or pw > dw * (kw - 1)):
+        return "padding wider than the kernel"
+    if dx and H * W > 1.25 * OH * OW:
+        return "dx as a convolution would run over dy's zero border"
+    return None
+
+
+class Planes:
+    """A convolution's output planes (N, M, OH, OW) from a padded input (N, C, HP, WP), stride 1:
+    the tap table, the tiling and its kernels. Weights (C*kh*kw, Mp) tap-major, bias (Mp,)."""
+
+    def __init__(self, dtype, C, kh, kw, dh, dw, HP, WP, M, OH, OW, bias, relu):
+        n = lanes(dtype)
+        ov = _split(-(-M // n), max(1, budget() // 8))
+        self.OB = ov * n
+        self.Mp = -(-M // self.OB) * self.OB
+        per = budget() // ov
+        self.PC = _split(OW, per)
+        self.PR = _split(OH, max(1, per // self.PC))
+        self.rs, self.cs = WP, 1
+        self.offs = np.array([c * HP * WP + ky * dh * WP + kx * dw for c in range(C) for ky in range(kh)
+                              for kx in range(kw)], np.int32)
+        fns = np.zeros(4, np.int64)
+        for last_row in (0, 1):
+            for last_col in (0, 1):
+                pr = OH % self.PR if last_row else self.PR
+                pc = OW % self.PC if last_col else self.PC
+                if pr and pc:
+                    fns[2 * last_row + last_col] = tile_kernel(np.dtype(dtype), pr, pc, ov, WP, 1, self.Mp,
+                                                               OW * self.OB, self.OB, bias, relu, False)
+        self.fns = fns
+        self.rows = np.zeros((config.NUMBA_NUM_THREADS, self.PR * OW * self.OB), dtype)
+
+    def __call__(self, x, w, out, bias, slope):
+        conv_planes(self.fns, x, w, out, self.offs, bias, float(slope), self.rs, self.cs, self.PR, self.PC, self.OB,
+                    self.rows)
+
+
+class Rows:
+    """A convolution's weight gradient, tap-major (G, C*kh*kw, Mp) summed over image groups,
+    from the padded input (N, C, HP, WP) and dy as pixel rows (N, OH*OW, Mp), stride 1."""
+
+    def __init__(self, dtype, N, C, kh, kw, dh, dw, HP, WP, M, OH, OW, threads):
+        n = lanes(dtype)
+        ov = _split(-(-M // n), max(1, budget() // kw))
+        self.OB = ov * n
+        self.Mp = -(-M // self.OB) * self.OB
+        self.PR = _split(kh, max(1, budget() // (kw * ov)))
+        self.C, self.kh, self.kw, self.M = C, kh, kw, M
+        self.plane, self.rs = HP * WP, dh * WP
+        tasks = C * -(-kh // self.PR) * -(-M // self.OB)
+        self.G = min(N, -(-2 * threads // tasks))      # image groups, so every thread has work
+        self.offs = np.array([y * WP + x for y in range(OH) for x in range(OW)], np.int32)
+        fns = np.zeros(2, np.int64)
+        for last in (0, 1):
+            pr = kh % self.PR if last else self.PR
+            if pr:
+                fns[last] = tile_kernel(np.dtype(dtype), pr, kw, ov, dh * WP, dw, self.Mp, kw * self.Mp, self.Mp,
+                                        False, False, True)
+        self.fns = fns
+
+    def __call__(self, x, dyT, dWt):
+        dWt.fill(0)
+        conv_rows(self.fns, x, dyT, dWt, self.offs, self.M, self.C, self.kh, self.kw, self.PR, self.OB,
+                  self.plane, self.rs)
