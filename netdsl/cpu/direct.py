@@ -64,16 +64,16 @@ def tile_kernel(dtype, PR: int, PC: int, OV: int, rs: int, cs: int, ws: int, ors
     """The address of a kernel for one tile of PR x PC pixels (or taps) by OV vectors of output
     channels: acc[pr, pc, v] = sum_{t < T} x[offs[t] + pr*rs + pc*cs] * w[t*ws + v] (v < OV*lanes),
     then + bias[v], ReLU with negative slope `slope`, and stored (added, with `accumulate`) at
-    out[pr*ors + pc*ocs + v], the lanes v < nvalid. Needs T >= 1; w and bias are read for all OV
-    vectors (pad them)."""
+    out[pr*ors + pc*ocs + v], the lanes v < nvalid. w and bias are read for all OV vectors (pad
+    them)."""
     dt = np.dtype(dtype)
     ty, n, a = ("float", lanes(dt), 4) if dt == np.float32 else ("double", lanes(dt), 8)
     vt, sfx = f"<{n} x {ty}>", f"v{n}f{8 * a}"
     name = f"netdsl_tile_{len(_ENGINES)}"
     iota = "<" + ", ".join(f"i64 {i}" for i in range(n)) + ">"
     acc = [(pr, pc, o) for pr in range(PR) for pc in range(PC) for o in range(OV)]
-    L = [f"define void @{name}({_ARGS}) #0 {{", "entry:", "  br label %loop", "loop:",
-         "  %t = phi i64 [0, %entry], [%t1, %loop]"]
+    L = [f"define void @{name}({_ARGS}) #0 {{", "entry:", "  %none = icmp eq i64 %T, 0",
+         "  br i1 %none, label %exit, label %loop", "loop:", "  %t = phi i64 [0, %entry], [%t1, %loop]"]
     L += [f"  %a{pr}_{pc}_{o} = phi {vt} [zeroinitializer, %entry], [%n{pr}_{pc}_{o}, %loop]" for pr, pc, o in acc]
     L += ["  %tp = getelementptr inbounds i32, ptr %offs, i64 %t", "  %to32 = load i32, ptr %tp, align 4",
           "  %to = sext i32 %to32 to i64", f"  %xb = getelementptr inbounds {ty}, ptr %x, i64 %to",
@@ -89,7 +89,9 @@ def tile_kernel(dtype, PR: int, PC: int, OV: int, rs: int, cs: int, ws: int, ors
                   f"  %xv{p} = shufflevector {vt} %xi{p}, {vt} poison, <{n} x i32> zeroinitializer"]
             L += [f"  %n{p}_{o} = call {vt} @llvm.fma.{sfx}({vt} %xv{p}, {vt} %wv{o}, {vt} %a{p}_{o})" for o in range(OV)]
     L += ["  %t1 = add nuw i64 %t, 1", "  %more = icmp ult i64 %t1, %T", "  br i1 %more, label %loop, label %exit",
-          "exit:", f"  %lim0 = insertelement <{n} x i64> poison, i64 %nvalid, i64 0",
+          "exit:"]
+    L += [f"  %f{pr}_{pc}_{o} = phi {vt} [zeroinitializer, %entry], [%n{pr}_{pc}_{o}, %loop]" for pr, pc, o in acc]
+    L += [f"  %lim0 = insertelement <{n} x i64> poison, i64 %nvalid, i64 0",
           f"  %lim = shufflevector <{n} x i64> %lim0, <{n} x i64> poison, <{n} x i32> zeroinitializer"]
     if relu:
         L += [f"  %s0 = fptrunc double %slope to {ty}" if ty == "float" else "  %s0 = fadd double %slope, 0.0",
@@ -101,7 +103,7 @@ def tile_kernel(dtype, PR: int, PC: int, OV: int, rs: int, cs: int, ws: int, ors
         if bias:
             L += [f"  %bp{o} = getelementptr inbounds {ty}, ptr %bias, i64 {o * n}", f"  %bv{o} = load {vt}, ptr %bp{o}, align {a}"]
     for pr, pc, o in acc:
-        p, v = f"{pr}_{pc}_{o}", f"%n{pr}_{pc}_{o}"
+        p, v = f"{pr}_{pc}_{o}", f"%f{pr}_{pc}_{o}"
         if bias:
             L.append(f"  %b{p} = fadd {vt} {v}, %bv{o}")
             v = f"%b{p}"
@@ -153,46 +155,62 @@ _tile = types.ExternalFunction("netdsl_tile", types.void(*[uintp] * 8, types.flo
 
 
 @njit(cache=True, parallel=True)
-def conv_planes(fns, x, w, out, offs, bias, slope, rs, cs, PR, PC, OB, rows):
+def conv_planes(fns, x, w, out, offs, bias, slope, rs, PR, PC, OB, rows, lo, hi, dh, per_ky):
     """out (N, M, OH, OW) = the tiles of kernels `fns` [full, last column, last row, corner]
     over x (N images), one task per image, PR output rows and OB channels: the tiles go
-    channel-last into the thread's `rows` (PR*OW*OB), which then moves to the output planes."""
+    channel-last into the thread's `rows` (PR*OW*OB), which then moves to the output planes.
+    The taps run kernel row by kernel row (per_ky each): a tile runs only the kernel rows that
+    reach x's real rows [lo, hi), not its zero border."""
     N, M, OH, OW = out.shape
-    xs, item, T = x.size // N, out.itemsize, offs.size
+    kh = offs.size // per_ky
+    xs, item, ws = x.size // N, out.itemsize, w.shape[1]
     ny, no = (OH + PR - 1) // PR, (M + OB - 1) // OB
     for task in prange(N * ny * no):
         n, r = task // (ny * no), task % (ny * no)
         y0, o0 = (r // no) * PR, (r % no) * OB
-        last = 2 if OH - y0 < PR else 0
-        b = rows[get_thread_id()]
+        pr = min(PR, OH - y0)
+        a = max(0, (lo - y0 - pr + 1 + dh - 1) // dh)
+        b = max(a, min(kh, (hi - 1 - y0) // dh + 1))
+        t0, T = a * per_ky, (b - a) * per_ky
+        last = 2 if pr < PR else 0
+        buf = rows[get_thread_id()]
         for x0 in range(0, OW, PC):
             f = fns[last + (1 if OW - x0 < PC else 0)]
-            _tile(f, x.ctypes.data + (n * xs + y0 * rs + x0 * cs) * item, w.ctypes.data + o0 * item,
-                  b.ctypes.data + x0 * OB * item, T, offs.ctypes.data, M - o0, bias.ctypes.data + o0 * item, slope)
+            _tile(f, x.ctypes.data + (n * xs + y0 * rs + x0) * item, w.ctypes.data + (t0 * ws + o0) * item,
+                  buf.ctypes.data + x0 * OB * item, T, offs.ctypes.data + t0 * 4, M - o0,
+                  bias.ctypes.data + o0 * item, slope)
         for o in range(min(OB, M - o0)):
-            for y in range(min(PR, OH - y0)):
+            for y in range(pr):
                 for i in range(OW):
-                    out[n, o0 + o, y0 + y, i] = b[_u((y * OW + i) * OB + o)]
+                    out[n, o0 + o, y0 + y, i] = buf[_u((y * OW + i) * OB + o)]
 
 
 @njit(cache=True, parallel=True)
-def conv_rows(fns, x, dyT, dWt, offs, M, C, kh, kw, PR, OB, plane, rs):
+def conv_rows(fns, x, dyT, dWt, offs, M, C, kh, kw, PR, OB, plane, rs, OW, lo, hi, dh):
     """dWt (G, C*kh*kw, Mp) += per image group g, the taps' sums over the pixels: one task per
-    group, input channel, PR kernel rows and OB output channels."""
+    group, input channel, PR kernel rows and OB output channels. A task sums only the output
+    rows whose input rows (for its kernel rows) reach x's real rows [lo, hi)."""
     G, _, Mp = dWt.shape
     N = x.shape[0]
-    xs, ys, item, T = x.size // N, dyT.size // N, x.itemsize, offs.size
+    OH = offs.size // OW
+    xs, ys, item = x.size // N, dyT.size // N, x.itemsize
     ny, no = (kh + PR - 1) // PR, (M + OB - 1) // OB
     per = (N + G - 1) // G
     for task in prange(G * C * ny * no):
         g, r = task // (C * ny * no), task % (C * ny * no)
         c, r = r // (ny * no), r % (ny * no)
         ky0, o0 = (r // no) * PR, (r % no) * OB
-        f = fns[1 if kh - ky0 < PR else 0]
+        pr = min(PR, kh - ky0)
+        f = fns[1 if pr < PR else 0]
+        y0 = max(0, lo - (ky0 + pr - 1) * dh)
+        y1 = min(OH, hi - ky0 * dh)
+        if y1 <= y0:
+            continue
         for n in range(g * per, min(N, (g + 1) * per)):
-            _tile(f, x.ctypes.data + (n * xs + c * plane + ky0 * rs) * item, dyT.ctypes.data + (n * ys + o0) * item,
-                  dWt.ctypes.data + ((g * C * kh + c * kh + ky0) * kw * Mp + o0) * item, T, offs.ctypes.data,
-                  M - o0, dWt.ctypes.data, 0.0)
+            _tile(f, x.ctypes.data + (n * xs + c * plane + ky0 * rs) * item,
+                  dyT.ctypes.data + (n * ys + y0 * OW * Mp + o0) * item,
+                  dWt.ctypes.data + ((g * C * kh + c * kh + ky0) * kw * Mp + o0) * item, (y1 - y0) * OW,
+                  offs.ctypes.data + y0 * OW * 4, M - o0, dWt.ctypes.data, 0.0)
 
 
 @njit(cache=True, parallel=True)
@@ -250,10 +268,11 @@ def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx: bool) -> str | Non
 
 
 class Planes:
-    """A convolution's output planes (N, M, OH, OW) from a padded input (N, C, HP, WP), stride 1:
-    the tap table, the tiling and its kernels. Weights (C*kh*kw, Mp) tap-major, bias (Mp,)."""
+    """A convolution's output planes (N, M, OH, OW) from an input padded by ph rows (N, C, HP, WP),
+    stride 1: the tap table, the tiling and its kernels. Weights (kh*C*kw, Mp), taps (ky, c, kx)
+    in rows, bias (Mp,)."""
 
-    def __init__(self, dtype, C, kh, kw, dh, dw, HP, WP, M, OH, OW, bias, relu):
+    def __init__(self, dtype, C, kh, kw, ph, dh, dw, HP, WP, M, OH, OW, bias, relu):
         n = lanes(dtype)
         ov = _split(-(-M // n), max(1, budget() // 8))
         self.OB = ov * n
@@ -261,8 +280,9 @@ class Planes:
         per = budget() // ov
         self.PC = _split(OW, per)
         self.PR = _split(OH, max(1, per // self.PC))
-        self.rs, self.cs = WP, 1
-        self.offs = np.array([c * HP * WP + ky * dh * WP + kx * dw for c in range(C) for ky in range(kh)
+        self.rs, self.per_ky, self.dh = WP, C * kw, dh
+        self.lo, self.hi = ph, HP - ph
+        self.offs = np.array([ky * dh * WP + c * HP * WP + kx * dw for ky in range(kh) for c in range(C)
                               for kx in range(kw)], np.int32)
         fns = np.zeros(4, np.int64)
         for last_row in (0, 1):
@@ -276,24 +296,24 @@ class Planes:
         self.rows = np.zeros((config.NUMBA_NUM_THREADS, self.PR * OW * self.OB), dtype)
 
     def __call__(self, x, w, out, bias, slope):
-        conv_planes(self.fns, x, w, out, self.offs, bias, float(slope), self.rs, self.cs, self.PR, self.PC, self.OB,
-                    self.rows)
+        conv_planes(self.fns, x, w, out, self.offs, bias, float(slope), self.rs, self.PR, self.PC, self.OB,
+                    self.rows, self.lo, self.hi, self.dh, self.per_ky)
 
 
 class Rows:
     """A convolution's weight gradient, tap-major (G, C*kh*kw, Mp) summed over image groups,
-    from the padded input (N, C, HP, WP) and dy as pixel rows (N, OH*OW, Mp), stride 1."""
+    from the input padded by ph rows (N, C, HP, WP) and dy as pixel rows (N, OH*OW, Mp), stride 1."""
 
-    def __init__(self, dtype, N, C, kh, kw, dh, dw, HP, WP, M, OH, OW, threads):
+    def __init__(self, dtype, N, C, kh, kw, ph, dh, dw, HP, WP, M, OH, OW, threads):
         n = lanes(dtype)
         ov = _split(-(-M // n), max(1, budget() // kw))
         self.OB = ov * n
         self.Mp = -(-M // self.OB) * self.OB
         self.PR = _split(kh, max(1, budget() // (kw * ov)))
         self.C, self.kh, self.kw, self.M = C, kh, kw, M
-        self.plane, self.rs = HP * WP, dh * WP
+        self.plane, self.rs, self.OW, self.lo, self.hi, self.dh = HP * WP, dh * WP, OW, ph, HP - ph, dh
         tasks = C * -(-kh // self.PR) * -(-M // self.OB)
-        self.G = min(N, -(-2 * threads // tasks))      # image groups, so every thread has work
+        self.G = min(N, -(-8 * threads // tasks))      # image groups: tasks enough to balance the threads
         self.offs = np.array([y * WP + x for y in range(OH) for x in range(OW)], np.int32)
         fns = np.zeros(2, np.int64)
         for last in (0, 1):
@@ -306,4 +326,4 @@ class Rows:
     def __call__(self, x, dyT, dWt):
         dWt.fill(0)
         conv_rows(self.fns, x, dyT, dWt, self.offs, self.M, self.C, self.kh, self.kw, self.PR, self.OB,
-                  self.plane, self.rs)
+                  self.plane, self.rs, self.OW, self.lo, self.hi, self.dh)

@@ -126,17 +126,17 @@ class DirectConvOp(Op):
         HP, WP = H + 2 * ph, W + 2 * pw
         self.xp = lw.scratch((N, C, HP, WP)) if ph or pw else None
         self.bias = L.p.bias_term
-        self.fwd = D.Planes(dt, C, kh, kw, dh, dw, HP, WP, M, OH, OW, self.bias, self.relu)
-        self.wt = lw.scratch((C * kh * kw, self.fwd.Mp))
+        self.fwd = D.Planes(dt, C, kh, kw, ph, dh, dw, HP, WP, M, OH, OW, self.bias, self.relu)
+        self.wt = lw.scratch((kh * C * kw, self.fwd.Mp))
         self.b = lw.scratch((self.fwd.Mp,))
         self.dx = lw.grad(node.bottoms[0], (N, C, H, W)) if step.propagate and step.propagate[0] else None
         if self.dx is not None:
             self.q = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
             HQ, WQ = OH + 2 * self.q[0], OW + 2 * self.q[1]
             self.dyp = lw.scratch((N, M, HQ, WQ))
-            self.bwd = D.Planes(dt, M, kh, kw, dh, dw, HQ, WQ, C, H, W, False, False)
+            self.bwd = D.Planes(dt, M, kh, kw, self.q[0], dh, dw, HQ, WQ, C, H, W, False, False)
             self.wf = lw.scratch((M * kh * kw, self.bwd.Mp))
-        self.grad = D.Rows(dt, N, C, kh, kw, dh, dw, HP, WP, M, OH, OW, get_num_threads())
+        self.grad = D.Rows(dt, N, C, kh, kw, ph, dh, dw, HP, WP, M, OH, OW, get_num_threads())
         self.dyT = lw.scratch((N, OH * OW, self.grad.Mp))
         self.dWt = lw.scratch((self.grad.G, C * kh * kw, self.grad.Mp))
         self.dWsum = lw.scratch(self.dWt.shape[1:]) if self.grad.G > 1 else self.dWt[0]
@@ -154,7 +154,7 @@ class DirectConvOp(Op):
     def forward(self, xp, bottoms, params):
         x = self._padded(np.ascontiguousarray(bottoms[0]))
         M = params[0].shape[0]
-        self.wt[:, :M] = params[0].reshape(M, -1).T
+        self.wt[:, :M] = params[0].transpose(2, 1, 3, 0).reshape(-1, M)       # taps (ky, c, kx)
         if self.bias:
             self.b[:M] = params[1]
         self.fwd(x, self.wt, self.y, self.b, self.slope)
@@ -174,7 +174,7 @@ class DirectConvOp(Op):
         if need[0] and self.dx is not None:
             pad_into(dy, self.dyp, *self.q)
             W = params[0]
-            self.wf[:, :W.shape[1]] = W[:, :, ::-1, ::-1].transpose(0, 2, 3, 1).reshape(-1, W.shape[1])
+            self.wf[:, :W.shape[1]] = W[:, :, ::-1, ::-1].transpose(2, 0, 3, 1).reshape(-1, W.shape[1])
             self.bwd(self.dyp, self.wf, self.dx, self.b, 0.0)
             dx = self.dx
         return [dx], [self.dW.reshape(params[0].shape)] + ([self.db] if self.bias else [])
