@@ -187,30 +187,29 @@ def conv_planes(fns, x, w, out, offs, bias, slope, rs, PR, PC, OB, rows, lo, hi,
 
 @njit(cache=True, parallel=True)
 def conv_rows(fns, x, dyT, dWt, offs, M, C, kh, kw, PR, OB, plane, rs, OW, lo, hi, dh):
-    """dWt (G, C*kh*kw, Mp) += per image group g, the taps' sums over the pixels: one task per
-    group, input channel, PR kernel rows and OB output channels. A task sums only the output
-    rows whose input rows (for its kernel rows) reach x's real rows [lo, hi)."""
+    """dWt (G, C*kh*kw, Mp) += per image group g (one task each), the taps' sums over the pixels,
+    image by image (its x and dy stay in cache while every tile of taps runs over them), a tile
+    for PR kernel rows of an input channel and OB output channels. A tile sums only the output
+    rows whose input rows reach x's real rows [lo, hi)."""
     G, _, Mp = dWt.shape
     N = x.shape[0]
     OH = offs.size // OW
     xs, ys, item = x.size // N, dyT.size // N, x.itemsize
-    ny, no = (kh + PR - 1) // PR, (M + OB - 1) // OB
     per = (N + G - 1) // G
-    for task in prange(G * C * ny * no):
-        g, r = task // (C * ny * no), task % (C * ny * no)
-        c, r = r // (ny * no), r % (ny * no)
-        ky0, o0 = (r // no) * PR, (r % no) * OB
-        pr = min(PR, kh - ky0)
-        f = fns[1 if pr < PR else 0]
-        y0 = max(0, lo - (ky0 + pr - 1) * dh)
-        y1 = min(OH, hi - ky0 * dh)
-        if y1 <= y0:
-            continue
+    for g in prange(G):
         for n in range(g * per, min(N, (g + 1) * per)):
-            _tile(f, x.ctypes.data + (n * xs + c * plane + ky0 * rs) * item,
-                  dyT.ctypes.data + (n * ys + y0 * OW * Mp + o0) * item,
-                  dWt.ctypes.data + ((g * C * kh + c * kh + ky0) * kw * Mp + o0) * item, (y1 - y0) * OW,
-                  offs.ctypes.data + y0 * OW * 4, M - o0, dWt.ctypes.data, 0.0)
+            for c in range(C):
+                for ky0 in range(0, kh, PR):
+                    pr = min(PR, kh - ky0)
+                    y0 = max(0, lo - (ky0 + pr - 1) * dh)
+                    y1 = min(OH, hi - ky0 * dh)
+                    if y1 <= y0:
+                        continue
+                    for o0 in range(0, M, OB):
+                        _tile(fns[1 if pr < PR else 0], x.ctypes.data + (n * xs + c * plane + ky0 * rs) * item,
+                              dyT.ctypes.data + (n * ys + y0 * OW * Mp + o0) * item,
+                              dWt.ctypes.data + ((g * C * kh + c * kh + ky0) * kw * Mp + o0) * item, (y1 - y0) * OW,
+                              offs.ctypes.data + y0 * OW * 4, M - o0, dWt.ctypes.data, 0.0)
 
 
 @njit(cache=True, parallel=True)
@@ -312,8 +311,7 @@ class Rows:
         self.PR = _split(kh, max(1, budget() // (kw * ov)))
         self.C, self.kh, self.kw, self.M = C, kh, kw, M
         self.plane, self.rs, self.OW, self.lo, self.hi, self.dh = HP * WP, dh * WP, OW, ph, HP - ph, dh
-        tasks = C * -(-kh // self.PR) * -(-M // self.OB)
-        self.G = min(N, -(-8 * threads // tasks))      # image groups: tasks enough to balance the threads
+        self.G = min(N, threads)                        # image groups, one a thread
         self.offs = np.array([y * WP + x for y in range(OH) for x in range(OW)], np.int32)
         fns = np.zeros(2, np.int64)
         for last in (0, 1):
