@@ -129,9 +129,10 @@ def test_direct_convolution_is_chosen_where_it_wins():
     assert fits(5, 5, 2, 2, 2, 2, 1, 1, 32, 16, 16, 8, 8, dx=True) == "stride > 1"
     assert fits(1, 1, 1, 1, 0, 0, 1, 1, 64, 28, 28, 28, 28, dx=True) == "a 1x1 kernel is a GEMM of its input"
     assert fits(5, 5, 1, 1, 0, 0, 1, 1, 1, 28, 28, 24, 24, dx=False) == "fewer than 64 taps per output"  # LeNet conv1
-    lenet_conv2 = (5, 5, 1, 1, 0, 0, 1, 1, 20, 12, 12, 8, 8)
-    assert fits(*lenet_conv2, dx=True) == "dx as a convolution would run over dy's zero border"
-    assert fits(*lenet_conv2, dx=False) is None                                  # a test net's forward
+    assert fits(5, 5, 1, 1, 0, 0, 1, 1, 20, 12, 12, 8, 8, dx=True) is None        # LeNet conv2: dx 2.25x y
+    small = (5, 5, 1, 1, 0, 0, 1, 1, 20, 8, 8, 4, 4)                               # dx 4x y
+    assert fits(*small, dx=True) == "dx as a convolution would run over dy's zero border"
+    assert fits(*small, dx=False) is None                                        # a test net's forward
     assert fits(3, 3, 1, 1, 3, 3, 1, 1, 8, 8, 8, 12, 12, dx=True) == "padding wider than the kernel"
 
 
