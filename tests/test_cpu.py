@@ -121,6 +121,17 @@ def test_direct_convolution_with_relu_fused_matches_numpy(dtype, slope):
     assert isinstance(got.runners[1], DirectConvOp) and got.runners[2].fused
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_convolution_tiles_for_avx2_match_numpy(dtype, monkeypatch):
+    """On a CPU without AVX-512 the tiles are of 256-bit vectors and half the accumulators: the
+    same cases with that tiling (LLVM compiles it for this CPU just the same)."""
+    from netdsl.cpu import direct
+    monkeypatch.setattr(direct, "lanes", lambda dt: 32 // np.dtype(dt).itemsize)
+    monkeypatch.setattr(direct, "budget", lambda: 12)
+    for m, p, xs, ts in DIRECT_CASES[:4]:
+        _compare(CONV.format(m=m, p=p), xs, ts, dtype, compiled_types=["Convolution"])
+
+
 def test_direct_convolution_is_chosen_where_it_wins():
     """Stride 1, taps enough, dx no larger than y (docs/benchmarks.md has the measurements)."""
     from netdsl.cpu.direct import fits

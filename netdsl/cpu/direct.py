@@ -59,15 +59,15 @@ _ARGS = "ptr noalias %x, ptr noalias %w, ptr noalias %out, i64 %T, ptr noalias %
 
 
 @functools.cache
-def tile_kernel(dtype, PR: int, PC: int, OV: int, rs: int, cs: int, ws: int, ors: int, ocs: int,
+def tile_kernel(dtype, n: int, PR: int, PC: int, OV: int, rs: int, cs: int, ws: int, ors: int, ocs: int,
                 bias: bool, relu: bool, accumulate: bool) -> int:
-    """The address of a kernel for one tile of PR x PC pixels (or taps) by OV vectors of output
-    channels: acc[pr, pc, v] = sum_{t < T} x[offs[t] + pr*rs + pc*cs] * w[t*ws + v] (v < OV*lanes),
+    """The address of a kernel for one tile of PR x PC pixels (or taps) by OV vectors of n lanes
+    of output channels: acc[pr, pc, v] = sum_{t < T} x[offs[t] + pr*rs + pc*cs] * w[t*ws + v],
     then + bias[v], ReLU with negative slope `slope`, and stored (added, with `accumulate`) at
     out[pr*ors + pc*ocs + v], the lanes v < nvalid. w and bias are read for all OV vectors (pad
     them)."""
     dt = np.dtype(dtype)
-    ty, n, a = ("float", lanes(dt), 4) if dt == np.float32 else ("double", lanes(dt), 8)
+    ty, a = ("float", 4) if dt == np.float32 else ("double", 8)
     vt, sfx = f"<{n} x {ty}>", f"v{n}f{8 * a}"
     name = f"netdsl_tile_{len(_ENGINES)}"
     iota = "<" + ", ".join(f"i64 {i}" for i in range(n)) + ">"
@@ -142,8 +142,9 @@ def _register() -> str | None:
     try:
         llvm.add_symbol("netdsl_tile", _trampoline())
         for dtype in (np.float32, np.float64):
-            tile_kernel(dtype, 1, 2, 1, 1, 1, lanes(dtype), 1, 1, True, True, False)
-            tile_kernel(dtype, 1, 2, 1, 1, 1, lanes(dtype), 1, 1, False, False, True)
+            n = lanes(dtype)
+            tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, True, True, False)
+            tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, False, False, True)
     except RuntimeError:
         return f"LLVM {'.'.join(map(str, llvm.llvm_version_info))} cannot compile the direct kernels"
     return None
@@ -289,7 +290,7 @@ class Planes:
                 pr = OH % self.PR if last_row else self.PR
                 pc = OW % self.PC if last_col else self.PC
                 if pr and pc:
-                    fns[2 * last_row + last_col] = tile_kernel(np.dtype(dtype), pr, pc, ov, WP, 1, self.Mp,
+                    fns[2 * last_row + last_col] = tile_kernel(np.dtype(dtype), n, pr, pc, ov, WP, 1, self.Mp,
                                                                OW * self.OB, self.OB, bias, relu, False)
         self.fns = fns
         self.rows = np.zeros((config.NUMBA_NUM_THREADS, self.PR * OW * self.OB), dtype)
@@ -317,7 +318,7 @@ class Rows:
         for last in (0, 1):
             pr = kh % self.PR if last else self.PR
             if pr:
-                fns[last] = tile_kernel(np.dtype(dtype), pr, kw, ov, dh * WP, dw, self.Mp, kw * self.Mp, self.Mp,
+                fns[last] = tile_kernel(np.dtype(dtype), n, pr, kw, ov, dh * WP, dw, self.Mp, kw * self.Mp, self.Mp,
                                         False, False, True)
         self.fns = fns
 
