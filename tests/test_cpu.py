@@ -100,15 +100,21 @@ DIRECT_CASES = [  # (num_output, params, x shape, top shape): shapes that run di
     (33, "kernel_h: 3 kernel_w: 5 pad_h: 1 pad_w: 2 bias_term: false", (2, 6, 8, 13), (2, 33, 8, 13)),
     (8, "kernel_size: 3 pad: 1", (2, 8, 20, 4), (2, 8, 20, 4)),               # several rows a tile, a tail row
     (64, "kernel_size: 5 pad: 2", (2, 32, 8, 8), (2, 64, 8, 8)),              # cifar's conv3
+    (16, "kernel_size: 3 stride: 2 pad: 1", (2, 16, 9, 8), (2, 16, 5, 4)),    # strided: dx by GEMM + col2im
+    (12, "kernel_h: 3 kernel_w: 5 stride_h: 2 stride_w: 3 pad_w: 2", (2, 8, 11, 13), (2, 12, 5, 5)),
+    (8, "kernel_size: 3 stride: 2 pad: 2 dilation: 2", (2, 8, 9, 9), (2, 8, 5, 5)),
 ]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("m,p,xs,ts", DIRECT_CASES)
-def test_direct_convolution_matches_numpy(m, p, xs, ts, dtype):
-    from netdsl.cpu.ops import DirectConvOp
+@pytest.mark.parametrize("direct", [True, False])
+def test_direct_convolution_matches_numpy(m, p, xs, ts, dtype, direct, monkeypatch):
+    """Direct, and (switched off) im2col + GEMM on the same shapes."""
+    from netdsl.cpu import ops
+    monkeypatch.setattr(ops, "DIRECT", direct)
     got = _compare(CONV.format(m=m, p=p), xs, ts, dtype, compiled_types=["Convolution"])
-    assert isinstance(got.runners[1], DirectConvOp)
+    assert type(got.runners[1]) is (ops.DirectConvOp if direct else ops.ConvOp)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -133,11 +139,12 @@ def test_direct_convolution_tiles_for_avx2_match_numpy(dtype, monkeypatch):
 
 
 def test_direct_convolution_is_chosen_where_it_wins():
-    """Stride 1, taps enough, dx no larger than y (docs/benchmarks.md has the measurements)."""
+    """Taps enough, and with stride 1 dx no larger than 2.5 y (docs/benchmarks.md has the
+    measurements)."""
     from netdsl.cpu.direct import fits
     cifar_conv2 = (5, 5, 1, 1, 2, 2, 1, 1, 32, 16, 16, 16, 16)
     assert fits(*cifar_conv2, dx=True) is None
-    assert fits(5, 5, 2, 2, 2, 2, 1, 1, 32, 16, 16, 8, 8, dx=True) == "stride > 1"
+    assert fits(5, 5, 2, 2, 2, 2, 1, 1, 32, 16, 16, 8, 8, dx=True) is None      # dx by GEMM + col2im
     assert fits(1, 1, 1, 1, 0, 0, 1, 1, 64, 28, 28, 28, 28, dx=True) == "a 1x1 kernel is a GEMM of its input"
     assert fits(5, 5, 1, 1, 0, 0, 1, 1, 1, 28, 28, 24, 24, dx=False) == "fewer than 64 taps per output"  # LeNet conv1
     assert fits(5, 5, 1, 1, 0, 0, 1, 1, 20, 12, 12, 8, 8, dx=True) is None        # LeNet conv2: dx 2.25x y

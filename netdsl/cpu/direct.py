@@ -156,7 +156,7 @@ _tile = types.ExternalFunction("netdsl_tile", types.void(*[uintp] * 8, types.flo
 
 
 @njit(cache=True, parallel=True)
-def conv_planes(fns, x, w, out, offs, bias, slope, rs, PR, PC, OB, rows, lo, hi, dh, per_ky):
+def conv_planes(fns, x, w, out, offs, bias, slope, rs, cs, PR, PC, OB, rows, lo, hi, sh, dh, per_ky):
     """out (N, M, OH, OW) = the tiles of kernels `fns` [full, last column, last row, corner]
     over x (N images), one task per image, PR output rows and OB channels: the tiles go
     channel-last into the thread's `rows` (PR*OW*OB), which then moves to the output planes.
@@ -170,14 +170,14 @@ def conv_planes(fns, x, w, out, offs, bias, slope, rs, PR, PC, OB, rows, lo, hi,
         n, r = task // (ny * no), task % (ny * no)
         y0, o0 = (r // no) * PR, (r % no) * OB
         pr = min(PR, OH - y0)
-        a = max(0, (lo - y0 - pr + 1 + dh - 1) // dh)
-        b = max(a, min(kh, (hi - 1 - y0) // dh + 1))
+        a = max(0, (lo - (y0 + pr - 1) * sh + dh - 1) // dh)
+        b = max(a, min(kh, (hi - 1 - y0 * sh) // dh + 1))
         t0, T = a * per_ky, (b - a) * per_ky
         last = 2 if pr < PR else 0
         buf = rows[get_thread_id()]
         for x0 in range(0, OW, PC):
             f = fns[last + (1 if OW - x0 < PC else 0)]
-            _tile(f, x.ctypes.data + (n * xs + y0 * rs + x0) * item, w.ctypes.data + (t0 * ws + o0) * item,
+            _tile(f, x.ctypes.data + (n * xs + y0 * rs + x0 * cs) * item, w.ctypes.data + (t0 * ws + o0) * item,
                   buf.ctypes.data + x0 * OB * item, T, offs.ctypes.data + t0 * 4, M - o0,
                   bias.ctypes.data + o0 * item, slope)
         for o in range(min(OB, M - o0)):
@@ -187,23 +187,25 @@ def conv_planes(fns, x, w, out, offs, bias, slope, rs, PR, PC, OB, rows, lo, hi,
 
 
 @njit(cache=True, parallel=True)
-def conv_rows(fns, x, dyT, dWt, offs, M, C, kh, kw, PR, OB, plane, rs, OW, lo, hi, dh):
-    """dWt (G, C*kh*kw, Mp) += per image group g (one task each), the taps' sums over the pixels,
-    image by image (its x and dy stay in cache while every tile of taps runs over them), a tile
-    for PR kernel rows of an input channel and OB output channels. A tile sums only the output
-    rows whose input rows reach x's real rows [lo, hi)."""
+def conv_rows(fns, x, dyT, dWt, offs, M, C, kh, kw, PR, OB, plane, rs, OW, lo, hi, sh, dh, S):
+    """dWt (G, C*kh*kw, Mp) += per image group g, the taps' sums over the pixels: a task for each
+    group and each of S slices of the input channels, image by image (its x and dy stay in cache
+    while every tile of taps runs over them), a tile for PR kernel rows of an input channel and
+    OB output channels. A tile sums only the output rows whose input rows reach x's real rows
+    [lo, hi)."""
     G, _, Mp = dWt.shape
     N = x.shape[0]
     OH = offs.size // OW
     xs, ys, item = x.size // N, dyT.size // N, x.itemsize
     per = (N + G - 1) // G
-    for g in prange(G):
+    for task in prange(G * S):
+        g, sl = task // S, task % S
         for n in range(g * per, min(N, (g + 1) * per)):
-            for c in range(C):
+            for c in range(sl * C // S, (sl + 1) * C // S):
                 for ky0 in range(0, kh, PR):
                     pr = min(PR, kh - ky0)
-                    y0 = max(0, lo - (ky0 + pr - 1) * dh)
-                    y1 = min(OH, hi - ky0 * dh)
+                    y0 = max(0, (lo - (ky0 + pr - 1) * dh + sh - 1) // sh)
+                    y1 = min(OH, (hi - 1 - ky0 * dh) // sh + 1)
                     if y1 <= y0:
                         continue
                     for o0 in range(0, M, OB):
@@ -252,14 +254,13 @@ def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx: bool) -> str | Non
     is as large as y; a 1x1 kernel's columns are its input, already a GEMM."""
     if UNAVAILABLE:
         return UNAVAILABLE
-    if (sh, sw) != (1, 1):
-        return "stride > 1"
     if kh * kw == 1:
         return "a 1x1 kernel is a GEMM of its input"
     if C * kh * kw < 64:
         return "fewer than 64 taps per output"
     if kw > budget():
         return "kernel wider than a tile"
+    dx = dx and (sh, sw) == (1, 1)            # strided: dx by GEMM and col2im
     if dx and (ph > dh * (kh - 1) or pw > dw * (kw - 1)):
         return "padding wider than the kernel"
     if dx and H * W > 2.5 * OH * OW:        # LeNet's conv2 (2.25x) is faster direct, dx's border and all
@@ -268,11 +269,11 @@ def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx: bool) -> str | Non
 
 
 class Planes:
-    """A convolution's output planes (N, M, OH, OW) from an input padded by ph rows (N, C, HP, WP),
-    stride 1: the tap table, the tiling and its kernels. Weights (kh*C*kw, Mp), taps (ky, c, kx)
+    """A convolution's output planes (N, M, OH, OW) from an input padded by ph rows (N, C, HP, WP):
+    the tap table, the tiling and its kernels. Weights (kh*C*kw, Mp), taps (ky, c, kx)
     in rows, bias (Mp,)."""
 
-    def __init__(self, dtype, C, kh, kw, ph, dh, dw, HP, WP, M, OH, OW, bias, relu):
+    def __init__(self, dtype, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, bias, relu):
         n = lanes(dtype)
         ov = _split(-(-M // n), max(1, budget() // 8))
         self.OB = ov * n
@@ -280,7 +281,7 @@ class Planes:
         per = budget() // ov
         self.PC = _split(OW, per)
         self.PR = _split(OH, max(1, per // self.PC))
-        self.rs, self.per_ky, self.dh = WP, C * kw, dh
+        self.rs, self.cs, self.sh, self.dh, self.per_ky = sh * WP, sw, sh, dh, C * kw
         self.lo, self.hi = ph, HP - ph
         self.offs = np.array([ky * dh * WP + c * HP * WP + kx * dw for ky in range(kh) for c in range(C)
                               for kx in range(kw)], np.int32)
@@ -290,30 +291,31 @@ class Planes:
                 pr = OH % self.PR if last_row else self.PR
                 pc = OW % self.PC if last_col else self.PC
                 if pr and pc:
-                    fns[2 * last_row + last_col] = tile_kernel(np.dtype(dtype), n, pr, pc, ov, WP, 1, self.Mp,
+                    fns[2 * last_row + last_col] = tile_kernel(np.dtype(dtype), n, pr, pc, ov, sh * WP, sw, self.Mp,
                                                                OW * self.OB, self.OB, bias, relu, False)
         self.fns = fns
         self.rows = np.zeros((config.NUMBA_NUM_THREADS, self.PR * OW * self.OB), dtype)
 
     def __call__(self, x, w, out, bias, slope):
-        conv_planes(self.fns, x, w, out, self.offs, bias, float(slope), self.rs, self.PR, self.PC, self.OB,
-                    self.rows, self.lo, self.hi, self.dh, self.per_ky)
+        conv_planes(self.fns, x, w, out, self.offs, bias, float(slope), self.rs, self.cs, self.PR, self.PC, self.OB,
+                    self.rows, self.lo, self.hi, self.sh, self.dh, self.per_ky)
 
 
 class Rows:
     """A convolution's weight gradient, tap-major (G, C*kh*kw, Mp) summed over image groups,
-    from the input padded by ph rows (N, C, HP, WP) and dy as pixel rows (N, OH*OW, Mp), stride 1."""
+    from the input padded by ph rows (N, C, HP, WP) and dy as pixel rows (N, OH*OW, Mp)."""
 
-    def __init__(self, dtype, N, C, kh, kw, ph, dh, dw, HP, WP, M, OH, OW, threads):
+    def __init__(self, dtype, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, threads):
         n = lanes(dtype)
         ov = _split(-(-M // n), max(1, budget() // kw))
         self.OB = ov * n
         self.Mp = -(-M // self.OB) * self.OB
         self.PR = _split(kh, max(1, budget() // (kw * ov)))
         self.C, self.kh, self.kw, self.M = C, kh, kw, M
-        self.plane, self.rs, self.OW, self.lo, self.hi, self.dh = HP * WP, dh * WP, OW, ph, HP - ph, dh
-        self.G = min(N, threads)                        # image groups, one a thread
-        self.offs = np.array([y * WP + x for y in range(OH) for x in range(OW)], np.int32)
+        self.plane, self.rs, self.OW, self.lo, self.hi, self.sh, self.dh = HP * WP, dh * WP, OW, ph, HP - ph, sh, dh
+        self.G = min(N, threads)                        # image groups, one a thread,
+        self.S = min(C, -(-2 * threads // self.G)) if self.G < threads else 1   # or slices of channels
+        self.offs = np.array([y * sh * WP + x * sw for y in range(OH) for x in range(OW)], np.int32)
         fns = np.zeros(2, np.int64)
         for last in (0, 1):
             pr = kh % self.PR if last else self.PR
@@ -325,4 +327,4 @@ class Rows:
     def __call__(self, x, dyT, dWt):
         dWt.fill(0)
         conv_rows(self.fns, x, dyT, dWt, self.offs, self.M, self.C, self.kh, self.kw, self.PR, self.OB,
-                  self.plane, self.rs, self.OW, self.lo, self.hi, self.dh)
+                  self.plane, self.rs, self.OW, self.lo, self.hi, self.sh, self.dh, self.S)

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from . import direct as D
 from . import kernels as K
 from .blas import gemm
 
@@ -106,17 +107,16 @@ class ConvOp(Op):
 
 
 class DirectConvOp(Op):
-    """Convolution with stride 1 without im2col (direct.py): the input padded into a buffer of
-    its own, then compiled tiles with the bias and a fused ReLU; backward dx as the forward
-    convolution of dy (padded) with the weights flipped, dW from dy as pixel rows."""
+    """Convolution without im2col (direct.py): the input padded into a buffer of its own, then
+    compiled tiles with the bias and a fused ReLU; backward dW from dy as pixel rows, dx as the
+    forward convolution of dy (padded) with the weights flipped, or with a stride, by GEMM and
+    col2im as ConvOp's."""
 
     def __init__(self, lw, i, step):
         super().__init__(lw, i, step)
         from numba import get_num_threads
-
-        from . import direct as D
         L, node = self.layer, step.node
-        (kh, kw), _, (ph, pw), (dh, dw) = L.geometry()
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = L.geometry()
         N, C, H, W = lw.shape(node.bottoms[0])
         _, M, OH, OW = lw.shape(node.tops[0])
         dt, self.pad = lw.dtype, (ph, pw)
@@ -126,17 +126,21 @@ class DirectConvOp(Op):
         HP, WP = H + 2 * ph, W + 2 * pw
         self.xp = lw.scratch((N, C, HP, WP)) if ph or pw else None
         self.bias = L.p.bias_term
-        self.fwd = D.Planes(dt, C, kh, kw, ph, dh, dw, HP, WP, M, OH, OW, self.bias, self.relu)
+        self.fwd = D.Planes(dt, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, self.bias, self.relu)
         self.wt = lw.scratch((kh * C * kw, self.fwd.Mp))
         self.b = lw.scratch((self.fwd.Mp,))
         self.dx = lw.grad(node.bottoms[0], (N, C, H, W)) if step.propagate and step.propagate[0] else None
-        if self.dx is not None:
+        self.strided = (sh, sw) != (1, 1)
+        if self.dx is not None and self.strided:
+            self.geom = (kh, kw, sh, sw, ph, pw, dh, dw, OH, OW)
+            self.dcols = lw.scratch((N, C * kh * kw, OH * OW))
+        elif self.dx is not None:
             self.q = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
             HQ, WQ = OH + 2 * self.q[0], OW + 2 * self.q[1]
             self.dyp = lw.scratch((N, M, HQ, WQ))
-            self.bwd = D.Planes(dt, M, kh, kw, self.q[0], dh, dw, HQ, WQ, C, H, W, False, False)
-            self.wf = lw.scratch((M * kh * kw, self.bwd.Mp))
-        self.grad = D.Rows(dt, N, C, kh, kw, ph, dh, dw, HP, WP, M, OH, OW, get_num_threads())
+            self.bwd = D.Planes(dt, M, kh, kw, self.q[0], 1, 1, dh, dw, HQ, WQ, C, H, W, False, False)
+            self.wf = lw.scratch((kh * M * kw, self.bwd.Mp))
+        self.grad = D.Rows(dt, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, get_num_threads())
         self.dyT = lw.scratch((N, OH * OW, self.grad.Mp))
         self.dWt = lw.scratch((self.grad.G, C * kh * kw, self.grad.Mp))
         self.dWsum = lw.scratch(self.dWt.shape[1:]) if self.grad.G > 1 else self.dWt[0]
@@ -147,8 +151,7 @@ class DirectConvOp(Op):
     def _padded(self, x):
         if self.xp is None:
             return x
-        from .direct import pad_into
-        pad_into(x, self.xp, *self.pad)
+        D.pad_into(x, self.xp, *self.pad)
         return self.xp
 
     def forward(self, xp, bottoms, params):
@@ -161,36 +164,37 @@ class DirectConvOp(Op):
         return [self.y], x
 
     def backward(self, xp, x, dtops, params, need):
-        from .direct import pad_into, to_rows
         dy = np.ascontiguousarray(dtops[0])
         M = dy.shape[1]
-        to_rows(dy.reshape(dy.shape[0], M, -1), self.dyT, self.dbs)
+        D.to_rows(dy.reshape(dy.shape[0], M, -1), self.dyT, self.dbs)
         if self.bias:
             np.sum(self.dbs, axis=0, out=self.db)
         self.grad(x, self.dyT, self.dWt)
         acc = self.dWt[0] if self.grad.G == 1 else np.sum(self.dWt, axis=0, out=self.dWsum)
         self.dW[...] = acc[:, :M].T
-        dx = None
-        if need[0] and self.dx is not None:
-            pad_into(dy, self.dyp, *self.q)
-            W = params[0]
+        dx, W = None, params[0]
+        if need[0] and self.dx is not None and self.strided:
+            gemm(W.reshape(M, -1), dy.reshape(dy.shape[0], M, -1), self.dcols, ta=True)
+            K.col2im_batched(self.dcols, self.dx, *self.geom)
+            dx = self.dx
+        elif need[0] and self.dx is not None:
+            D.pad_into(dy, self.dyp, *self.q)
             self.wf[:, :W.shape[1]] = W[:, :, ::-1, ::-1].transpose(2, 0, 3, 1).reshape(-1, W.shape[1])
             self.bwd(self.dyp, self.wf, self.dx, self.b, 0.0)
             dx = self.dx
         return [dx], [self.dW.reshape(params[0].shape)] + ([self.db] if self.bias else [])
 
 
-DIRECT = True       # stride-1 convolutions run direct (tests turn it off to cover the im2col path)
+DIRECT = True       # off: every convolution runs im2col + GEMM (tests and benchmarks compare the two)
 
 
 def conv_op(lw, i, step):
     """The compiled op for a Convolution: direct where its shape wins (direct.fits), im2col otherwise."""
-    from .direct import fits
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = step.layer.geometry()
     _, C, H, W = lw.shape(step.node.bottoms[0])
     OH, OW = lw.shape(step.node.tops[0])[2:]
     dx = bool(step.propagate and step.propagate[0])
-    direct = DIRECT and fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx) is None
+    direct = DIRECT and D.fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx) is None
     return (DirectConvOp if direct else ConvOp)(lw, i, step)
 
 
