@@ -220,7 +220,8 @@ def rpn_numpy_part(net):
 # -- the steppers --------------------------------------------------------------------------------
 def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1, hooks=None):
     """One training iteration of netdsl, as `netdsl train` runs it (cpu.use_kernels); `hooks`
-    (a LayerClock) times each layer."""
+    (a LayerClock) times each layer. kernels "compiled-im2col": compiled, every convolution
+    im2col + GEMM (none direct)."""
     from netdsl.backend import CPU
     from netdsl.cpu import flat_solver, use_kernels
     from netdsl.cpu.threads import set_threads
@@ -229,7 +230,14 @@ def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1, hooks
     from netdsl.solverfile import load_solver
     sf = load_solver(bench.solver())
     net = build_net(sf.train_net, "TRAIN", "cpu", seed=seed)
-    lowered, _ = use_kernels(CPU, kernels, threads, net)
+    if kernels == "compiled-im2col":
+        from netdsl.cpu import ops
+        ops.DIRECT = False
+    try:
+        lowered, _ = use_kernels(CPU, kernels.removesuffix("-im2col"), threads, net)
+    finally:
+        if kernels == "compiled-im2col":
+            ops.DIRECT = True
     solver = flat_solver(sf.cfg, net) if lowered is not None else Solver(sf.cfg, net.learnable)
     feed = bench.feed()
     state = {"it": 0}
@@ -246,6 +254,7 @@ def netdsl_stepper(bench: Bench, kernels="compiled", threads=None, seed=1, hooks
 
 
 TORCH_MODES = ("eager", "compile", "compile-step")
+KINDS = {"both": ("compiled", "numpy"), "all": ("compiled", "compiled-im2col", "numpy")}
 
 
 def torch_stepper(bench: Bench, threads: int, mode="eager", seed=1):
@@ -330,7 +339,7 @@ def peak_rss_mib() -> float:
 
 def side_by_side(args, bench: Bench) -> None:
     from netdsl.cpu.threads import available_cores
-    kinds = ("compiled", "numpy") if args.cpu_kernels == "both" else (args.cpu_kernels,)
+    kinds = KINDS.get(args.cpu_kernels, (args.cpu_kernels,))
     steppers = {f"netdsl-{k}": netdsl_stepper(bench, k, args.threads) for k in kinds}
     warm = {}                                              # seconds of the warm-up iterations
     for name, step in steppers.items():
@@ -390,7 +399,7 @@ class LayerClock:
 def layer_times(args, bench: Bench) -> None:
     """netdsl's ms per layer, forward and backward (median over the iterations), for each kernel
     kind: where a step's time goes."""
-    kinds = ("compiled", "numpy") if args.cpu_kernels == "both" else (args.cpu_kernels,)
+    kinds = KINDS.get(args.cpu_kernels, (args.cpu_kernels,))
     clocks, total = {}, {}
     for kind in kinds:
         clocks[kind] = LayerClock()
@@ -588,7 +597,9 @@ def main():
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--threads", type=int, help="netdsl's kernel and BLAS threads and PyTorch's (default: netdsl's "
                     "policy, cpu/threads.py, and every core for PyTorch)")
-    ap.add_argument("--cpu-kernels", choices=("both", "compiled", "numpy"), default="both")
+    ap.add_argument("--cpu-kernels", choices=("both", "all", "compiled", "compiled-im2col", "numpy"), default="both",
+                    help="netdsl's sides: both = compiled and numpy; all adds compiled-im2col (every convolution "
+                    "im2col + GEMM, none direct; side by side and --layers only)")
     ap.add_argument("--torch", default="eager,compile", help=f"PyTorch peers, of {', '.join(TORCH_MODES)} ('' for "
                     "none)")
     ap.add_argument("--full", action="store_true", help="only Caffe's 10,000 LeNet iterations, netdsl and PyTorch")
@@ -598,6 +609,8 @@ def main():
     ap.add_argument("--layers", action="store_true", help="only netdsl's ms per layer, forward and backward")
     ap.add_argument("--first", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if "im2col" in " ".join(KINDS.get(args.cpu_kernels, (args.cpu_kernels,))) and (args.rss or args.full or args.jit):
+        ap.error("compiled-im2col is for the side-by-side timing and --layers")
     if "NETDSL_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir():
         os.environ["NETDSL_DATA"] = str(ROOT.parent / "shared" / "data")
     bench = BENCHES[args.net]()
