@@ -137,7 +137,8 @@ def _trampoline() -> int:
 
 def _register() -> str | None:
     """Register the trampoline and compile a kernel of each kind: None, or why this LLVM cannot
-    (the IR is written for LLVM 20 and later; the convolutions then run im2col + GEMM)."""
+    (the IR is written in current LLVM syntax, tested with LLVM 22; where it does not compile,
+    every convolution runs im2col + GEMM)."""
     llvm = _llvm()[0]
     try:
         llvm.add_symbol("netdsl_tile", _trampoline())
