@@ -24,6 +24,12 @@ class Op:
         return None
 
 
+def _conv_shapes(lw, step):
+    """A Convolution step's geometry ((kh, kw), (sh, sw), (ph, pw), (dh, dw)), its bottom's shape
+    (N, C, H, W) and its top's (N, M, OH, OW)."""
+    return step.layer.geometry(), lw.shape(step.node.bottoms[0]), lw.shape(step.node.tops[0])
+
+
 class ConvOp(Op):
     """Convolution in NumPy's column layout for its size (kernels.conv_geom): compiled im2col,
     the GEMM (OpenBLAS), the epilogue with the bias and a fused ReLU; backward the rows of dy
@@ -34,9 +40,7 @@ class ConvOp(Op):
         super().__init__(lw, i, step)
         from ..kernels import conv_geom
         L, node = self.layer, step.node
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = L.geometry()
-        N, C, H, W = lw.shape(node.bottoms[0])
-        _, M, OH, OW = lw.shape(node.tops[0])
+        ((kh, kw), (sh, sw), (ph, pw), (dh, dw)), (N, C, H, W), (_, M, OH, OW) = _conv_shapes(lw, step)
         g = conv_geom(H, W, kh, kw, sh, sw, ph, pw, dh, dw)
         self.batched = g.layout == "batched"
         self.geom = (kh, kw, sh, sw, ph, pw, dh, dw, OH, OW)
@@ -116,9 +120,7 @@ class DirectConvOp(Op):
         super().__init__(lw, i, step)
         from numba import get_num_threads
         L, node = self.layer, step.node
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = L.geometry()
-        N, C, H, W = lw.shape(node.bottoms[0])
-        _, M, OH, OW = lw.shape(node.tops[0])
+        ((kh, kw), (sh, sw), (ph, pw), (dh, dw)), (N, C, H, W), (_, M, OH, OW) = _conv_shapes(lw, step)
         dt, self.pad = lw.dtype, (ph, pw)
         self.relu, slope, out = lw.fused_relu(i)
         self.slope = float(slope)
@@ -190,9 +192,7 @@ DIRECT = True       # off: every convolution runs im2col + GEMM (tests and bench
 
 def conv_op(lw, i, step):
     """The compiled op for a Convolution: direct where its shape wins (direct.fits), im2col otherwise."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = step.layer.geometry()
-    _, C, H, W = lw.shape(step.node.bottoms[0])
-    OH, OW = lw.shape(step.node.tops[0])[2:]
+    ((kh, kw), (sh, sw), (ph, pw), (dh, dw)), (_, C, H, W), (_, _, OH, OW) = _conv_shapes(lw, step)
     dx = bool(step.propagate and step.propagate[0])
     direct = DIRECT and D.fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx) is None
     return (DirectConvOp if direct else ConvOp)(lw, i, step)
