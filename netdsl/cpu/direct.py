@@ -8,7 +8,7 @@ input value is broadcast, so any map size and kernel size fill the vectors.
 One tile kernel serves the three passes of a training step:
   forward   out[o, y, x] = sum_t x[off_t + y*rs + x*cs] * w[t, o]   (+ bias, ReLU; planes)
   dx        the same with dy padded as x and the weights flipped and transposed
-  dW        dWt[tap, o] += sum_pixels x[pix + tap] * dyT[pix, o]     (rows, accumulated)
+  dW        dWt[tap, o] += sum_pixels x[pix + tap] * dy[o, pix]      (rows, accumulated)
 Every stride and offset of a tile is a constant of its kernel (a layer's kernels are compiled
 when the plan is lowered; LLVM folds them into the addresses); the kernels are called through
 one trampoline, netdsl_tile, registered under a fixed name so the Numba drivers cache on disk."""
@@ -188,20 +188,23 @@ def conv_planes(fns, x, w, out, offs, bias, slope, rs, cs, PR, PC, OB, rows, lo,
 
 
 @njit(cache=True, parallel=True)
-def conv_rows(fns, x, dyT, dWt, offs, M, C, kh, kw, PR, OB, plane, rs, OW, lo, hi, sh, dh, S):
+def conv_rows(fns, x, dy, rows, dWt, part, offs, C, kh, kw, PR, OB, plane, rs, OW, lo, hi, sh, dh, S):
     """dWt (G, C*kh*kw, Mp) += per image group g, the taps' sums over the pixels: a task for each
-    group and each of S slices of the input channels, image by image (its x and dy stay in cache
-    while every tile of taps runs over them), a tile for PR kernel rows of an input channel and
-    OB output channels. A tile sums only the output rows whose input rows reach x's real rows
-    [lo, hi)."""
+    group and each of S slices of the input channels, image by image: the image's dy (N, M, P)
+    as pixel rows in the thread's `rows` (P, Mp), then every tile of taps over it and x while both
+    are in cache, a tile for PR kernel rows of an input channel and OB output channels. A tile
+    sums only the output rows whose input rows reach x's real rows [lo, hi). part[n] = the sums of
+    dy[n]'s planes (when part has columns: the bias gradient's terms)."""
     G, _, Mp = dWt.shape
-    N = x.shape[0]
+    N, M = dy.shape[0], dy.shape[1]
     OH = offs.size // OW
-    xs, ys, item = x.size // N, dyT.size // N, x.itemsize
+    xs, item = x.size // N, x.itemsize
     per = (N + G - 1) // G
     for task in prange(G * S):
         g, sl = task // S, task % S
+        buf = rows[get_thread_id()]
         for n in range(g * per, min(N, (g + 1) * per)):
+            _pixel_rows(dy[n], buf, part[n], sl == 0 and part.shape[1] > 0)
             for c in range(sl * C // S, (sl + 1) * C // S):
                 for ky0 in range(0, kh, PR):
                     pr = min(PR, kh - ky0)
@@ -211,9 +214,25 @@ def conv_rows(fns, x, dyT, dWt, offs, M, C, kh, kw, PR, OB, plane, rs, OW, lo, h
                         continue
                     for o0 in range(0, M, OB):
                         _tile(fns[1 if pr < PR else 0], x.ctypes.data + (n * xs + c * plane + ky0 * rs) * item,
-                              dyT.ctypes.data + (n * ys + y0 * OW * Mp + o0) * item,
+                              buf.ctypes.data + (y0 * OW * Mp + o0) * item,
                               dWt.ctypes.data + ((g * C * kh + c * kh + ky0) * kw * Mp + o0) * item, (y1 - y0) * OW,
                               offs.ctypes.data + y0 * OW * 4, M - o0, dWt.ctypes.data, 0.0)
+
+
+@njit(cache=True)
+def _pixel_rows(dy, rows, part, sums):
+    """rows[p, o] = dy[o, p] (dy (M, P)), a block of pixels at a time; part[o] = the sum of dy[o]
+    (with `sums`)."""
+    M, P = dy.shape
+    for p0 in range(0, P, 64):
+        for o in range(M):
+            s = part.dtype.type(0)
+            for p in range(p0, min(P, p0 + 64)):
+                v = dy[o, p]
+                rows[p, o] = v
+                s += v
+            if sums:
+                part[o] = s if p0 == 0 else part[o] + s
 
 
 @njit(cache=True, parallel=True)
@@ -224,23 +243,6 @@ def pad_into(x, xp, ph, pw):
         n, c = nc // C, nc % C
         for y in range(H):
             xp[n, c, ph + y, pw:pw + W] = x[n, c, y]
-
-
-@njit(cache=True, parallel=True)
-def to_rows(dy, dyT, part):
-    """dyT[n, p, o] = dy[n, o, p] (dy (N, M, P)), a block of pixels at a time; part[n, o] = the
-    sum of dy[n, o] (when part has columns: the bias gradient's terms)."""
-    N, M, P = dy.shape
-    for n in prange(N):
-        for p0 in range(0, P, 64):
-            for o in range(M):
-                s = part.dtype.type(0)
-                for p in range(p0, min(P, p0 + 64)):
-                    v = dy[n, o, p]
-                    dyT[n, p, o] = v
-                    s += v
-                if part.shape[1]:
-                    part[n, o] = s if p0 == 0 else part[n, o] + s
 
 
 def _split(n: int, most: int) -> int:
@@ -304,7 +306,8 @@ class Planes:
 
 class Rows:
     """A convolution's weight gradient, tap-major (G, C*kh*kw, Mp) summed over image groups,
-    from the input padded by ph rows (N, C, HP, WP) and dy as pixel rows (N, OH*OW, Mp)."""
+    from the input padded by ph rows (N, C, HP, WP) and dy (N, M, OH*OW), each image of it made
+    pixel rows (OH*OW, Mp) in the thread's buffer as its turn comes."""
 
     def __init__(self, dtype, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, threads):
         n = lanes(dtype)
@@ -324,8 +327,9 @@ class Rows:
                 fns[last] = tile_kernel(np.dtype(dtype), n, pr, kw, ov, dh * WP, dw, self.Mp, kw * self.Mp, self.Mp,
                                         False, False, True)
         self.fns = fns
+        self.rows = np.zeros((config.NUMBA_NUM_THREADS, OH * OW, self.Mp), dtype)   # a thread's image of dy
 
-    def __call__(self, x, dyT, dWt):
+    def __call__(self, x, dy, dWt, part):
         dWt.fill(0)
-        conv_rows(self.fns, x, dyT, dWt, self.offs, self.M, self.C, self.kh, self.kw, self.PR, self.OB,
+        conv_rows(self.fns, x, dy, self.rows, dWt, part, self.offs, self.C, self.kh, self.kw, self.PR, self.OB,
                   self.plane, self.rs, self.OW, self.lo, self.hi, self.sh, self.dh, self.S)

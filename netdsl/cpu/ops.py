@@ -143,7 +143,6 @@ class DirectConvOp(Op):
             self.bwd = D.Planes(dt, M, kh, kw, self.q[0], 1, 1, dh, dw, HQ, WQ, C, H, W, False, False)
             self.wf = lw.scratch((kh * M * kw, self.bwd.Mp))
         self.grad = D.Rows(dt, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, get_num_threads())
-        self.dyT = lw.scratch((N, OH * OW, self.grad.Mp))
         self.dWt = lw.scratch((self.grad.G, C * kh * kw, self.grad.Mp))
         self.dWsum = lw.scratch(self.dWt.shape[1:]) if self.grad.G > 1 else self.dWt[0]
         self.dW = lw.scratch((M, C * kh * kw))
@@ -168,10 +167,9 @@ class DirectConvOp(Op):
     def backward(self, xp, x, dtops, params, need):
         dy = np.ascontiguousarray(dtops[0])
         M = dy.shape[1]
-        D.to_rows(dy.reshape(dy.shape[0], M, -1), self.dyT, self.dbs)
+        self.grad(x, dy.reshape(dy.shape[0], M, -1), self.dWt, self.dbs)
         if self.bias:
             np.sum(self.dbs, axis=0, out=self.db)
-        self.grad(x, self.dyT, self.dWt)
         acc = self.dWt[0] if self.grad.G == 1 else np.sum(self.dWt, axis=0, out=self.dWsum)
         self.dW[...] = acc[:, :M].T
         dx, W = None, params[0]
