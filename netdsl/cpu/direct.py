@@ -274,9 +274,9 @@ def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx: bool) -> str | Non
 class Planes:
     """A convolution's output planes (N, M, OH, OW) from an input padded by ph rows (N, C, HP, WP):
     the tap table, the tiling and its kernels. Weights (kh*C*kw, Mp), taps (ky, c, kx)
-    in rows, bias (Mp,)."""
+    in rows, bias (Mp,). `scratch(shape)` allocates the threads' buffers."""
 
-    def __init__(self, dtype, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, bias, relu):
+    def __init__(self, scratch, dtype, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, bias, relu):
         n = lanes(dtype)
         ov = _split(-(-M // n), max(1, budget() // 8))
         self.OB = ov * n
@@ -297,7 +297,7 @@ class Planes:
                     fns[2 * last_row + last_col] = tile_kernel(np.dtype(dtype), n, pr, pc, ov, sh * WP, sw, self.Mp,
                                                                OW * self.OB, self.OB, bias, relu, False)
         self.fns = fns
-        self.rows = np.zeros((config.NUMBA_NUM_THREADS, self.PR * OW * self.OB), dtype)
+        self.rows = scratch((config.NUMBA_NUM_THREADS, self.PR * OW * self.OB))
 
     def __call__(self, x, w, out, bias, slope):
         conv_planes(self.fns, x, w, out, self.offs, bias, float(slope), self.rs, self.cs, self.PR, self.PC, self.OB,
@@ -309,7 +309,7 @@ class Rows:
     from the input padded by ph rows (N, C, HP, WP) and dy (N, M, OH*OW), each image of it made
     pixel rows (OH*OW, Mp) in the thread's buffer as its turn comes."""
 
-    def __init__(self, dtype, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, threads):
+    def __init__(self, scratch, dtype, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, threads):
         n = lanes(dtype)
         ov = _split(-(-M // n), max(1, budget() // kw))
         self.OB = ov * n
@@ -327,7 +327,7 @@ class Rows:
                 fns[last] = tile_kernel(np.dtype(dtype), n, pr, kw, ov, dh * WP, dw, self.Mp, kw * self.Mp, self.Mp,
                                         False, False, True)
         self.fns = fns
-        self.rows = np.zeros((config.NUMBA_NUM_THREADS, OH * OW, self.Mp), dtype)   # a thread's image of dy
+        self.rows = scratch((config.NUMBA_NUM_THREADS, OH * OW, self.Mp))      # a thread's image of dy
 
     def __call__(self, x, dy, dWt, part):
         dWt.fill(0)

@@ -128,7 +128,7 @@ class DirectConvOp(Op):
         HP, WP = H + 2 * ph, W + 2 * pw
         self.xp = lw.scratch((N, C, HP, WP)) if ph or pw else None
         self.bias = L.p.bias_term
-        self.fwd = D.Planes(dt, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, self.bias, self.relu)
+        self.fwd = D.Planes(lw.scratch, dt, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, self.bias, self.relu)
         self.wt = lw.scratch((kh * C * kw, self.fwd.Mp))
         self.b = lw.scratch((self.fwd.Mp,))
         self.dx = lw.grad(node.bottoms[0], (N, C, H, W)) if step.propagate and step.propagate[0] else None
@@ -140,9 +140,9 @@ class DirectConvOp(Op):
             self.q = (dh * (kh - 1) - ph, dw * (kw - 1) - pw)
             HQ, WQ = OH + 2 * self.q[0], OW + 2 * self.q[1]
             self.dyp = lw.scratch((N, M, HQ, WQ))
-            self.bwd = D.Planes(dt, M, kh, kw, self.q[0], 1, 1, dh, dw, HQ, WQ, C, H, W, False, False)
+            self.bwd = D.Planes(lw.scratch, dt, M, kh, kw, self.q[0], 1, 1, dh, dw, HQ, WQ, C, H, W, False, False)
             self.wf = lw.scratch((kh * M * kw, self.bwd.Mp))
-        self.grad = D.Rows(dt, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, get_num_threads())
+        self.grad = D.Rows(lw.scratch, dt, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, get_num_threads())
         self.dWt = lw.scratch((self.grad.G, C * kh * kw, self.grad.Mp))
         self.dWsum = lw.scratch(self.dWt.shape[1:]) if self.grad.G > 1 else self.dWt[0]
         self.dW = lw.scratch((M, C * kh * kw))
