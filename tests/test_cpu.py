@@ -201,6 +201,23 @@ def test_pooling_matches_numpy_ties_included(p, xs, ts, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("vectors", [True, False])
+@pytest.mark.parametrize("p,xs,ts", [("pool: MAX kernel_size: 3 stride: 2", (2, 3, 37, 40), (2, 3, 18, 20)),
+                                     ("pool: MAX kernel_h: 2 kernel_w: 3 stride_w: 2 pad_w: 1", (2, 2, 9, 35), (2, 2, 8, 18))])
+def test_max_pooling_by_row_vectors_matches_numpy(p, xs, ts, vectors, dtype, monkeypatch):
+    """Rows wider than a vector (a full one and a part one per row, clipped windows at the
+    edges), ties in most windows: the vector kernel (maxpool.py) and, where LLVM cannot compile
+    it, kernels.max_pool_forward."""
+    from netdsl.cpu import maxpool
+    if not vectors:
+        monkeypatch.setattr(maxpool, "UNAVAILABLE", "switched off")
+    layer = f'layer {{ name: "p" type: "Pooling" bottom: "data" top: "out" pooling_param {{ {p} }} }}'
+    ties = np.random.default_rng(1).integers(0, 3, xs).astype(dtype)
+    got = _compare(layer, xs, ts, dtype, x=ties, compiled_types=["Pooling"])
+    assert (got.runners[1].rows is not None) == vectors
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_and_a_mixed_plan_match_numpy(dtype):
     """A NumPy layer (TanH) between compiled ones, and a ReLU of the net's input."""
     layers = ('layer { name: "r" type: "ReLU" bottom: "data" top: "r" relu_param { negative_slope: 0.1 } }'

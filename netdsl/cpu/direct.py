@@ -1,5 +1,5 @@
-"""Direct convolution: micro-kernels generated as LLVM IR for each layer's shape and compiled
-by LLVM (through llvmlite, which Numba brings), driven by Numba's thread pool. No im2col
+"""Direct convolution: micro-kernels generated as LLVM IR for each layer's shape (jit.py),
+driven by Numba's thread pool. No im2col
 columns: a tile of output pixels for a block of output channels keeps its sums in vector
 registers while it runs over every (input channel, ky, kx) tap, the way oneDNN's JIT kernels
 work. The vectors run along the output channels (the weights' rows, laid out tap-major), each
@@ -10,50 +10,16 @@ One tile kernel serves the three passes of a training step:
   dx        the same with dy padded as x and the weights flipped and transposed
   dW        dWt[tap, o] += sum_pixels x[pix + tap] * dy[o, pix]      (rows, accumulated)
 Every stride and offset of a tile is a constant of its kernel (a layer's kernels are compiled
-when the plan is lowered; LLVM folds them into the addresses); the kernels are called through
-one trampoline, netdsl_tile, registered under a fixed name so the Numba drivers cache on disk."""
+when the plan is lowered; LLVM folds them into the addresses); the drivers call them through the
+trampoline netdsl_tile."""
 from __future__ import annotations
 
 import functools
 
 import numpy as np
-from numba import config, get_thread_id, njit, prange, types, uintp
+from numba import config, get_thread_id, njit, prange, uintp
 
-_ENGINES = []          # LLVM execution engines: the kernels' code lives as long as they do
-
-
-@functools.cache
-def _llvm():
-    """(llvmlite.binding, the host's target machine, the vector width in bits)."""
-    import llvmlite.binding as llvm
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    features = llvm.get_host_cpu_features()
-    bits = 512 if features.get("avx512f") else 256
-    tm = llvm.Target.from_default_triple().create_target_machine(
-        cpu=llvm.get_host_cpu_name(), features=features.flatten(), opt=3)
-    return llvm, tm, bits
-
-
-def _compile(ir: str, name: str) -> int:
-    llvm, tm, _ = _llvm()
-    mod = llvm.parse_assembly(ir)
-    mod.verify()
-    engine = llvm.create_mcjit_compiler(mod, tm)
-    engine.finalize_object()
-    _ENGINES.append(engine)
-    return engine.get_function_address(name)
-
-
-def lanes(dtype) -> int:
-    """Elements per vector register for `dtype` on this CPU."""
-    return _llvm()[2] // (8 * np.dtype(dtype).itemsize)
-
-
-def budget() -> int:
-    """How many vector accumulators a tile keeps (the registers less the weights' and spares)."""
-    return 24 if _llvm()[2] == 512 else 12
-
+from .jit import budget, compile_ir, fresh_name, lanes, trampoline, unavailable
 
 _ARGS = "ptr noalias %x, ptr noalias %w, ptr noalias %out, i64 %T, ptr noalias %offs, i64 %nvalid, ptr noalias %bias, double %slope"
 
@@ -69,7 +35,7 @@ def tile_kernel(dtype, n: int, PR: int, PC: int, OV: int, rs: int, cs: int, ws: 
     dt = np.dtype(dtype)
     ty, a = ("float", 4) if dt == np.float32 else ("double", 8)
     vt, sfx = f"<{n} x {ty}>", f"v{n}f{8 * a}"
-    name = f"netdsl_tile_{len(_ENGINES)}"
+    name = fresh_name("netdsl_tile")
     iota = "<" + ", ".join(f"i64 {i}" for i in range(n)) + ">"
     acc = [(pr, pc, o) for pr in range(PR) for pc in range(PC) for o in range(OV)]
     L = [f"define void @{name}({_ARGS}) #0 {{", "entry:", "  %none = icmp eq i64 %T, 0",
@@ -122,38 +88,25 @@ def tile_kernel(dtype, n: int, PR: int, PC: int, OV: int, rs: int, cs: int, ws: 
           f"declare {vt} @llvm.masked.load.{sfx}.p0(ptr, <{n} x i1>, {vt})",
           f"declare void @llvm.masked.store.{sfx}.p0({vt}, ptr, <{n} x i1>)",
           'attributes #0 = { nounwind }']
-    return _compile("\n".join(L), name)
+    return compile_ir("\n".join(L), name)
 
 
-def _trampoline() -> int:
-    """netdsl_tile(fn, x, w, out, T, offs, nvalid, bias, slope): calls the kernel at address fn."""
-    ints = ", ".join(f"i64 %{a}" for a in ("fn", "x", "w", "out", "T", "offs", "nvalid", "bias"))
-    L = [f"define void @netdsl_tile({ints}, double %slope) {{"]
-    L += [f"  %p{a} = inttoptr i64 %{a} to ptr" for a in ("fn", "x", "w", "out", "offs", "bias")]
-    L += ["  call void %pfn(ptr %px, ptr %pw, ptr %pout, i64 %T, ptr %poffs, i64 %nvalid, ptr %pbias, double %slope)",
-          "  ret void", "}"]
-    return _compile("\n".join(L), "netdsl_tile")
-
-
-def _register() -> str | None:
-    """Register the trampoline and compile a kernel of each kind: None, or why this LLVM cannot
-    (the IR is written in current LLVM syntax, tested with LLVM 22; where it does not compile,
-    every convolution runs im2col + GEMM)."""
-    llvm = _llvm()[0]
+def _register():
+    """The trampoline, and a kernel of each kind compiled: (it, None), or (None, why this LLVM
+    cannot; every convolution then runs im2col + GEMM)."""
     try:
-        llvm.add_symbol("netdsl_tile", _trampoline())
+        tile = trampoline("tile", ("ptr", "ptr", "ptr", "i64", "ptr", "i64", "ptr", "double"))
         for dtype in (np.float32, np.float64):
             n = lanes(dtype)
             tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, True, True, False)
             tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, False, False, True)
-    except RuntimeError:
-        return f"LLVM {'.'.join(map(str, llvm.llvm_version_info))} cannot compile the direct kernels"
-    return None
+    except RuntimeError as e:
+        return None, unavailable(e)
+    return tile, None
 
 
-UNAVAILABLE = _register()
+_tile, UNAVAILABLE = _register()
 _u = uintp
-_tile = types.ExternalFunction("netdsl_tile", types.void(*[uintp] * 8, types.float64))
 
 
 @njit(cache=True, parallel=True)

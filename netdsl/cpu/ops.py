@@ -272,7 +272,8 @@ class ReLUOp(Op):
 
 
 class PoolingOp(Op):
-    """MAX (Caffe's first-max ties, the argmax kept for backward) and AVE pooling, any window."""
+    """MAX (Caffe's first-max ties, the argmax kept for backward; 2x2 windows by pairs of rows,
+    others a row's outputs a vector at a time) and AVE pooling, any window."""
 
     def __init__(self, lw, i, step):
         super().__init__(lw, i, step)
@@ -282,6 +283,11 @@ class PoolingOp(Op):
         self.geom = (kh, kw, sh, sw, ph, pw)
         self.max = L.p.pool == "MAX"
         self.pairs = self.max and self.geom == (2, 2, 2, 2, 0, 0) and xs[2] % 2 == 0 and xs[3] % 2 == 0
+        self.rows = None        # MAX pooling by vectors of a row's outputs (maxpool.py), where LLVM compiles it
+        if self.max and not self.pairs:
+            from . import maxpool
+            if maxpool.UNAVAILABLE is None:
+                self.rows = maxpool.MaxPool(lw.dtype, kh, kw, sh, sw, ph, pw, xs[3])
         ys = lw.shape(node.tops[0])
         self.y = lw.value(node.tops[0], ys)
         self.arg = np.empty(ys, np.int32) if self.max else None
@@ -297,6 +303,8 @@ class PoolingOp(Op):
         x, y = _planes(np.ascontiguousarray(bottoms[0])), _planes(self.y)
         if self.pairs:
             K.max_pool_2x2(x, y, _planes(self.arg))
+        elif self.rows is not None:
+            self.rows(x, y, _planes(self.arg))
         elif self.max:
             K.max_pool_forward(x, y, _planes(self.arg), *self.geom)
         else:
