@@ -10,6 +10,7 @@ import numpy as np
 
 from . import direct as D
 from . import kernels as K
+from . import maxpool
 from .blas import gemm
 
 
@@ -284,10 +285,8 @@ class PoolingOp(Op):
         self.max = L.p.pool == "MAX"
         self.pairs = self.max and self.geom == (2, 2, 2, 2, 0, 0) and xs[2] % 2 == 0 and xs[3] % 2 == 0
         self.rows = None        # MAX pooling by vectors of a row's outputs (maxpool.py), where LLVM compiles it
-        if self.max and not self.pairs:
-            from . import maxpool
-            if maxpool.UNAVAILABLE is None:
-                self.rows = maxpool.MaxPool(lw.dtype, kh, kw, sh, sw, ph, pw, xs[3])
+        if self.max and not self.pairs and maxpool.UNAVAILABLE is None:
+            self.rows = maxpool.MaxPool(lw.dtype, kh, kw, sh, sw, ph, pw, xs[3])
         ys = lw.shape(node.tops[0])
         self.y = lw.value(node.tops[0], ys)
         self.arg = np.empty(ys, np.int32) if self.max else None
