@@ -25,12 +25,11 @@ TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-11, atol
 
 
 def _close(have, want, dtype, err_msg=""):
-    """Equal to the dtype's rounding. In float32 the absolute tolerance scales with the array's
-    largest value: a direct convolution sums its terms in another order than the GEMM of the
-    NumPy layer, so a value that cancels to near zero differs by the rounding of its terms."""
+    """Equal to the dtype's rounding. The absolute tolerance scales with the array's largest
+    value: a direct convolution sums its terms in another order than the GEMM of the NumPy layer,
+    so a value that cancels to near zero differs by the rounding of its terms."""
     tol = dict(TOL[dtype])
-    if dtype == np.float32:
-        tol["atol"] *= max(1.0, float(np.abs(want).max(initial=0)))
+    tol["atol"] *= max(1.0, float(np.abs(want).max(initial=0)))
     np.testing.assert_allclose(have, want, **tol, err_msg=err_msg)
 
 
