@@ -126,6 +126,33 @@ def test_direct_convolution_with_relu_fused_matches_numpy(dtype, slope):
     assert isinstance(got.runners[1], DirectConvOp) and got.runners[2].fused
 
 
+def _random_geometries(count, seed=7):
+    """(num_output, params, x shape, top shape) of random convolutions: kernels 1-5 a side,
+    strides 1-3, pads, dilation 1-2, 1-40 input and 1-70 output channels."""
+    rng, out = np.random.default_rng(seed), []
+    while len(out) < count:
+        (kh, kw), (sh, sw), (ph, pw) = rng.integers(1, 6, 2), rng.integers(1, 4, 2), rng.integers(0, 4, 2)
+        d, C, M, N = int(rng.integers(1, 3)), int(rng.integers(1, 41)), int(rng.integers(1, 71)), int(rng.integers(1, 4))
+        H, W = int(rng.integers(4, 30)), int(rng.integers(4, 30))
+        if H + 2 * ph < d * (kh - 1) + 1 or W + 2 * pw < d * (kw - 1) + 1:
+            continue
+        OH, OW = (H + 2 * ph - d * (kh - 1) - 1) // sh + 1, (W + 2 * pw - d * (kw - 1) - 1) // sw + 1
+        out.append((M, f"kernel_h: {kh} kernel_w: {kw} stride_h: {sh} stride_w: {sw} pad_h: {ph} pad_w: {pw} "
+                       f"dilation: {d}", (N, C, H, W), (N, M, OH, OW)))
+    return out
+
+
+def test_random_convolutions_match_numpy():
+    """A seeded sweep of geometries (direct or im2col as the rule picks), float64, with a ReLU."""
+    from netdsl.cpu.ops import DirectConvOp
+    relu = 'layer { name: "r" type: "ReLU" bottom: "out" top: "out" }'
+    direct = 0
+    for m, p, xs, ts in _random_geometries(24):
+        got = _compare(CONV.format(m=m, p=p) + relu, xs, ts, np.float64, compiled_types=["Convolution"])
+        direct += isinstance(got.runners[1], DirectConvOp)
+    assert direct >= 6, direct                  # the sweep reaches the direct kernels
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_direct_convolution_tiles_for_avx2_match_numpy(dtype, monkeypatch):
     """On a CPU without AVX-512 the tiles are of 256-bit vectors and half the accumulators: the
