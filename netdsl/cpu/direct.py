@@ -19,7 +19,7 @@ import functools
 import numpy as np
 from numba import config, get_thread_id, njit, prange, uintp
 
-from .jit import budget, compile_ir, fresh_name, lanes, trampoline, unavailable
+from .jit import budget, compile_ir, fresh_name, lanes, splat, trampoline, unavailable
 
 _ARGS = "ptr noalias %x, ptr noalias %w, ptr noalias %out, i64 %T, ptr noalias %offs, i64 %nvalid, ptr noalias %bias, double %slope"
 
@@ -50,19 +50,15 @@ def tile_kernel(dtype, n: int, PR: int, PC: int, OV: int, rs: int, cs: int, ws: 
         for pc in range(PC):
             p = f"{pr}_{pc}"
             L += [f"  %xp{p} = getelementptr inbounds {ty}, ptr %xb, i64 {pr * rs + pc * cs}",
-                  f"  %xs{p} = load {ty}, ptr %xp{p}, align {a}",
-                  f"  %xi{p} = insertelement {vt} poison, {ty} %xs{p}, i64 0",
-                  f"  %xv{p} = shufflevector {vt} %xi{p}, {vt} poison, <{n} x i32> zeroinitializer"]
+                  f"  %xs{p} = load {ty}, ptr %xp{p}, align {a}"] + splat(n, ty, f"%xs{p}", f"xv{p}")
             L += [f"  %n{p}_{o} = call {vt} @llvm.fma.{sfx}({vt} %xv{p}, {vt} %wv{o}, {vt} %a{p}_{o})" for o in range(OV)]
     L += ["  %t1 = add nuw i64 %t, 1", "  %more = icmp ult i64 %t1, %T", "  br i1 %more, label %loop, label %exit",
           "exit:"]
     L += [f"  %f{pr}_{pc}_{o} = phi {vt} [zeroinitializer, %entry], [%n{pr}_{pc}_{o}, %loop]" for pr, pc, o in acc]
-    L += [f"  %lim0 = insertelement <{n} x i64> poison, i64 %nvalid, i64 0",
-          f"  %lim = shufflevector <{n} x i64> %lim0, <{n} x i64> poison, <{n} x i32> zeroinitializer"]
+    L += splat(n, "i64", "%nvalid", "lim")
     if relu:
-        L += [f"  %s0 = fptrunc double %slope to {ty}" if ty == "float" else "  %s0 = fadd double %slope, 0.0",
-              f"  %si = insertelement {vt} poison, {ty} %s0, i64 0",
-              f"  %sv = shufflevector {vt} %si, {vt} poison, <{n} x i32> zeroinitializer"]
+        L += [f"  %s0 = fptrunc double %slope to {ty}" if ty == "float" else "  %s0 = fadd double %slope, 0.0"]
+        L += splat(n, ty, "%s0", "sv")
     for o in range(OV):
         L += [f"  %lane{o} = add <{n} x i64> {iota}, splat (i64 {o * n})",
               f"  %m{o} = icmp slt <{n} x i64> %lane{o}, %lim"]
@@ -96,7 +92,7 @@ def _register():
     cannot; every convolution then runs im2col + GEMM)."""
     try:
         tile = trampoline("tile", ("ptr", "ptr", "ptr", "i64", "ptr", "i64", "ptr", "double"))
-        for dtype in (np.float32, np.float64):
+        for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
             n = lanes(dtype)
             tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, True, True, False)
             tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, False, False, True)
@@ -112,7 +108,7 @@ _u = uintp
 @njit(cache=True, parallel=True)
 def conv_planes(fns, x, w, out, offs, bias, slope, rs, cs, PR, PC, OB, rows, lo, hi, sh, dh, per_ky):
     """out (N, M, OH, OW) = the tiles of kernels `fns` [full, last column, last row, corner]
-    over x (N images), one task per image, PR output rows and OB channels: the tiles go
+    over x (N images), a task for each image's PR output rows and OB channels: the tiles go
     channel-last into the thread's `rows` (PR*OW*OB), which then moves to the output planes.
     The taps run kernel row by kernel row (per_ky each): a tile runs only the kernel rows that
     reach x's real rows [lo, hi), not its zero border."""
@@ -169,7 +165,7 @@ def conv_rows(fns, x, dy, rows, dWt, part, offs, C, kh, kw, PR, OB, plane, rs, O
                         _tile(fns[1 if pr < PR else 0], x.ctypes.data + (n * xs + c * plane + ky0 * rs) * item,
                               buf.ctypes.data + (y0 * OW * Mp + o0) * item,
                               dWt.ctypes.data + ((g * C * kh + c * kh + ky0) * kw * Mp + o0) * item, (y1 - y0) * OW,
-                              offs.ctypes.data + y0 * OW * 4, M - o0, dWt.ctypes.data, 0.0)
+                              offs.ctypes.data + y0 * OW * 4, M - o0, 0, 0.0)     # no bias
 
 
 @njit(cache=True)
@@ -204,7 +200,7 @@ def _split(n: int, most: int) -> int:
     return -(-n // parts)
 
 
-def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx: bool) -> str | None:
+def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, M, OH, OW, dx: bool) -> str | None:
     """Why a convolution runs im2col + GEMM rather than direct (None: direct). Measured
     (docs/benchmarks.md): the direct kernels win where a tile has taps enough to run over and dx
     is as large as y; a 1x1 kernel's columns are its input, already a GEMM."""
@@ -216,6 +212,8 @@ def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx: bool) -> str | Non
         return "fewer than 64 taps per output"
     if kw > budget():
         return "kernel wider than a tile"
+    if max(C * (H + 2 * ph) * (W + 2 * pw), M * (OH + 2 * dh * kh) * (OW + 2 * dw * kw)) >= 2 ** 31:
+        return "an image too large for the kernels' 32-bit offsets"
     dx = dx and (sh, sw) == (1, 1)            # strided: dx by GEMM and col2im
     if dx and (ph > dh * (kh - 1) or pw > dw * (kw - 1)):
         return "padding wider than the kernel"
@@ -225,7 +223,8 @@ def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx: bool) -> str | Non
 
 
 class Planes:
-    """A convolution's output planes (N, M, OH, OW) from an input padded by ph rows (N, C, HP, WP):
+    """A convolution's output planes (N, M, OH, OW) from an input padded by ph rows and pw columns
+    (N, C, HP, WP):
     the tap table, the tiling and its kernels. Weights (kh*C*kw, Mp), taps (ky, c, kx)
     in rows, bias (Mp,). `scratch(shape)` allocates the threads' buffers."""
 
@@ -258,8 +257,9 @@ class Planes:
 
 
 class Rows:
-    """A convolution's weight gradient, tap-major (G, C*kh*kw, Mp) summed over image groups,
-    from the input padded by ph rows (N, C, HP, WP) and dy (N, M, OH*OW), each image of it made
+    """A convolution's weight gradient, taps (c, ky, kx) by output channel (G, C*kh*kw, Mp) for
+    each image group, from the input padded by ph rows and pw columns (N, C, HP, WP) and dy
+    (N, M, OH*OW), each image of it made
     pixel rows (OH*OW, Mp) in the thread's buffer as its turn comes."""
 
     def __init__(self, scratch, dtype, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, threads):
@@ -268,7 +268,7 @@ class Rows:
         self.OB = ov * n
         self.Mp = -(-M // self.OB) * self.OB
         self.PR = _split(kh, max(1, budget() // (kw * ov)))
-        self.C, self.kh, self.kw, self.M = C, kh, kw, M
+        self.C, self.kh, self.kw = C, kh, kw
         self.plane, self.rs, self.OW, self.lo, self.hi, self.sh, self.dh = HP * WP, dh * WP, OW, ph, HP - ph, sh, dh
         self.G = min(N, threads)                        # image groups, one a thread,
         self.S = min(C, -(-2 * threads // self.G)) if self.G < threads else 1   # or slices of channels

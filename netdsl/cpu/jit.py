@@ -76,5 +76,6 @@ def trampoline(name: str, params: tuple[str, ...]):
 def unavailable(err: RuntimeError) -> str:
     """Why the LLVM-generated kernels cannot run here (their IR is written in current LLVM
     syntax, tested with LLVM 22): the ops then use the Numba kernels and GEMMs instead."""
-    llvm = _llvm()[0]
+    # llvmlite itself, not _llvm(): that may be what failed
+    import llvmlite.binding as llvm
     return f"LLVM {'.'.join(map(str, llvm.llvm_version_info))} cannot compile the generated kernels ({err})"

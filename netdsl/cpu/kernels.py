@@ -258,7 +258,7 @@ def relu_backward(dy, y, dx, slope):
 @njit(cache=True, parallel=True)
 def max_pool_forward(x, y, arg, kh, kw, sh, sw, ph, pw):
     """y = each window's max; arg = where (the window's top-left cell if nothing beats -inf, -1
-    when that cell is padding)."""
+    when that cell is padding or past the plane: ceil mode's last window can start there)."""
     Q, H, W = x.shape
     OH, OW = y.shape[1], y.shape[2]
     xf, yf, af = x.reshape(-1), y.reshape(-1), arg.reshape(-1)
@@ -268,7 +268,7 @@ def max_pool_forward(x, y, arg, kh, kw, sh, sw, ph, pw):
             for ox in range(OW):
                 ws = ox * sw - pw
                 best = -np.inf
-                at = hs * W + ws if hs >= 0 and ws >= 0 else -1
+                at = hs * W + ws if 0 <= hs < H and 0 <= ws < W else -1
                 for iy in range(max(hs, 0), min(hs + kh, H)):
                     row = _u((q * H + iy) * W)
                     for ix in range(max(ws, 0), min(ws + kw, W)):

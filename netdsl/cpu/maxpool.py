@@ -16,12 +16,12 @@ _NEG_INF = "0xFFF0000000000000"         # -inf, as LLVM writes a float or double
 
 
 @functools.cache
-def pool_kernel(dtype, n: int, kw: int, sw: int, W: int) -> int:
+def pool_kernel(dtype, n: int, kw: int, sw: int, H: int, W: int) -> int:
     """The address of a kernel for n outputs of one row: kernel(x, y, arg, hs, ws0, nl, iy0, iy1)
-    with x the input plane (W wide), output lane i's window starting at row hs and column
+    with x the input plane (H x W), output lane i's window starting at row hs and column
     ws0 + i*sw, its rows iy0 <= iy < iy1 inside the plane; y[i] = the window's max, arg[i] = its
     flat index in the plane (the window's top-left cell if nothing beats -inf, -1 where that cell
-    is padding), for lanes i < nl."""
+    is padding or past the plane), for lanes i < nl."""
     ty, a = ("float", 4) if np.dtype(dtype) == np.float32 else ("double", 8)
     vt, it, sfx = f"<{n} x {ty}>", f"<{n} x i64>", f"v{n}f{8 * a}"
     iota = "<" + ", ".join(f"i64 {i}" for i in range(n)) + ">"
@@ -32,7 +32,7 @@ def pool_kernel(dtype, n: int, kw: int, sw: int, W: int) -> int:
     L += splat(n, "i64", "%ws0", "ws0s") + [f"  %ws = add {it} %ws0s, {steps}"]
     L += splat(n, "i64", "%nl", "nls") + [f"  %lanes = icmp slt {it} {iota}, %nls"]
     L += [f"  %hsW = mul i64 %hs, {W}"] + splat(n, "i64", "%hsW", "hsWs")
-    L += ["  %hin = icmp sge i64 %hs, 0", f"  %win = icmp sge {it} %ws, zeroinitializer",
+    L += [f"  %hin = icmp ult i64 %hs, {H}", f"  %win = icmp ult {it} %ws, splat (i64 {W})",    # 0 <= start < size
           f"  %tl = add {it} %hsWs, %ws", f"  %tl1 = select <{n} x i1> %win, {it} %tl, {it} splat (i64 -1)",
           f"  %at0 = select i1 %hin, {it} %tl1, {it} splat (i64 -1)",
           "  %any = icmp slt i64 %iy0, %iy1", "  br i1 %any, label %row, label %exit", "row:",
@@ -71,7 +71,7 @@ def _register():
     try:
         pool = trampoline("pool", ("ptr", "ptr", "ptr", "i64", "i64", "i64", "i64", "i64"))
         for dtype in (np.float32, np.float64):
-            pool_kernel(np.dtype(dtype), lanes(dtype), 3, 2, 8)
+            pool_kernel(np.dtype(dtype), lanes(dtype), 3, 2, 8, 8)
     except RuntimeError as e:
         return None, unavailable(e)
     return pool, None
@@ -83,10 +83,10 @@ _pool, UNAVAILABLE = _register()
 class MaxPool:
     """A MAX pooling layer's forward: its kernel, for planes (Q, H, W) -> (Q, OH, OW)."""
 
-    def __init__(self, dtype, kh, kw, sh, sw, ph, pw, W):
+    def __init__(self, dtype, kh, kw, sh, sw, ph, pw, H, W):
         self.n = lanes(dtype)
         self.geom = (kh, sh, sw, ph, pw)
-        self.fn = pool_kernel(np.dtype(dtype), self.n, kw, sw, W)
+        self.fn = pool_kernel(np.dtype(dtype), self.n, kw, sw, H, W)
 
     def __call__(self, x, y, arg):
         max_pool_rows(self.fn, self.n, x, y, arg, *self.geom)

@@ -127,11 +127,13 @@ class DirectConvOp(Op):
         self.slope = float(slope)
         self.y = lw.value(out, (N, M, OH, OW))
         HP, WP = H + 2 * ph, W + 2 * pw
-        self.xp = lw.scratch((N, C, HP, WP)) if ph or pw else None
+        self.xpad = lw.scratch((N, C, HP, WP)) if ph or pw else None
         self.bias = L.p.bias_term
         self.fwd = D.Planes(lw.scratch, dt, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, self.bias, self.relu)
-        self.wt = lw.scratch((kh * C * kw, self.fwd.Mp))
+        self.wt = lw.scratch((kh, C, kw, self.fwd.Mp))          # taps (ky, c, kx) by output channel
         self.b = lw.scratch((self.fwd.Mp,))
+        if not step.need_backward:                              # a test net's step: forward only
+            return
         self.dx = lw.grad(node.bottoms[0], (N, C, H, W)) if step.propagate and step.propagate[0] else None
         self.strided = (sh, sw) != (1, 1)
         if self.dx is not None and self.strided:
@@ -142,7 +144,7 @@ class DirectConvOp(Op):
             HQ, WQ = OH + 2 * self.q[0], OW + 2 * self.q[1]
             self.dyp = lw.scratch((N, M, HQ, WQ))
             self.bwd = D.Planes(lw.scratch, dt, M, kh, kw, self.q[0], 1, 1, dh, dw, HQ, WQ, C, H, W, False, False)
-            self.wf = lw.scratch((kh * M * kw, self.bwd.Mp))
+            self.wf = lw.scratch((kh, M, kw, self.bwd.Mp))      # flipped taps (ky, o, kx) by input channel
         self.grad = D.Rows(lw.scratch, dt, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, get_num_threads())
         self.dWt = lw.scratch((self.grad.G, C * kh * kw, self.grad.Mp))
         self.dWsum = lw.scratch(self.dWt.shape[1:]) if self.grad.G > 1 else self.dWt[0]
@@ -150,23 +152,20 @@ class DirectConvOp(Op):
         self.db = lw.scratch((M,) if self.bias else (0,))   # empty: no bias
         self.dbs = lw.scratch((N, M) if self.bias else (N, 0))
 
-    def _padded(self, x):
-        if self.xp is None:
-            return x
-        D.pad_into(x, self.xp, *self.pad)
-        return self.xp
-
     def forward(self, xp, bottoms, params):
-        x = self._padded(np.ascontiguousarray(bottoms[0]))
+        x = np.ascontiguousarray(bottoms[0], dtype=self.y.dtype)     # a data layer's float32 in a float64 net
+        if self.xpad is not None:
+            D.pad_into(x, self.xpad, *self.pad)
+            x = self.xpad
         M = params[0].shape[0]
-        self.wt[:, :M] = params[0].transpose(2, 1, 3, 0).reshape(-1, M)       # taps (ky, c, kx)
+        self.wt[..., :M] = params[0].transpose(2, 1, 3, 0)
         if self.bias:
             self.b[:M] = params[1]
-        self.fwd(x, self.wt, self.y, self.b, self.slope)
+        self.fwd(x, self.wt.reshape(-1, self.wt.shape[-1]), self.y, self.b, self.slope)
         return [self.y], x
 
     def backward(self, xp, x, dtops, params, need):
-        dy = np.ascontiguousarray(dtops[0])
+        dy = np.ascontiguousarray(dtops[0], dtype=self.y.dtype)
         M = dy.shape[1]
         self.grad(x, dy.reshape(dy.shape[0], M, -1), self.dWt, self.dbs)
         if self.bias:
@@ -180,8 +179,8 @@ class DirectConvOp(Op):
             dx = self.dx
         elif need[0] and self.dx is not None:
             D.pad_into(dy, self.dyp, *self.q)
-            self.wf[:, :W.shape[1]] = W[:, :, ::-1, ::-1].transpose(2, 0, 3, 1).reshape(-1, W.shape[1])
-            self.bwd(self.dyp, self.wf, self.dx, self.b, 0.0)
+            self.wf[..., :W.shape[1]] = W[:, :, ::-1, ::-1].transpose(2, 0, 3, 1)
+            self.bwd(self.dyp, self.wf.reshape(-1, self.wf.shape[-1]), self.dx, self.b, 0.0)
             dx = self.dx
         return [dx], [self.dW.reshape(params[0].shape)] + ([self.db] if self.bias else [])
 
@@ -191,9 +190,9 @@ DIRECT = True       # off: every convolution runs im2col + GEMM (tests and bench
 
 def conv_op(lw, i, step):
     """The compiled op for a Convolution: direct where its shape wins (direct.fits), im2col otherwise."""
-    ((kh, kw), (sh, sw), (ph, pw), (dh, dw)), (_, C, H, W), (_, _, OH, OW) = _conv_shapes(lw, step)
-    dx = bool(step.propagate and step.propagate[0])
-    direct = DIRECT and D.fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, OH, OW, dx) is None
+    ((kh, kw), (sh, sw), (ph, pw), (dh, dw)), (_, C, H, W), (_, M, OH, OW) = _conv_shapes(lw, step)
+    dx = bool(step.need_backward and step.propagate and step.propagate[0])
+    direct = DIRECT and D.fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, M, OH, OW, dx) is None
     return (DirectConvOp if direct else ConvOp)(lw, i, step)
 
 
@@ -284,10 +283,12 @@ class PoolingOp(Op):
         self.geom = (kh, kw, sh, sw, ph, pw)
         self.max = L.p.pool == "MAX"
         self.pairs = self.max and self.geom == (2, 2, 2, 2, 0, 0) and xs[2] % 2 == 0 and xs[3] % 2 == 0
-        self.rows = None        # MAX pooling by vectors of a row's outputs (maxpool.py), where LLVM compiles it
-        if self.max and not self.pairs and maxpool.UNAVAILABLE is None:
-            self.rows = maxpool.MaxPool(lw.dtype, kh, kw, sh, sw, ph, pw, xs[3])
         ys = lw.shape(node.tops[0])
+        # MAX pooling by vectors of a row's outputs (maxpool.py), where LLVM compiles it and a row
+        # fills half a vector or more (global pooling's one output a row runs faster one by one)
+        self.rows = None
+        if self.max and not self.pairs and maxpool.UNAVAILABLE is None and 2 * ys[3] >= maxpool.lanes(lw.dtype):
+            self.rows = maxpool.MaxPool(lw.dtype, kh, kw, sh, sw, ph, pw, xs[2], xs[3])
         self.y = lw.value(node.tops[0], ys)
         self.arg = np.empty(ys, np.int32) if self.max else None
         self.dx = lw.grad(node.bottoms[0], xs) if step.propagate and step.propagate[0] else None
@@ -299,7 +300,7 @@ class PoolingOp(Op):
         return None if layer.p.pool in ("MAX", "AVE") else f"{layer.p.pool} pooling"
 
     def forward(self, xp, bottoms, params):
-        x, y = _planes(np.ascontiguousarray(bottoms[0])), _planes(self.y)
+        x, y = _planes(np.ascontiguousarray(bottoms[0], dtype=self.y.dtype)), _planes(self.y)   # a data layer's float32
         if self.pairs:
             K.max_pool_2x2(x, y, _planes(self.arg))
         elif self.rows is not None:
