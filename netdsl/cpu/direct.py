@@ -19,7 +19,7 @@ import functools
 import numpy as np
 from numba import config, get_thread_id, njit, prange, uintp
 
-from .jit import budget, compile_ir, fresh_name, lanes, splat, trampoline, unavailable
+from .jit import budget, compile_ir, fresh_name, lanes, register, splat
 
 _ARGS = "ptr noalias %x, ptr noalias %w, ptr noalias %out, i64 %T, ptr noalias %offs, i64 %nvalid, ptr noalias %bias, double %slope"
 
@@ -87,21 +87,13 @@ def tile_kernel(dtype, n: int, PR: int, PC: int, OV: int, rs: int, cs: int, ws: 
     return compile_ir("\n".join(L), name)
 
 
-def _register():
-    """The trampoline, and a kernel of each kind compiled: (it, None), or (None, why this LLVM
-    cannot; every convolution then runs im2col + GEMM)."""
-    try:
-        tile = trampoline("tile", ("ptr", "ptr", "ptr", "i64", "ptr", "i64", "ptr", "double"))
-        for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
-            n = lanes(dtype)
-            tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, True, True, False)
-            tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, False, False, True)
-    except RuntimeError as e:
-        return None, unavailable(e)
-    return tile, None
+def _probe(dtype):
+    n = lanes(dtype)
+    tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, True, True, False)
+    tile_kernel(dtype, n, 1, 2, 1, 1, 1, n, 1, 1, False, False, True)
 
 
-_tile, UNAVAILABLE = _register()
+_tile, UNAVAILABLE = register("tile", ("ptr", "ptr", "ptr", "i64", "ptr", "i64", "ptr", "double"), _probe)
 _u = uintp
 
 
@@ -200,6 +192,13 @@ def _split(n: int, most: int) -> int:
     return -(-n // parts)
 
 
+def _channel_blocks(M: int, n: int, most: int):
+    """(vectors a block, channels a block, M padded to whole blocks): M channels in blocks of at
+    most `most` (at least one) vectors of n lanes, as even as they come."""
+    ov = _split(-(-M // n), max(1, most))
+    return ov, ov * n, -(-M // (ov * n)) * ov * n
+
+
 def fits(kh, kw, sh, sw, ph, pw, dh, dw, C, H, W, M, OH, OW, dx: bool) -> str | None:
     """Why a convolution runs im2col + GEMM rather than direct (None: direct). Measured
     (docs/benchmarks.md): the direct kernels win where a tile has taps enough to run over and dx
@@ -230,9 +229,7 @@ class Planes:
 
     def __init__(self, scratch, dtype, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, bias, relu):
         n = lanes(dtype)
-        ov = _split(-(-M // n), max(1, budget() // 8))
-        self.OB = ov * n
-        self.Mp = -(-M // self.OB) * self.OB
+        ov, self.OB, self.Mp = _channel_blocks(M, n, budget() // 8)
         per = budget() // ov
         self.PC = _split(OW, per)
         self.PR = _split(OH, max(1, per // self.PC))
@@ -264,9 +261,7 @@ class Rows:
 
     def __init__(self, scratch, dtype, N, C, kh, kw, ph, sh, sw, dh, dw, HP, WP, M, OH, OW, threads):
         n = lanes(dtype)
-        ov = _split(-(-M // n), max(1, budget() // kw))
-        self.OB = ov * n
-        self.Mp = -(-M // self.OB) * self.OB
+        ov, self.OB, self.Mp = _channel_blocks(M, n, budget() // kw)
         self.PR = _split(kh, max(1, budget() // (kw * ov)))
         self.C, self.kh, self.kw = C, kh, kw
         self.plane, self.rs, self.OW, self.lo, self.hi, self.sh, self.dh = HP * WP, dh * WP, OW, ph, HP - ph, sh, dh

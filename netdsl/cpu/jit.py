@@ -73,9 +73,17 @@ def trampoline(name: str, params: tuple[str, ...]):
     return types.ExternalFunction(f"netdsl_{name}", types.void(uintp, *(numba_types[p] for p in params)))
 
 
-def unavailable(err: RuntimeError) -> str:
-    """Why the LLVM-generated kernels cannot run here (their IR is written in current LLVM
-    syntax, tested with LLVM 22): the ops then use the Numba kernels and GEMMs instead."""
-    # llvmlite itself, not _llvm(): that may be what failed
-    import llvmlite.binding as llvm
-    return f"LLVM {'.'.join(map(str, llvm.llvm_version_info))} cannot compile the generated kernels ({err})"
+def register(name: str, params: tuple[str, ...], probe):
+    """(the trampoline netdsl_<name>, None) once it and `probe(dtype)` (a kernel of each kind the
+    module generates) compile for float32 and float64; or (None, why this LLVM cannot: their IR is
+    written in current LLVM syntax, tested with LLVM 22), and the ops use the Numba kernels and
+    GEMMs instead."""
+    try:
+        fn = trampoline(name, params)
+        for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+            probe(dtype)
+    except RuntimeError as err:
+        # llvmlite itself, not _llvm(): that may be what failed
+        import llvmlite.binding as llvm
+        return None, f"LLVM {'.'.join(map(str, llvm.llvm_version_info))} cannot compile the generated kernels ({err})"
+    return fn, None

@@ -10,7 +10,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from .jit import compile_ir, fresh_name, lanes, splat, trampoline, unavailable
+from .jit import compile_ir, fresh_name, lanes, register, splat
 
 _NEG_INF = "0xFFF0000000000000"         # -inf, as LLVM writes a float or double constant
 
@@ -65,19 +65,8 @@ def pool_kernel(dtype, n: int, kw: int, sw: int, H: int, W: int) -> int:
     return compile_ir("\n".join(L), name)
 
 
-def _register():
-    """The trampoline and a kernel of each dtype compiled: (it, None), or (None, why not; MAX
-    pooling then runs kernels.max_pool_forward)."""
-    try:
-        pool = trampoline("pool", ("ptr", "ptr", "ptr", "i64", "i64", "i64", "i64", "i64"))
-        for dtype in (np.float32, np.float64):
-            pool_kernel(np.dtype(dtype), lanes(dtype), 3, 2, 8, 8)
-    except RuntimeError as e:
-        return None, unavailable(e)
-    return pool, None
-
-
-_pool, UNAVAILABLE = _register()
+_pool, UNAVAILABLE = register("pool", ("ptr", "ptr", "ptr", "i64", "i64", "i64", "i64", "i64"),
+                             lambda dtype: pool_kernel(dtype, lanes(dtype), 3, 2, 8, 8))
 
 
 class MaxPool:
