@@ -194,6 +194,59 @@ layer {{ name: "loss" type: "EuclideanLoss" bottom: "out" bottom: "target" top: 
         np.testing.assert_allclose(b[2][k], a[2][k], rtol=1e-10, atol=1e-10, err_msg=k)
 
 
+def _torch_euclidean(torch, out, target):
+    """Caffe's EuclideanLoss in PyTorch: sum of squares / (2N)."""
+    return ((out - target) ** 2).sum() / (2 * out.shape[0])
+
+
+@pytest.mark.parametrize("m,p,xs,ts", DIRECT_CASES[1:3] + DIRECT_CASES[5:8])
+def test_direct_convolution_matches_torch(m, p, xs, ts):
+    """An independent reference: PyTorch's conv2d with the net's weights, forward and the
+    gradients of data, weights and bias through Caffe's EuclideanLoss, float64."""
+    torch = pytest.importorskip("torch")
+    from netdsl.cpu.ops import DirectConvOp
+    ref, got = _net(CONV.format(m=m, p=p), xs, ts, np.float64)
+    lower_cpu(got)
+    assert isinstance(got.runners[1], DirectConvOp)
+    rng = np.random.default_rng(0)
+    x, target = rng.standard_normal(xs), rng.standard_normal(ts)
+    _, grads, pgrads = _step(got, {"data": x, "target": target})
+    L = got.plan.steps[1].layer
+    (kh, kw), stride, pad, dil = L.geometry()
+    W = torch.tensor(np.array(got.params["c"][0].data))
+    b = torch.tensor(np.array(got.params["c"][1].data)) if L.p.bias_term else None
+    xt = torch.tensor(x, requires_grad=True)
+    Wt = W.clone().requires_grad_(True)
+    bt = b.clone().requires_grad_(True) if b is not None else None
+    out = torch.nn.functional.conv2d(xt, Wt, bt, stride=stride, padding=pad, dilation=dil)
+    _torch_euclidean(torch, out, torch.tensor(target)).backward()
+    np.testing.assert_allclose(np.array(got.values["out"]), out.detach().numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(grads["data"], xt.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(pgrads["c/0"], Wt.grad.numpy(), rtol=1e-10, atol=1e-10)
+    if bt is not None:
+        np.testing.assert_allclose(pgrads["c/1"], bt.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_max_pooling_by_row_vectors_matches_torch():
+    """An independent reference: PyTorch's max_pool2d in ceil mode (Caffe's output size), values
+    and the gradient routed to each window's max, float64, wide rows and a padded window."""
+    torch = pytest.importorskip("torch")
+    for p, xs, ts, (k, s, pad) in [("pool: MAX kernel_size: 3 stride: 2", (2, 3, 37, 40), (2, 3, 18, 20), (3, 2, 0)),
+                                   ("pool: MAX kernel_size: 3 stride: 2 pad: 1", (2, 2, 30, 33), (2, 2, 16, 17), (3, 2, 1))]:
+        layer = f'layer {{ name: "p" type: "Pooling" bottom: "data" top: "out" pooling_param {{ {p} }} }}'
+        _, got = _net(layer, xs, ts, np.float64)
+        lower_cpu(got)
+        assert got.runners[1].rows is not None
+        rng = np.random.default_rng(0)
+        x, target = rng.standard_normal(xs), rng.standard_normal(ts)
+        _, grads, _ = _step(got, {"data": x, "target": target})
+        xt = torch.tensor(x, requires_grad=True)
+        out = torch.nn.functional.max_pool2d(xt, k, s, pad, ceil_mode=True)
+        _torch_euclidean(torch, out, torch.tensor(target)).backward()
+        np.testing.assert_array_equal(np.array(got.values["out"]), out.detach().numpy())
+        np.testing.assert_allclose(grads["data"], xt.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
 def test_direct_convolution_is_chosen_where_it_wins():
     """Taps enough, and with stride 1 dx no larger than 2.5 y (docs/benchmarks.md has the
     measurements)."""
